@@ -1,0 +1,12 @@
+"""savae_fast: fast, exact-enough differentiable SVI refinement for semi-amortized VAEs.
+
+>>> import savae_fast as sf
+>>> mu_K, logvar_K = sf.refine(mu, logvar, lambda z: decoder.nll(x, z), decoder.parameters())
+"""
+
+from savae_fast import ops, reference
+from savae_fast.refine.api import refine
+
+__version__ = "0.1.0"
+
+__all__ = ["refine", "ops", "reference", "__version__"]

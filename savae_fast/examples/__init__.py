@@ -1,0 +1,1 @@
+"""Runnable examples (python -m savae_fast.examples.<name>)."""

@@ -1,0 +1,69 @@
+"""Text VAE of the SA-VAE paper: LSTM encoder, LSTM decoder conditioned on z.
+
+Sentences are LongTensors ``x`` of shape ``[B, T]`` that start with BOS and
+end with EOS, right-padded with ``pad_index``; the decoder predicts
+``x[:, 1:]`` from ``x[:, :-1]``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class LSTMDecoder(nn.Module):
+    """p(x | z): LSTM language model with z concatenated to every input and
+    z -> initial hidden state (Kim et al. 2018); ``latent_dim=0`` gives the
+    plain LSTM language model (the autoregressive baseline)."""
+
+    def __init__(self, vocab_size: int, latent_dim: int, embed_dim: int = 512, hidden_dim: int = 1024,
+                 dropout: float = 0.5, pad_index: int = 0):
+        super().__init__()
+        self.vocab_size, self.latent_dim, self.pad_index = vocab_size, latent_dim, pad_index
+        self.embed = nn.Embedding(vocab_size, embed_dim)
+        self.dropout = nn.Dropout(dropout)
+        self.rnn = nn.LSTM(embed_dim + latent_dim, hidden_dim, batch_first=True)
+        self.latent_to_hidden = nn.Linear(latent_dim, hidden_dim) if latent_dim > 0 else None
+        self.out = nn.Linear(hidden_dim, vocab_size)
+
+    def logits(self, x: Tensor, z: Tensor | None) -> Tensor:
+        """Next-token logits ``[B, T-1, V]``."""
+        inputs = self.dropout(self.embed(x[:, :-1]))
+        batch, steps, _ = inputs.shape
+        hidden = inputs.new_zeros(1, batch, self.rnn.hidden_size)
+        if self.latent_dim > 0:
+            if z is None:
+                raise ValueError("LSTMDecoder: argument 'z' is required when latent_dim > 0")
+            inputs = torch.cat([inputs, z.to(inputs.dtype).unsqueeze(1).expand(batch, steps, z.shape[1])], dim=2)
+            hidden = self.latent_to_hidden(z.to(inputs.dtype)).unsqueeze(0)
+        output, _ = self.rnn(inputs, (hidden, torch.zeros_like(hidden)))
+        return self.out(self.dropout(output))
+
+    def nll(self, x: Tensor, z: Tensor | None = None) -> Tensor:
+        """Per-sentence negative log-likelihood (nats, summed over tokens), ``[B]``."""
+        logits = self.logits(x, z)
+        target = x[:, 1:]
+        token_nll = F.cross_entropy(logits.reshape(-1, self.vocab_size), target.reshape(-1),
+                                    ignore_index=self.pad_index, reduction="none")
+        return token_nll.view(target.shape).sum(dim=1)
+
+
+class LSTMEncoder(nn.Module):
+    """q(z | x): embedding + LSTM, last hidden state -> (mu, logvar)."""
+
+    def __init__(self, vocab_size: int, latent_dim: int, embed_dim: int = 512, hidden_dim: int = 1024,
+                 pad_index: int = 0):
+        super().__init__()
+        self.pad_index = pad_index
+        self.embed = nn.Embedding(vocab_size, embed_dim)
+        self.rnn = nn.LSTM(embed_dim, hidden_dim, batch_first=True)
+        self.to_params = nn.Linear(hidden_dim, 2 * latent_dim)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        lengths = (x != self.pad_index).sum(dim=1).clamp_min(1)
+        packed = nn.utils.rnn.pack_padded_sequence(self.embed(x), lengths.cpu(), batch_first=True,
+                                                   enforce_sorted=False)
+        _, (h, _) = self.rnn(packed)
+        mu, logvar = self.to_params(h[-1]).chunk(2, dim=1)
+        return mu, logvar

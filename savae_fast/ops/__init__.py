@@ -1,0 +1,196 @@
+"""The fused operators of the refinement loop and their backends.
+
+Each operator exists in up to three implementations with one signature:
+
+* ``cpp``: ``torch.ops.savae_fast.<op>`` from the compiled extension
+  (C++ CPU kernels; CUDA kernels when built with CUDA), dispatched by device;
+* ``torch``: plain PyTorch ops (:mod:`savae_fast.ops.torch_impl`).
+
+``backend="auto"`` takes the compiled kernel for the tensors' device, else
+plain PyTorch (with one warning).
+"""
+
+from __future__ import annotations
+
+import threading
+import warnings
+from typing import Callable, NamedTuple
+
+import torch
+from torch import Tensor
+
+from savae_fast.ops import torch_impl
+from savae_fast.ops._extension import (
+    EXTENSION_ERROR,
+    OP_NAMES,
+    available,
+    build_info,
+    extension_loaded,
+    has_kernel,
+)
+from savae_fast.ops.constants import BACKENDS, FD_CENTRAL, FD_EXACT, FD_FORWARD
+
+if extension_loaded():
+    from savae_fast.ops import fake as _fake  # noqa: F401  (registers the fake kernels)
+
+__all__ = [
+    "Backend",
+    "get_backend",
+    "sample",
+    "forward_step",
+    "reverse_direction",
+    "reverse_update",
+    "available",
+    "build_info",
+    "extension_loaded",
+    "has_kernel",
+    "FD_EXACT",
+    "FD_FORWARD",
+    "FD_CENTRAL",
+    "OP_NAMES",
+]
+
+
+class Backend(NamedTuple):
+    """One implementation of every operator (positional signatures as the schemas)."""
+
+    name: str
+    sample: Callable
+    forward_step: Callable
+    reverse_direction: Callable
+    reverse_update: Callable
+
+
+TORCH_BACKEND = Backend(
+    "torch",
+    torch_impl.sample,
+    torch_impl.forward_step,
+    torch_impl.reverse_direction,
+    torch_impl.reverse_update,
+)
+
+
+def _cpp_backend() -> Backend:
+    ops = torch.ops.savae_fast
+    return Backend(
+        "cpp",
+        ops.sample.default,
+        ops.forward_step.default,
+        ops.reverse_direction.default,
+        ops.reverse_update.default,
+    )
+
+
+_fallback_warned = False
+_fallback_lock = threading.Lock()
+
+
+def _warn_fallback(device: torch.device) -> None:
+    global _fallback_warned
+    with _fallback_lock:
+        if _fallback_warned:
+            return
+        _fallback_warned = True
+    reason = (
+        f"the compiled extension did not import ({EXTENSION_ERROR})"
+        if not extension_loaded()
+        else f"the compiled extension has no {device.type} kernels"
+    )
+    warnings.warn(
+        f"savae_fast: using the pure-PyTorch operators on {device.type} because {reason}. "
+        "Results are the same, only slower; pass backend='torch' to silence this warning.",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+
+
+def get_backend(backend: str, device: torch.device | str) -> Backend:
+    """Resolve ``backend`` ("auto", "cpp", "torch") for tensors on ``device``."""
+    device = torch.device(device)
+    if backend not in BACKENDS:
+        raise ValueError(f"argument 'backend' must be one of {BACKENDS}, got {backend!r}")
+    if backend == "torch":
+        return TORCH_BACKEND
+    if backend == "cpp":
+        if not available(device):
+            why = f"it did not import: {EXTENSION_ERROR}" if not extension_loaded() else (
+                f"it was built without {device.type} kernels"
+            )
+            raise RuntimeError(f"backend='cpp' requested for {device.type} tensors, but {why}")
+        return _cpp_backend()
+    # auto
+    if available(device):
+        return _cpp_backend()
+    _warn_fallback(device)
+    return TORCH_BACKEND
+
+
+# ----------------------------------------------------------------------------------
+# Validated functional wrappers (one call per op; the refinement loop calls the
+# resolved Backend directly after validating its inputs once).
+
+
+def _check_matrices(op: str, **tensors: Tensor | None) -> None:
+    first_name, first = None, None
+    for name, t in tensors.items():
+        if t is None:
+            continue
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{op}: argument '{name}' must be a Tensor, got {type(t).__name__}")
+        if first is None:
+            if t.dim() != 2:
+                raise ValueError(f"{op}: argument '{name}' must be 2-D [batch, latent], got shape {tuple(t.shape)}")
+            if t.dtype not in (torch.float32, torch.float64):
+                raise TypeError(f"{op}: argument '{name}' must be float32 or float64, got {t.dtype}")
+            first_name, first = name, t
+            continue
+        if t.shape != first.shape:
+            raise ValueError(
+                f"{op}: argument '{name}' has shape {tuple(t.shape)} but '{first_name}' has {tuple(first.shape)}"
+            )
+        if t.dtype != first.dtype:
+            raise TypeError(f"{op}: argument '{name}' has dtype {t.dtype} but '{first_name}' has {first.dtype}")
+        if t.device != first.device:
+            raise ValueError(f"{op}: argument '{name}' is on {t.device} but '{first_name}' is on {first.device}")
+
+
+def sample(mu: Tensor, logvar: Tensor, eps: Tensor, *, backend: str = "auto") -> Tensor:
+    """z = mu + exp(logvar / 2) * eps."""
+    _check_matrices("sample", mu=mu, logvar=logvar, eps=eps)
+    return get_backend(backend, mu.device).sample(mu, logvar, eps)
+
+
+def forward_step(mu, logvar, p_mu, p_logvar, eps, grad_z, eps_next=None, *, scale, kl_weight, lr_mu,
+                 lr_logvar, momentum, max_grad_norm, backend: str = "auto"):
+    """One fused inner SVI step; returns (mu', logvar', p_mu', p_logvar', z_next, grad_norms)."""
+    _check_matrices("forward_step", mu=mu, logvar=logvar, p_mu=p_mu, p_logvar=p_logvar, eps=eps,
+                    grad_z=grad_z, eps_next=eps_next)
+    return get_backend(backend, mu.device).forward_step(
+        mu, logvar, p_mu, p_logvar, eps, grad_z, eps_next, float(scale), float(kl_weight), float(lr_mu),
+        float(lr_logvar), float(momentum), float(max_grad_norm))
+
+
+def reverse_direction(lbar_mu, lbar_logvar, pbar_mu, pbar_logvar, mu, logvar, eps, grad_z, grad_norms, *,
+                      scale, kl_weight, lr_mu, lr_logvar, max_grad_norm, fd_mode, fd_step,
+                      backend: str = "auto"):
+    """First half of a reverse step; returns (pbar_mu', pbar_logvar', v_mu, v_logvar, u, z_eval, row_weight)."""
+    _check_matrices("reverse_direction", lbar_mu=lbar_mu, lbar_logvar=lbar_logvar, pbar_mu=pbar_mu,
+                    pbar_logvar=pbar_logvar, mu=mu, logvar=logvar, eps=eps, grad_z=grad_z)
+    if not isinstance(grad_norms, Tensor) or grad_norms.shape != (2,) or grad_norms.dtype != mu.dtype:
+        raise ValueError("reverse_direction: argument 'grad_norms' must be a [2] tensor of mu's dtype")
+    if fd_mode not in (FD_EXACT, FD_FORWARD, FD_CENTRAL):
+        raise ValueError(f"reverse_direction: argument 'fd_mode' must be 0, 1 or 2, got {fd_mode!r}")
+    return get_backend(backend, mu.device).reverse_direction(
+        lbar_mu, lbar_logvar, pbar_mu, pbar_logvar, mu, logvar, eps, grad_z, grad_norms, float(scale),
+        float(kl_weight), float(lr_mu), float(lr_logvar), float(max_grad_norm), int(fd_mode), float(fd_step))
+
+
+def reverse_update(lbar_mu, lbar_logvar, pbar_mu, pbar_logvar, v_mu, v_logvar, logvar, eps, grad_z, hvp_a,
+                   hvp_b=None, *, hvp_scale, scale, kl_weight, momentum, backend: str = "auto"):
+    """Second half of a reverse step; returns (lbar_mu', lbar_logvar', pbar_mu', pbar_logvar')."""
+    _check_matrices("reverse_update", lbar_mu=lbar_mu, lbar_logvar=lbar_logvar, pbar_mu=pbar_mu,
+                    pbar_logvar=pbar_logvar, v_mu=v_mu, v_logvar=v_logvar, logvar=logvar, eps=eps,
+                    grad_z=grad_z, hvp_a=hvp_a, hvp_b=hvp_b)
+    return get_backend(backend, lbar_mu.device).reverse_update(
+        lbar_mu, lbar_logvar, pbar_mu, pbar_logvar, v_mu, v_logvar, logvar, eps, grad_z, hvp_a, hvp_b,
+        float(hvp_scale), float(scale), float(kl_weight), float(momentum))

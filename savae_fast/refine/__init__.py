@@ -1,0 +1,6 @@
+"""Differentiable K-step SVI refinement (the semi-amortized part of SA-VAE)."""
+
+from savae_fast.refine.api import DEFAULT_FD_EPS, refine
+from savae_fast.refine.function import HVP_MODES, RefineConfig
+
+__all__ = ["refine", "RefineConfig", "HVP_MODES", "DEFAULT_FD_EPS"]

@@ -1,0 +1,210 @@
+"""Public entry point: :func:`refine`."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Callable, Iterable
+
+import torch
+from torch import Tensor
+
+from savae_fast.ops import get_backend
+from savae_fast.ops.constants import BACKENDS
+from savae_fast.refine.function import HVP_MODES, RefineConfig, RefineFunction, run_forward
+
+# Default finite-difference step per (hvp mode, dtype): where the truncation
+# error (grows with the step) meets the rounding error (grows as its inverse),
+# chosen by sweeps on MLP and LSTM decoders (B 8-32, K 10-20; see README,
+# "Accuracy"). fd_forward: perturbation size of the normalised direction;
+# fd_central: per-example relative perturbation r_b |u_b| = eps (1 + |z_b|).
+DEFAULT_FD_EPS = {
+    ("fd_forward", torch.float32): 1e-3,
+    ("fd_forward", torch.float64): 3e-8,
+    ("fd_central", torch.float32): 2e-3,
+    ("fd_central", torch.float64): 5e-6,
+}
+
+
+def _real(name: str, value, *, low=None, low_open=False, high=None, high_open=False) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"refine: argument '{name}' must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"refine: argument '{name}' must be finite, got {value}")
+    if low is not None and (value < low or (low_open and value == low)):
+        raise ValueError(f"refine: argument '{name}' must be {'>' if low_open else '>='} {low}, got {value}")
+    if high is not None and (value > high or (high_open and value == high)):
+        raise ValueError(f"refine: argument '{name}' must be {'<' if high_open else '<='} {high}, got {value}")
+    return value
+
+
+def _check_state(mu, logvar) -> None:
+    for name, t in (("mu", mu), ("logvar", logvar)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"refine: argument '{name}' must be a Tensor, got {type(t).__name__}")
+        if t.dim() != 2:
+            raise ValueError(f"refine: argument '{name}' must be 2-D [batch, latent], got shape {tuple(t.shape)}")
+        if t.dtype not in (torch.float32, torch.float64):
+            raise TypeError(
+                f"refine: argument '{name}' must be float32 or float64, got {t.dtype} (keep the variational "
+                "parameters in float32 and run the decoder under autocast for mixed precision)"
+            )
+        if t.shape[0] < 1 or t.shape[1] < 1:
+            raise ValueError(f"refine: argument '{name}' must have batch >= 1 and latent >= 1, got {tuple(t.shape)}")
+    if logvar.shape != mu.shape:
+        raise ValueError(f"refine: argument 'logvar' has shape {tuple(logvar.shape)} but 'mu' has {tuple(mu.shape)}")
+    if logvar.dtype != mu.dtype:
+        raise TypeError(f"refine: argument 'logvar' has dtype {logvar.dtype} but 'mu' has {mu.dtype}")
+    if logvar.device != mu.device:
+        raise ValueError(f"refine: argument 'logvar' is on {logvar.device} but 'mu' is on {mu.device}")
+
+
+def _collect_params(params) -> tuple[Tensor, ...]:
+    if isinstance(params, Tensor):
+        params = (params,)
+    try:
+        params = tuple(params)
+    except TypeError:
+        raise TypeError(f"refine: argument 'params' must be an iterable of Tensors, got {type(params).__name__}")
+    seen, unique = set(), []
+    for i, p in enumerate(params):
+        if not isinstance(p, Tensor):
+            raise TypeError(f"refine: argument 'params'[{i}] must be a Tensor, got {type(p).__name__}")
+        if id(p) not in seen:  # a parameter listed twice must not get its gradient twice
+            seen.add(id(p))
+            unique.append(p)
+    return tuple(unique)
+
+
+def make_config(mu: Tensor, *, steps, lr, momentum, max_grad_norm, kl_weight, reduction, hvp, fd_eps,
+                preserve_rng_state) -> RefineConfig:
+    """Validate the hyper-parameters of a refine call (errors name the argument)."""
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral):
+        raise TypeError(f"refine: argument 'steps' must be an int, got {type(steps).__name__}")
+    if steps < 0:
+        raise ValueError(f"refine: argument 'steps' must be >= 0, got {steps}")
+    if isinstance(lr, (tuple, list)):
+        if len(lr) != 2:
+            raise ValueError(f"refine: argument 'lr' must be a number or a pair (lr_mu, lr_logvar), got {lr!r}")
+        lr_mu = _real("lr[0]", lr[0], low=0.0, low_open=True)
+        lr_logvar = _real("lr[1]", lr[1], low=0.0, low_open=True)
+    else:
+        lr_mu = lr_logvar = _real("lr", lr, low=0.0, low_open=True)
+    momentum = _real("momentum", momentum, low=0.0, high=1.0, high_open=True)
+    max_grad_norm = _real("max_grad_norm", max_grad_norm)
+    kl_weight = _real("kl_weight", kl_weight, low=0.0)
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"refine: argument 'reduction' must be 'mean' or 'sum', got {reduction!r}")
+    if hvp not in HVP_MODES:
+        raise ValueError(f"refine: argument 'hvp' must be one of {tuple(HVP_MODES)}, got {hvp!r}")
+    if fd_eps is None:
+        fd_eps = DEFAULT_FD_EPS.get((hvp, mu.dtype), 0.0)
+    else:
+        fd_eps = _real("fd_eps", fd_eps, low=0.0, low_open=True)
+    if not isinstance(preserve_rng_state, bool):
+        raise TypeError("refine: argument 'preserve_rng_state' must be a bool")
+    return RefineConfig(
+        steps=int(steps), lr_mu=lr_mu, lr_logvar=lr_logvar, momentum=momentum, max_grad_norm=max_grad_norm,
+        kl_weight=kl_weight, scale=1.0 / mu.shape[0] if reduction == "mean" else 1.0, hvp=hvp, fd_eps=fd_eps,
+        preserve_rng_state=preserve_rng_state)
+
+
+def _check_noise(noise, steps: int, mu: Tensor) -> Tensor:
+    expected = (steps, *mu.shape)
+    if noise is None:
+        return torch.randn(expected, dtype=mu.dtype, device=mu.device)
+    if not isinstance(noise, Tensor):
+        raise TypeError(f"refine: argument 'noise' must be a Tensor, got {type(noise).__name__}")
+    if tuple(noise.shape) != expected:
+        raise ValueError(f"refine: argument 'noise' must have shape [steps, B, D] = {list(expected)}, "
+                         f"got {list(noise.shape)}")
+    if noise.dtype != mu.dtype:
+        raise TypeError(f"refine: argument 'noise' has dtype {noise.dtype} but 'mu' has {mu.dtype}")
+    if noise.device != mu.device:
+        raise ValueError(f"refine: argument 'noise' is on {noise.device} but 'mu' is on {mu.device}")
+    return noise.detach().contiguous()
+
+
+def refine(
+    mu: Tensor,
+    logvar: Tensor,
+    nll_fn: Callable[[Tensor], Tensor],
+    params: Iterable[Tensor] = (),
+    *,
+    steps: int = 20,
+    lr: float | tuple[float, float] = 1.0,
+    momentum: float = 0.5,
+    max_grad_norm: float = 5.0,
+    kl_weight: float = 1.0,
+    reduction: str = "mean",
+    hvp: str = "fd_forward",
+    fd_eps: float | None = None,
+    noise: Tensor | None = None,
+    backend: str = "auto",
+    preserve_rng_state: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """Refine Gaussian variational parameters by K steps of SVI, differentiably.
+
+    Runs ``steps`` steps of SGD with heavy-ball momentum on the inner objective
+    ``L = s * sum_b [nll_fn(z)_b + kl_weight * KL(N(mu_b, exp(logvar_b)) || N(0, I))]``
+    with ``z = mu + exp(logvar / 2) * eps`` (``s = 1/B`` for ``reduction="mean"``,
+    1 for ``"sum"``), clipping the gradients w.r.t. ``mu`` and ``logvar``
+    separately to norm ``max_grad_norm`` (over the whole batch; ``<= 0``
+    disables), exactly as the SA-VAE authors' optimiser. The result is
+    differentiable w.r.t. ``mu``, ``logvar`` and every tensor in ``params``
+    (the decoder parameters ``nll_fn`` uses), through all K steps.
+
+    Args:
+        mu, logvar: ``[B, D]`` float32/float64 initial variational parameters.
+        nll_fn: maps ``z`` ``[B, D]`` to per-example negative log-likelihoods ``[B]``.
+            Evaluated once per forward step (in order, from the caller's RNG state)
+            and again in the backward with that step's RNG state restored.
+        params: tensors ``nll_fn`` depends on that must receive gradients through
+            the refinement (typically ``decoder.parameters()``). Tensors it
+            closes over but that are not listed get no refinement gradient.
+        steps: number of inner steps K (0 returns the inputs).
+        lr: inner learning rate, or a pair ``(lr_mu, lr_logvar)``.
+        momentum: heavy-ball momentum in [0, 1).
+        max_grad_norm: clip norm for the gradients of mu and logvar (<= 0: no clipping).
+        kl_weight: beta, weight of the KL term in the inner objective.
+        reduction: "mean" (batch-averaged inner loss, the authors' choice) or "sum".
+        hvp: how the backward gets the decoder's second-order terms:
+            "fd_forward" (default; 2K+1 decoder passes per training step, one
+            parameter-sized float64 buffer), "fd_central" (3K+1 passes, most
+            accurate finite difference, no parameter-sized state) or "exact"
+            (double backward; the decoder must be twice differentiable).
+        fd_eps: finite-difference step (default depends on ``hvp`` and dtype).
+        noise: optional ``[steps, B, D]`` standard-normal draws; drawn from the
+            default generator of mu's device otherwise (before the first step).
+        backend: "auto", "cpp" or "torch" (kernels of the Gaussian math).
+        preserve_rng_state: replay each step's RNG state in the backward so that
+            stochastic decoders (dropout) see the same masks; disable only for
+            deterministic decoders.
+
+    Returns:
+        ``(mu_K, logvar_K)``.
+    """
+    _check_state(mu, logvar)
+    if not callable(nll_fn):
+        raise TypeError(f"refine: argument 'nll_fn' must be callable, got {type(nll_fn).__name__}")
+    params = _collect_params(params)
+    cfg = make_config(mu, steps=steps, lr=lr, momentum=momentum, max_grad_norm=max_grad_norm,
+                      kl_weight=kl_weight, reduction=reduction, hvp=hvp, fd_eps=fd_eps,
+                      preserve_rng_state=preserve_rng_state)
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"refine: argument 'backend' must be one of {BACKENDS}, got {backend!r}")
+    if cfg.steps == 0:
+        if noise is not None:
+            _check_noise(noise, 0, mu)
+        return mu, logvar
+    noise = _check_noise(noise, cfg.steps, mu)
+    be = get_backend(backend, mu.device)
+
+    needs_grad = torch.is_grad_enabled() and (
+        mu.requires_grad or logvar.requires_grad or any(p.requires_grad for p in params))
+    if not needs_grad:
+        mu_k, logvar_k, _ = run_forward(cfg, be, nll_fn, mu.detach().contiguous(), logvar.detach().contiguous(),
+                                        noise, (), record=False)
+        return mu_k, logvar_k
+    return RefineFunction.apply(cfg, be, nll_fn, noise, mu.contiguous(), logvar.contiguous(), *params)

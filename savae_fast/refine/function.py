@@ -1,0 +1,277 @@
+"""The differentiable K-step SVI refinement as a torch.autograd.Function.
+
+Forward: the authors' optimiser (ELBO gradient, per-tensor clipping, heavy-ball
+momentum) driven by the fused ``forward_step`` operator, one decoder
+evaluation per step.
+
+Backward: the reverse pass through the K steps (see the math notes in the
+README): the clip Jacobian and the Gaussian second-order terms are exact
+(fused ``reverse_direction`` / ``reverse_update``); only the decoder's
+Hessian-vector products ``Hzz u`` and the mixed term ``d(g_theta)/dz . u`` come
+from the decoder, by
+
+* ``fd_forward``: one-sided difference in z-space, one decoder pass per
+  reverse step. The forward sums the base-point parameter gradients into one
+  float64 buffer (never K copies); the reverse pass is linear in its incoming
+  gradient, which is normalised so that a step size fixed in advance is well
+  conditioned, then scaled back;
+* ``fd_central``: two-sided difference in z-space with a per-example step,
+  two decoder passes per reverse step, nothing parameter-sized stored;
+* ``exact``: double backward through the decoder.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from savae_fast.ops import Backend
+from savae_fast.ops.constants import FD_CENTRAL, FD_EXACT, FD_FORWARD
+from savae_fast.refine.rng import RngState
+
+HVP_MODES = {"fd_forward": FD_FORWARD, "fd_central": FD_CENTRAL, "exact": FD_EXACT}
+
+
+@dataclass(frozen=True)
+class RefineConfig:
+    """Validated hyper-parameters of one refine call."""
+
+    steps: int
+    lr_mu: float
+    lr_logvar: float
+    momentum: float
+    max_grad_norm: float
+    kl_weight: float
+    scale: float  # s in L = s * sum_b [NLL_b + beta KL_b]
+    hvp: str
+    fd_eps: float
+    preserve_rng_state: bool
+
+    @property
+    def fd_mode(self) -> int:
+        return HVP_MODES[self.hvp]
+
+
+@dataclass
+class _Tape:
+    """What the reverse pass needs from each forward step k (all [B, D] but norms [2])."""
+
+    mu: list
+    logvar: list
+    grad_z: list
+    grad_norms: list
+    rng: list
+    param_grad_sum: list | None  # fd_forward: float64 sum over steps of dNLL/dtheta at z_k
+
+
+def _check_nll(nll: Tensor, batch: int) -> None:
+    if not isinstance(nll, Tensor):
+        raise TypeError(f"refine: nll_fn must return a Tensor of per-example NLL, got {type(nll).__name__}")
+    if nll.shape != (batch,):
+        raise ValueError(
+            f"refine: nll_fn must return per-example negative log-likelihoods of shape [{batch}], "
+            f"got shape {tuple(nll.shape)} (do not reduce over the batch)"
+        )
+    if not nll.is_floating_point():
+        raise TypeError(f"refine: nll_fn must return a floating-point tensor, got {nll.dtype}")
+
+
+def decoder_grads(nll_fn: Callable, z: Tensor, params: Sequence[Tensor], weight: Tensor | None = None):
+    """dL/dz and dL/dtheta of L = sum_b w_b NLL_b(z_b) (w = 1 when ``weight`` is None).
+
+    Returns (grad_z, param_grads) with None for parameters the loss does not use.
+    """
+    batch = z.shape[0]
+    with torch.enable_grad():
+        z = z.detach().requires_grad_(True)
+        nll = nll_fn(z)
+        _check_nll(nll, batch)
+        loss = nll.sum() if weight is None else (nll * weight.to(nll.dtype)).sum()
+        if not loss.requires_grad:  # decoder ignores z and has no trainable parameters
+            return torch.zeros_like(z), [None] * len(params)
+        grads = torch.autograd.grad(loss, (z, *params), allow_unused=True)
+    grad_z = grads[0] if grads[0] is not None else torch.zeros_like(z)
+    return grad_z, list(grads[1:])
+
+
+def decoder_hvp(nll_fn: Callable, z: Tensor, u: Tensor, params: Sequence[Tensor]):
+    """Exact (Hzz u, d/dtheta (g_z . u)) by double backward through the decoder."""
+    batch = z.shape[0]
+    with torch.enable_grad():
+        z = z.detach().requires_grad_(True)
+        nll = nll_fn(z)
+        _check_nll(nll, batch)
+        if not nll.requires_grad:
+            return torch.zeros_like(z), [None] * len(params)
+        advice = ("Use hvp='fd_central' or hvp='fd_forward', or make the decoder twice differentiable "
+                  "(cuDNN RNNs and once_differentiable functions are not)")
+        try:
+            (grad_z,) = torch.autograd.grad(nll.sum(), z, create_graph=True, allow_unused=True)
+            if grad_z is None:  # the decoder ignores z: no second-order terms
+                return torch.zeros_like(z), [None] * len(params)
+            if not grad_z.requires_grad:
+                # Either the NLL is linear in z with no trainable parameters, or the
+                # backward is not differentiable; autograd cannot tell them apart, and
+                # returning zeros for the second case would be a silent wrong answer.
+                raise RuntimeError("the decoder's gradient w.r.t. z has no autograd graph under "
+                                   "create_graph=True")
+            grads = torch.autograd.grad(grad_z, (z, *params), grad_outputs=u, allow_unused=True)
+        except RuntimeError as exc:
+            raise RuntimeError(
+                f"refine(hvp='exact') differentiates the decoder twice, and this decoder does not support "
+                f"double backward. {advice} (original error: {exc})"
+            ) from exc
+    hzz_u = grads[0] if grads[0] is not None else torch.zeros_like(z)
+    return hzz_u, list(grads[1:])
+
+
+def run_forward(cfg: RefineConfig, be: Backend, nll_fn: Callable, mu: Tensor, logvar: Tensor,
+                noise: Tensor, params: Sequence[Tensor], record: bool):
+    """K inner steps; returns (mu_K, logvar_K, tape or None)."""
+    steps = cfg.steps
+    acc_params = record and cfg.hvp == "fd_forward" and len(params) > 0
+    tape = None
+    if record:
+        tape = _Tape([], [], [], [], [], [torch.zeros_like(p, dtype=torch.float64) for p in params]
+                     if acc_params else None)
+    p_mu = torch.zeros_like(mu)
+    p_logvar = torch.zeros_like(logvar)
+    z = be.sample(mu, logvar, noise[0])
+    for k in range(steps):
+        if record and cfg.preserve_rng_state:
+            tape.rng.append(RngState(mu.device))
+        grad_z, param_grads = decoder_grads(nll_fn, z, params if acc_params else ())
+        if acc_params:
+            for acc, g in zip(tape.param_grad_sum, param_grads):
+                if g is not None:
+                    acc.add_(g)
+        eps_next = noise[k + 1] if k + 1 < steps else None
+        mu_n, logvar_n, p_mu, p_logvar, z, norms = be.forward_step(
+            mu, logvar, p_mu, p_logvar, noise[k], grad_z, eps_next, cfg.scale, cfg.kl_weight, cfg.lr_mu,
+            cfg.lr_logvar, cfg.momentum, cfg.max_grad_norm)
+        if record:
+            tape.mu.append(mu)
+            tape.logvar.append(logvar)
+            tape.grad_z.append(grad_z)
+            tape.grad_norms.append(norms)
+        mu, logvar = mu_n, logvar_n
+    return mu, logvar, tape
+
+
+class RefineFunction(torch.autograd.Function):
+    """apply(cfg, backend, nll_fn, noise, mu0, logvar0, *params) -> (mu_K, logvar_K)."""
+
+    @staticmethod
+    def forward(ctx, cfg: RefineConfig, be: Backend, nll_fn: Callable, noise: Tensor, mu0: Tensor,
+                logvar0: Tensor, *params: Tensor):
+        diff_params = [p for p in params if p.requires_grad]
+        mu_k, logvar_k, tape = run_forward(cfg, be, nll_fn, mu0, logvar0, noise, diff_params, record=True)
+        ctx.cfg, ctx.be, ctx.nll_fn, ctx.noise = cfg, be, nll_fn, noise
+        ctx.tape = tape
+        ctx.diff_params = diff_params
+        ctx.param_requires_grad = [p.requires_grad for p in params]
+        return mu_k, logvar_k
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_mu: Tensor | None, grad_logvar: Tensor | None):
+        tape: _Tape | None = ctx.tape
+        if tape is None:
+            raise RuntimeError(
+                "refine: trying to backward through the refinement a second time; its saved state "
+                "was freed after the first backward (call refine again instead of retain_graph=True)"
+            )
+        ctx.tape = None
+        cfg, be, nll_fn, noise = ctx.cfg, ctx.be, ctx.nll_fn, ctx.noise
+        params = ctx.diff_params
+        ref = tape.mu[0]
+        lbar_mu = grad_mu.contiguous() if grad_mu is not None else torch.zeros_like(ref)
+        lbar_logvar = grad_logvar.contiguous() if grad_logvar is not None else torch.zeros_like(ref)
+        lbar_mu, lbar_logvar = lbar_mu.to(ref.dtype), lbar_logvar.to(ref.dtype)
+
+        grad_params = _reverse_pass(cfg, be, nll_fn, noise, tape, params, lbar_mu, lbar_logvar)
+        lbar_mu, lbar_logvar, theta_bar = grad_params
+        it = iter(theta_bar)
+        out_params = [next(it) if needs else None for needs in ctx.param_requires_grad]
+        return (None, None, None, None, lbar_mu, lbar_logvar, *out_params)
+
+
+def _reverse_pass(cfg: RefineConfig, be: Backend, nll_fn: Callable, noise: Tensor, tape: _Tape,
+                  params: Sequence[Tensor], lbar_mu: Tensor, lbar_logvar: Tensor):
+    """dF/dlambda_0 and the refinement part of dF/dtheta from dF/dlambda_K."""
+    mode = cfg.fd_mode
+    batch = lbar_mu.shape[0]
+    s = cfg.scale
+
+    # fd_forward: normalise the incoming adjoint to per-example RMS norm 1, so that
+    # the fixed step r = fd_eps perturbs every z by about r; scale back at the end.
+    out_scale = 1.0
+    if mode == FD_FORWARD:
+        norm = math.sqrt(float(lbar_mu.square().sum() + lbar_logvar.square().sum()))
+        if norm == 0.0:  # the reverse pass is linear: zero in, zero out
+            return torch.zeros_like(lbar_mu), torch.zeros_like(lbar_logvar), [torch.zeros_like(p) for p in params]
+        if math.isfinite(norm):
+            out_scale = norm / math.sqrt(batch)
+            lbar_mu = lbar_mu / out_scale
+            lbar_logvar = lbar_logvar / out_scale
+
+    theta_acc = tape.param_grad_sum  # fd_forward: float64, turned into sum_k g(z_k + r u_k) - g(z_k)
+    if theta_acc is not None:
+        for acc in theta_acc:
+            acc.neg_()
+    theta_bar = [torch.zeros_like(p) for p in params] if mode != FD_FORWARD else None
+
+    pbar_mu = torch.zeros_like(lbar_mu)
+    pbar_logvar = torch.zeros_like(lbar_logvar)
+    caller_rng = RngState(lbar_mu.device) if cfg.preserve_rng_state else None
+    try:
+        for k in reversed(range(cfg.steps)):
+            mu_k, logvar_k, eps_k, gz_k = tape.mu[k], tape.logvar[k], noise[k], tape.grad_z[k]
+            pbar_mu, pbar_logvar, v_mu, v_logvar, u, z_eval, row_weight = be.reverse_direction(
+                lbar_mu, lbar_logvar, pbar_mu, pbar_logvar, mu_k, logvar_k, eps_k, gz_k, tape.grad_norms[k],
+                s, cfg.kl_weight, cfg.lr_mu, cfg.lr_logvar, cfg.max_grad_norm, mode, cfg.fd_eps)
+            replay = tape.rng[k].restore if cfg.preserve_rng_state else (lambda: None)
+
+            if mode == FD_FORWARD:
+                replay()
+                hvp_a, g_theta = decoder_grads(nll_fn, z_eval[0], params)
+                for acc, g in zip(theta_acc or (), g_theta):
+                    if g is not None:
+                        acc.add_(g)
+                hvp_b, hvp_scale = gz_k, 1.0 / cfg.fd_eps
+            elif mode == FD_CENTRAL:
+                replay()
+                hvp_a, g_plus = decoder_grads(nll_fn, z_eval[0], params, weight=row_weight)
+                replay()
+                hvp_b, g_minus = decoder_grads(nll_fn, z_eval[1], params, weight=row_weight)
+                for tb, gp, gm in zip(theta_bar, g_plus, g_minus):
+                    if gp is not None:
+                        tb.sub_(gp.sub_(gm), alpha=s)
+                hvp_scale = 1.0
+            else:
+                replay()
+                hvp_a, g_mixed = decoder_hvp(nll_fn, z_eval[0], u, params)
+                for tb, g in zip(theta_bar, g_mixed):
+                    if g is not None:
+                        tb.sub_(g, alpha=s)
+                hvp_b, hvp_scale = None, 1.0
+
+            lbar_mu, lbar_logvar, pbar_mu, pbar_logvar = be.reverse_update(
+                lbar_mu, lbar_logvar, pbar_mu, pbar_logvar, v_mu, v_logvar, logvar_k, eps_k, gz_k,
+                hvp_a.to(lbar_mu.dtype), None if hvp_b is None else hvp_b.to(lbar_mu.dtype), hvp_scale, s,
+                cfg.kl_weight, cfg.momentum)
+    finally:
+        if caller_rng is not None:
+            caller_rng.restore()
+
+    if mode == FD_FORWARD:
+        coef = -s * out_scale / cfg.fd_eps
+        theta_bar = [(acc.mul_(coef)).to(p.dtype) for acc, p in zip(theta_acc or (), params)]
+        lbar_mu = lbar_mu * out_scale
+        lbar_logvar = lbar_logvar * out_scale
+    return lbar_mu, lbar_logvar, theta_bar

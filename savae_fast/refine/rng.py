@@ -1,0 +1,33 @@
+"""Capture and replay of the default generators around decoder evaluations.
+
+The decoder evaluations of the reverse pass must see the random numbers
+(dropout masks) of the forward step they differentiate, or the difference
+quotients are noise. As torch.utils.checkpoint does, we save the CPU
+generator and the generator of the tensors' CUDA device before each forward
+step's decoder call and restore it for the reverse-pass calls; the caller's
+generator state is put back afterwards.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class RngState:
+    """Default-generator state of the CPU and (optionally) one CUDA device."""
+
+    __slots__ = ("cpu", "cuda", "cuda_index")
+
+    def __init__(self, device: torch.device):
+        self.cpu = torch.get_rng_state()
+        if device.type == "cuda":
+            self.cuda_index = device.index if device.index is not None else torch.cuda.current_device()
+            self.cuda = torch.cuda.get_rng_state(self.cuda_index)
+        else:
+            self.cuda_index = None
+            self.cuda = None
+
+    def restore(self) -> None:
+        torch.set_rng_state(self.cpu)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state(self.cuda, self.cuda_index)

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Create .venv and install savae_fast from this checkout, with its compiled
+# kernels (C++ CPU kernels; CUDA kernels too when nvcc is found or FORCE_CUDA=1).
+#   PYTHON=python3.11 bash scripts/setup.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+TORCH_SPEC=${SAVAE_FAST_TORCH:-torch==2.14.1}
+
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+PIP=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
+"${PIP[@]}" "$TORCH_SPEC"
+"${PIP[@]}" setuptools wheel ninja pybind11 cmake
+# --no-build-isolation: the extension compiles against the torch installed above.
+MAX_JOBS=${MAX_JOBS:-2} "${PIP[@]}" --no-build-isolation -e ".[test,models,bench]"
+.venv/bin/python -c "import savae_fast as sf; print('savae_fast', sf.__version__, 'compiled kernels:', sf.ops.build_info() or 'none')"

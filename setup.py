@@ -1,0 +1,112 @@
+"""Build of savae_fast._C (C++ CPU kernels, plus CUDA kernels when CUDA is available).
+
+Environment switches:
+  FORCE_CUDA=1            build the CUDA kernels even when no GPU is visible
+                          (nvcc is still required).
+  SAVAE_FAST_SKIP_CUDA=1  never build the CUDA kernels.
+  SAVAE_FAST_SKIP_EXT=1   build no extension at all (pure-PyTorch install).
+  TORCH_CUDA_ARCH_LIST    CUDA architectures (default "8.0;9.0+PTX" when unset).
+  MAX_JOBS                parallel compile jobs (ninja).
+  SAVAE_FAST_DEBUG=1      -O0 -g builds.
+Metadata lives in pyproject.toml.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import site
+import sys
+
+from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+CSRC = os.path.join(ROOT, "csrc")
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
+
+
+def _nvidia_wheel_dirs() -> tuple[list[str], list[str]]:
+    """CUDA headers/libraries shipped as pip wheels (nvidia/cu13, nvidia/cu12, ...).
+
+    A CUDA build of torch from PyPI brings the CUDA runtime headers it was
+    built against; a minimal local toolkit may lack some of them.
+    """
+    includes, libs = [], []
+    for base in site.getsitepackages() + [site.getusersitepackages()]:
+        for root in sorted(glob.glob(os.path.join(base, "nvidia", "cu*"))):
+            if os.path.isdir(os.path.join(root, "include")):
+                includes.append(os.path.join(root, "include"))
+            if os.path.isdir(os.path.join(root, "lib")):
+                libs.append(os.path.join(root, "lib"))
+    return includes, libs
+
+
+def _extensions():
+    if _flag("SAVAE_FAST_SKIP_EXT"):
+        return [], {}
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+    debug = _flag("SAVAE_FAST_DEBUG")
+    opt = ["-O0", "-g"] if debug else ["-O3"]
+    cxx_flags = opt + ["-fvisibility=hidden"]  # the C++ standard is the one torch sets
+
+    cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu"))) + sorted(
+        glob.glob(os.path.join("csrc", "cuda", "*.cpp"))
+    )
+    have_nvcc = CUDA_HOME is not None and (
+        shutil.which("nvcc") is not None or os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc"))
+    )
+    use_cuda = (
+        bool(cuda_sources)
+        and not _flag("SAVAE_FAST_SKIP_CUDA")
+        and torch.version.cuda is not None
+        and (_flag("FORCE_CUDA") or have_nvcc)
+    )
+    if _flag("FORCE_CUDA") and not use_cuda and not _flag("SAVAE_FAST_SKIP_CUDA"):
+        raise RuntimeError(
+            "FORCE_CUDA=1 but CUDA cannot be built: "
+            + ("torch is a CPU-only build" if torch.version.cuda is None else "nvcc not found (set CUDA_HOME)")
+        )
+
+    sources = [os.path.join("csrc", "ops.cpp"), os.path.join("csrc", "cpu", "refine_cpu.cpp")]
+    include_dirs = [CSRC]
+    define_macros = []
+    extra = {"cxx": cxx_flags}
+    library_dirs: list[str] = []
+
+    if use_cuda:
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
+        sources += cuda_sources
+        wheel_inc, wheel_lib = _nvidia_wheel_dirs()
+        include_dirs += wheel_inc
+        library_dirs += wheel_lib
+        define_macros += [
+            ("SAVAE_FAST_WITH_CUDA", None),
+            ("SAVAE_FAST_CUDA_ARCHS", '"' + os.environ["TORCH_CUDA_ARCH_LIST"] + '"'),
+        ]
+        nvcc_threads = os.environ.get("NVCC_THREADS", "2")
+        extra["nvcc"] = opt + ["-lineinfo", f"--threads={nvcc_threads}"]
+        ext_cls = CUDAExtension
+    else:
+        ext_cls = CppExtension
+
+    ext = ext_cls(
+        name="savae_fast._C",
+        sources=sources,
+        include_dirs=include_dirs,
+        library_dirs=library_dirs,
+        define_macros=define_macros,
+        extra_compile_args=extra,
+    )
+    cmdclass = {"build_ext": BuildExtension.with_options(use_ninja=True)}
+    print(f"savae_fast: building _C with {'CPU + CUDA' if use_cuda else 'CPU'} kernels", file=sys.stderr)
+    return [ext], cmdclass
+
+
+ext_modules, cmdclass = _extensions()
+setup(ext_modules=ext_modules, cmdclass=cmdclass)

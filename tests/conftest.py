@@ -1,0 +1,42 @@
+import os
+import random
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))  # tests/helpers.py
+
+# Fresh random inputs in every test; the seed is printed on failure and can be
+# replayed with SAVAE_TEST_SEED=<seed>.
+_SEED_ENV = "SAVAE_TEST_SEED"
+
+
+@pytest.fixture(autouse=True)
+def seed(request):
+    value = int(os.environ[_SEED_ENV]) if _SEED_ENV in os.environ else random.SystemRandom().randrange(2**31)
+    torch.manual_seed(value)
+    request.node.savae_seed = value
+    return value
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed and hasattr(item, "savae_seed"):
+        report.sections.append(("random seed", f"{_SEED_ENV}={item.savae_seed}"))
+
+
+def pytest_report_header(config):
+    from savae_fast import ops
+
+    info = ops.build_info() if ops.extension_loaded() else {"extension": f"not loaded ({ops.EXTENSION_ERROR})"}
+    return [f"savae_fast extension: {info}", f"torch {torch.__version__}, cuda available: {torch.cuda.is_available()}"]
+
+
+def devices():
+    out = ["cpu"]
+    if torch.cuda.is_available():
+        out.append("cuda")
+    return out

@@ -1,0 +1,137 @@
+"""Decoders, problems and error measures shared by the tests."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import savae_fast as sf
+from savae_fast.models import LSTMDecoder
+from savae_fast.reference import gaussian_kl, unrolled
+
+
+class MLPDecoder(nn.Module):
+    """z -> tanh MLP -> independent categorical tokens (twice differentiable)."""
+
+    def __init__(self, latent_dim: int, hidden: int = 32, vocab: int = 9, length: int = 6, dropout: float = 0.0):
+        super().__init__()
+        self.vocab, self.length = vocab, length
+        self.l1 = nn.Linear(latent_dim, hidden)
+        self.l2 = nn.Linear(hidden, vocab * length)
+        self.drop = nn.Dropout(dropout)
+
+    def nll(self, x, z):
+        logits = self.l2(self.drop(torch.tanh(self.l1(z)))).view(-1, self.length, self.vocab)
+        return F.cross_entropy(logits.reshape(-1, self.vocab), x.reshape(-1), reduction="none").view(
+            -1, self.length).sum(1)
+
+
+def make_decoder(kind: str, latent_dim: int, dropout: float = 0.0) -> nn.Module:
+    if kind == "mlp":
+        return MLPDecoder(latent_dim, dropout=dropout)
+    if kind == "lstm":
+        return LSTMDecoder(vocab_size=11, latent_dim=latent_dim, embed_dim=8, hidden_dim=16, dropout=dropout)
+    raise ValueError(kind)
+
+
+def make_tokens(kind: str, batch: int) -> torch.Tensor:
+    if kind == "mlp":
+        return torch.randint(0, 9, (batch, 6))
+    x = torch.randint(1, 11, (batch, 7))  # no padding (index 0) in the tests
+    return x
+
+
+@dataclass
+class Problem:
+    decoder: nn.Module
+    x: torch.Tensor
+    mu0: torch.Tensor
+    logvar0: torch.Tensor
+    noise: torch.Tensor
+    final_eps: torch.Tensor
+
+    @property
+    def params(self):
+        return list(self.decoder.parameters())
+
+    def nll_fn(self, z):
+        return self.decoder.nll(self.x, z)
+
+    def elbo_loss(self, mu_k, logvar_k):
+        """The SA-VAE outer objective: single-sample negative ELBO at lambda_K."""
+        z = mu_k + torch.exp(0.5 * logvar_k) * self.final_eps.to(mu_k.dtype)
+        return (self.decoder.nll(self.x, z) + gaussian_kl(mu_k, logvar_k)).mean()
+
+    def to(self, dtype) -> "Problem":
+        dec = copy.deepcopy(self.decoder).to(dtype)
+        return Problem(dec, self.x, self.mu0.detach().to(dtype), self.logvar0.detach().to(dtype),
+                       self.noise.to(dtype), self.final_eps.to(dtype))
+
+
+def make_problem(kind: str, dtype=torch.float64, batch: int = 32, latent: int = 8, steps: int = 10,
+                 dropout: float = 0.0) -> Problem:
+    dec = make_decoder(kind, latent, dropout).to(dtype)
+    return Problem(
+        decoder=dec,
+        x=make_tokens(kind, batch),
+        mu0=0.5 * torch.randn(batch, latent, dtype=dtype),
+        logvar0=0.3 * torch.randn(batch, latent, dtype=dtype),
+        noise=torch.randn(steps, batch, latent, dtype=dtype),
+        final_eps=torch.randn(batch, latent, dtype=dtype),
+    )
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b|| in float64 (0 when both vanish)."""
+    a, b = a.detach().double(), b.detach().double()
+    nb = b.norm().item()
+    return (a - b).norm().item() / nb if nb > 0 else (a - b).norm().item()
+
+
+def step0_grad_norm(p: Problem) -> float:
+    """Smaller of |g_mu| and |g_logvar| at the first inner step (mean reduction, beta 1)."""
+    z = (p.mu0 + torch.exp(0.5 * p.logvar0) * p.noise[0]).detach().requires_grad_(True)
+    (gz,) = torch.autograd.grad(p.nll_fn(z).sum(), z)
+    s = 1.0 / p.mu0.shape[0]
+    g_mu = s * (gz + p.mu0)
+    g_lv = s * (0.5 * gz * p.noise[0] * torch.exp(0.5 * p.logvar0) + 0.5 * torch.expm1(p.logvar0))
+    return min(g_mu.norm().item(), g_lv.norm().item())
+
+
+def refine_grads(p: Problem, objective="elbo", **kw):
+    """Gradients of the objective w.r.t. (mu0, logvar0, *params) through sf.refine."""
+    mu0 = p.mu0.detach().clone().requires_grad_(True)
+    lv0 = p.logvar0.detach().clone().requires_grad_(True)
+    mu_k, lv_k = sf.refine(mu0, lv0, p.nll_fn, p.params, steps=p.noise.shape[0], noise=p.noise, **kw)
+    loss = _objective(p, objective, mu_k, lv_k)
+    return (mu_k.detach(), lv_k.detach()), torch.autograd.grad(loss, [mu0, lv0, *p.params])
+
+
+def reference_grads(p: Problem, objective="elbo", **kw):
+    """The same through reference.unrolled, in float64 (exact ground truth)."""
+    q = p.to(torch.float64)
+    mu0 = q.mu0.clone().requires_grad_(True)
+    lv0 = q.logvar0.clone().requires_grad_(True)
+    kw = {k: v for k, v in kw.items() if k not in ("hvp", "fd_eps", "backend", "preserve_rng_state")}
+    mu_k, lv_k = unrolled(mu0, lv0, q.nll_fn, q.params, steps=q.noise.shape[0], noise=q.noise, **kw)
+    loss = _objective(q, objective, mu_k, lv_k)
+    return (mu_k.detach(), lv_k.detach()), torch.autograd.grad(loss, [mu0, lv0, *q.params])
+
+
+def _objective(p: Problem, objective, mu_k, lv_k):
+    if objective == "elbo":
+        return p.elbo_loss(mu_k, lv_k)
+    # a fixed random linear functional of lambda_K: the refinement path only
+    gen = torch.Generator().manual_seed(1234)
+    w1 = torch.randn(mu_k.shape, generator=gen).to(mu_k.dtype)
+    w2 = torch.randn(mu_k.shape, generator=gen).to(mu_k.dtype)
+    return (w1 * mu_k).sum() + (w2 * lv_k).sum()
+
+
+def max_rel_err(grads, ref) -> tuple[float, list[float]]:
+    errs = [rel_err(a, b) for a, b in zip(grads, ref)]
+    return max(errs), errs

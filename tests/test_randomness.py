@@ -1,0 +1,81 @@
+"""Stochastic decoders (dropout): RNG replay, determinism, the caller's generator."""
+
+import pytest
+import torch
+
+import savae_fast as sf
+from helpers import make_problem, max_rel_err, refine_grads, reference_grads
+
+
+@pytest.mark.parametrize("kind", ["mlp", "lstm"])
+def test_dropout_fd_central_agrees_with_exact(kind, seed):
+    p = make_problem(kind, torch.float64, batch=16, latent=6, steps=8, dropout=0.5)
+    p.decoder.train()
+    state = torch.get_rng_state()
+    _, central = refine_grads(p, hvp="fd_central")
+    torch.set_rng_state(state)
+    _, exact = refine_grads(p, hvp="exact")
+    worst, errs = max_rel_err(central, exact)
+    assert worst <= 1e-5, f"seed={seed} {errs}"
+
+
+@pytest.mark.parametrize("hvp", ["fd_central", "fd_forward", "exact"])
+def test_dropout_matches_unrolled_reference(hvp, seed):
+    """unrolled calls nll_fn once per step from the same generator state, so with correct
+    replay the dropout masks of every evaluation agree and so do the gradients."""
+    p = make_problem("lstm", torch.float64, batch=16, latent=6, steps=8, dropout=0.5)
+    p.decoder.train()
+    state = torch.get_rng_state()
+    _, ours = refine_grads(p, hvp=hvp)
+    torch.set_rng_state(state)
+    _, ref = reference_grads(p)
+    worst, errs = max_rel_err(ours, ref)
+    assert worst <= {"fd_central": 1e-7, "fd_forward": 1e-6, "exact": 1e-11}[hvp], f"seed={seed} {errs}"
+
+
+def test_without_replay_the_difference_quotient_is_noise():
+    p = make_problem("lstm", torch.float64, batch=16, latent=6, steps=8, dropout=0.5)
+    p.decoder.train()
+    state = torch.get_rng_state()
+    _, ref = reference_grads(p)
+    torch.set_rng_state(state)
+    _, ours = refine_grads(p, hvp="fd_central", preserve_rng_state=False)
+    assert max_rel_err(ours, ref)[0] > 1e-2
+
+
+@pytest.mark.parametrize("hvp", ["fd_central", "fd_forward", "exact"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_same_seed_bit_identical(hvp, dtype):
+    p = make_problem("lstm", dtype, batch=8, latent=4, steps=6, dropout=0.5)
+    p.decoder.train()
+
+    def run():
+        torch.manual_seed(1234)
+        mu0 = p.mu0.clone().requires_grad_(True)
+        mu_k, lv_k = sf.refine(mu0, p.logvar0, p.nll_fn, p.params, steps=6, hvp=hvp)  # noise from the generator
+        grads = torch.autograd.grad(p.elbo_loss(mu_k, lv_k), [mu0, *p.params])
+        return [mu_k.detach(), lv_k.detach(), *grads]
+
+    first, second = run(), run()
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+def test_caller_generator_state():
+    """After the forward: as if the noise were drawn and nll_fn called K times.
+    The backward leaves the generator where it found it."""
+    p = make_problem("mlp", torch.float64, batch=8, latent=4, steps=5, dropout=0.5)
+    p.decoder.train()
+    torch.manual_seed(7)
+    torch.randn(5, 8, 4, dtype=torch.float64)
+    for _ in range(5):
+        p.nll_fn(torch.zeros(8, 4, dtype=torch.float64))
+    expected = torch.get_rng_state()
+
+    torch.manual_seed(7)
+    mu0 = p.mu0.clone().requires_grad_(True)
+    mu_k, lv_k = sf.refine(mu0, p.logvar0, p.nll_fn, p.params, steps=5)
+    assert torch.equal(torch.get_rng_state(), expected)
+    torch.rand(3)  # the caller moves on
+    before_backward = torch.get_rng_state()
+    (mu_k.sum() + lv_k.sum()).backward()
+    assert torch.equal(torch.get_rng_state(), before_backward)

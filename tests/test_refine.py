@@ -1,0 +1,167 @@
+"""refine() against the exact float64 unrolled reference."""
+
+import pytest
+import torch
+
+import savae_fast as sf
+from helpers import make_problem, max_rel_err, refine_grads, reference_grads, rel_err, step0_grad_norm
+
+BACKENDS = ["cpp", "torch"] if sf.ops.available("cpu") else ["torch"]
+
+# (hvp, dtype) -> bound on the relative error of every gradient vs float64 unrolled autograd.
+TOLERANCE = {
+    ("fd_central", torch.float64): 1e-7,
+    ("fd_central", torch.float32): 1e-4,
+    ("fd_forward", torch.float32): 1e-3,
+    ("fd_forward", torch.float64): 1e-6,
+    ("exact", torch.float64): 1e-11,  # float rounding
+    ("exact", torch.float32): 2e-5,  # float32 rounding through K steps
+}
+
+
+def _clip_setting(p, clip):
+    """max_grad_norm that leaves clipping off, or makes it active in the early steps."""
+    return 0.0 if clip == "off" else 0.5 * step0_grad_norm(p)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("clip", ["off", "on"])
+@pytest.mark.parametrize("kind", ["mlp", "lstm"])
+@pytest.mark.parametrize(
+    "hvp,dtype",
+    [("fd_central", torch.float64), ("fd_central", torch.float32), ("fd_forward", torch.float32),
+     ("fd_forward", torch.float64), ("exact", torch.float64), ("exact", torch.float32)],
+)
+def test_gradients_match_unrolled(kind, clip, hvp, dtype, backend, seed):
+    p = make_problem(kind, dtype, batch=32, latent=8, steps=10)
+    max_norm = _clip_setting(p, clip)
+    (mu_k, lv_k), grads = refine_grads(p, hvp=hvp, max_grad_norm=max_norm, backend=backend)
+    (mu_r, lv_r), ref = reference_grads(p, max_grad_norm=max_norm)
+
+    fwd_tol = 1e-13 if dtype == torch.float64 else 1e-5
+    assert rel_err(mu_k, mu_r) < fwd_tol and rel_err(lv_k, lv_r) < fwd_tol
+    worst, errs = max_rel_err(grads, ref)
+    assert worst <= TOLERANCE[(hvp, dtype)], f"seed={seed} errors (mu0, logvar0, params...) = {errs}"
+
+
+@pytest.mark.parametrize("kind", ["mlp", "lstm"])
+def test_clipping_setting_is_active(kind):
+    """The 'on' setting of the tests above really clips (the forward differs from unclipped)."""
+    p = make_problem(kind, torch.float64, batch=32, latent=8, steps=10)
+    clipped = sf.refine(p.mu0, p.logvar0, p.nll_fn, steps=10, noise=p.noise, max_grad_norm=_clip_setting(p, "on"))
+    free = sf.refine(p.mu0, p.logvar0, p.nll_fn, steps=10, noise=p.noise, max_grad_norm=0.0)
+    assert rel_err(clipped[0], free[0]) > 1e-3
+
+
+@pytest.mark.parametrize("hvp,tol", [("fd_central", 1e-7), ("exact", 1e-11)])
+@pytest.mark.parametrize("kind", ["mlp", "lstm"])
+def test_refinement_path_only(kind, hvp, tol, seed):
+    """Objective that depends on theta only through the refinement (no direct term)."""
+    p = make_problem(kind, torch.float64, batch=16, latent=6, steps=8)
+    max_norm = 0.5 * step0_grad_norm(p)
+    _, grads = refine_grads(p, objective="linear", hvp=hvp, max_grad_norm=max_norm)
+    _, ref = reference_grads(p, objective="linear", max_grad_norm=max_norm)
+    worst, errs = max_rel_err(grads, ref)
+    assert worst <= tol, f"seed={seed} errors = {errs}"
+
+
+@pytest.mark.parametrize("hvp", ["fd_central", "fd_forward", "exact"])
+def test_options_sum_reduction_lr_pair_kl_weight(hvp, seed):
+    p = make_problem("lstm", torch.float64, batch=8, latent=5, steps=6)
+    kw = dict(reduction="sum", lr=(0.05, 0.02), momentum=0.8, kl_weight=0.3, max_grad_norm=2.0)
+    _, grads = refine_grads(p, hvp=hvp, **kw)
+    _, ref = reference_grads(p, **kw)
+    worst, errs = max_rel_err(grads, ref)
+    assert worst <= {"fd_central": 1e-7, "fd_forward": 1e-6, "exact": 1e-11}[hvp], f"seed={seed} {errs}"
+
+
+@pytest.mark.parametrize("batch,latent", [(1, 1), (1, 7), (5, 1), (3, 33)])
+def test_odd_shapes(batch, latent):
+    p = make_problem("mlp", torch.float64, batch=batch, latent=latent, steps=4)
+    _, grads = refine_grads(p, hvp="fd_central")
+    _, ref = reference_grads(p)
+    worst, errs = max_rel_err(grads, ref)
+    assert worst <= 1e-7, errs
+
+
+def test_steps_zero_returns_inputs():
+    mu = torch.randn(3, 2, requires_grad=True)
+    lv = torch.randn(3, 2, requires_grad=True)
+    out = sf.refine(mu, lv, lambda z: z.sum(1), steps=0)
+    assert out[0] is mu and out[1] is lv
+
+
+def test_encoder_free_svi_mode_params_only():
+    """mu0/logvar0 without grad (the 'svi' row): decoder still gets the refinement gradient."""
+    p = make_problem("lstm", torch.float64, batch=8, latent=4, steps=5)
+    mu_k, lv_k = sf.refine(p.mu0, p.logvar0, p.nll_fn, p.params, steps=5, noise=p.noise, hvp="fd_central")
+    grads = torch.autograd.grad(p.elbo_loss(mu_k, lv_k), p.params)
+    _, ref = reference_grads(p)
+    worst, errs = max_rel_err(grads, ref[2:])
+    assert worst <= 1e-7, errs
+
+
+def test_param_without_grad_gets_none_and_duplicates_counted_once():
+    p = make_problem("mlp", torch.float64, batch=6, latent=3, steps=4)
+    frozen = p.decoder.l1.bias
+    frozen.requires_grad_(False)
+    params = [p.decoder.l1.weight, frozen, p.decoder.l1.weight, *p.decoder.l2.parameters()]
+    mu0 = p.mu0.clone().requires_grad_(True)
+    mu_k, lv_k = sf.refine(mu0, p.logvar0, p.nll_fn, params, steps=4, noise=p.noise, hvp="fd_central")
+    p.elbo_loss(mu_k, lv_k).backward()
+    assert frozen.grad is None
+    frozen.requires_grad_(True)
+    # .grad of l1.weight (listed twice) equals the reference gradient, not twice it
+    _, ref = reference_grads(p)
+    assert rel_err(p.decoder.l1.weight.grad, ref[2]) < 1e-7
+
+
+def test_no_grad_mode_runs_forward_only():
+    p = make_problem("mlp", torch.float32, batch=4, latent=3, steps=5)
+    with torch.no_grad():
+        mu_k, lv_k = sf.refine(p.mu0, p.logvar0, p.nll_fn, p.params, steps=5, noise=p.noise)
+    ref_mu, ref_lv = sf.refine(p.mu0, p.logvar0, p.nll_fn, p.params, steps=5, noise=p.noise)
+    assert not mu_k.requires_grad
+    assert torch.equal(mu_k, ref_mu) and torch.equal(lv_k, ref_lv)
+
+
+def test_second_backward_raises_clear_error():
+    p = make_problem("mlp", torch.float64, batch=4, latent=3, steps=3)
+    mu0 = p.mu0.clone().requires_grad_(True)
+    mu_k, lv_k = sf.refine(mu0, p.logvar0, p.nll_fn, p.params, steps=3, noise=p.noise)
+    loss = (mu_k.sum() + lv_k.sum())
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="second time"):
+        loss.backward()
+
+
+def test_exact_mode_needs_twice_differentiable_decoder():
+    class OnceDifferentiableSquare(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, z):
+            ctx.save_for_backward(z)
+            return z * z
+
+        @staticmethod
+        @torch.autograd.function.once_differentiable
+        def backward(ctx, g):
+            (z,) = ctx.saved_tensors
+            return 2 * z * g
+
+    mu0 = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    lv0 = torch.zeros(4, 3, dtype=torch.float64)
+    mu_k, lv_k = sf.refine(mu0, lv0, lambda z: OnceDifferentiableSquare.apply(z).sum(1), steps=2, hvp="exact")
+    with pytest.raises(RuntimeError, match="twice differentiable"):
+        mu_k.sum().backward()
+    # the finite-difference modes work with it
+    mu_k, _ = sf.refine(mu0, lv0, lambda z: OnceDifferentiableSquare.apply(z).sum(1), steps=2, hvp="fd_central")
+    mu_k.sum().backward()
+    assert torch.isfinite(mu0.grad).all()
+
+
+def test_zero_incoming_gradient_gives_zero():
+    p = make_problem("mlp", torch.float32, batch=4, latent=3, steps=3)
+    mu0 = p.mu0.clone().requires_grad_(True)
+    mu_k, _ = sf.refine(mu0, p.logvar0, p.nll_fn, p.params, steps=3, noise=p.noise, hvp="fd_forward")
+    grads = torch.autograd.grad((mu_k * 0).sum(), [mu0, *p.params])
+    assert all(torch.count_nonzero(g) == 0 for g in grads)

@@ -1,0 +1,61 @@
+"""Bad input raises a clear error that names the argument."""
+
+import pytest
+import torch
+
+import savae_fast as sf
+
+
+def _ok():
+    return torch.randn(4, 3), torch.randn(4, 3), lambda z: (z ** 2).sum(1)
+
+
+@pytest.mark.parametrize(
+    "change,exc,match",
+    [
+        (dict(mu=torch.randn(4)), ValueError, "'mu' must be 2-D"),
+        (dict(logvar=torch.randn(4, 2)), ValueError, "'logvar' has shape"),
+        (dict(mu=torch.randn(4, 3).half()), TypeError, "'mu' must be float32 or float64"),
+        (dict(logvar=torch.randn(4, 3, dtype=torch.float64)), TypeError, "'logvar' has dtype"),
+        (dict(mu=torch.randn(0, 3), logvar=torch.randn(0, 3)), ValueError, "batch >= 1"),
+        (dict(mu="x"), TypeError, "'mu' must be a Tensor"),
+        (dict(nll_fn=3), TypeError, "'nll_fn' must be callable"),
+        (dict(params=[1.0]), TypeError, r"'params'\[0\] must be a Tensor"),
+        (dict(steps=-1), ValueError, "'steps' must be >= 0"),
+        (dict(steps=2.5), TypeError, "'steps' must be an int"),
+        (dict(lr=0.0), ValueError, "'lr' must be > 0"),
+        (dict(lr=(1.0, 2.0, 3.0)), ValueError, "'lr' must be a number or a pair"),
+        (dict(momentum=1.0), ValueError, "'momentum' must be < 1"),
+        (dict(momentum=float("nan")), ValueError, "'momentum' must be finite"),
+        (dict(max_grad_norm=float("inf")), ValueError, "'max_grad_norm' must be finite"),
+        (dict(kl_weight=-1.0), ValueError, "'kl_weight' must be >= 0"),
+        (dict(reduction="none"), ValueError, "'reduction'"),
+        (dict(hvp="central"), ValueError, "'hvp' must be one of"),
+        (dict(fd_eps=0.0), ValueError, "'fd_eps' must be > 0"),
+        (dict(noise=torch.randn(2, 4, 3)), ValueError, "'noise' must have shape"),
+        (dict(noise=torch.randn(20, 4, 3, dtype=torch.float64)), TypeError, "'noise' has dtype"),
+        (dict(backend="fast"), ValueError, "'backend' must be one of"),
+        (dict(nll_fn=lambda z: z.sum()), ValueError, r"shape \[4\]"),
+        (dict(nll_fn=lambda z: z), ValueError, "do not reduce over the batch|shape"),
+    ],
+)
+def test_refine_rejects(change, exc, match):
+    mu, logvar, nll_fn = _ok()
+    kw = dict(mu=mu, logvar=logvar, nll_fn=nll_fn)
+    kw.update(change)
+    with pytest.raises(exc, match=match):
+        sf.refine(kw.pop("mu"), kw.pop("logvar"), kw.pop("nll_fn"), **kw)
+
+
+def test_auto_backend_falls_back_with_one_warning(monkeypatch):
+    from savae_fast import ops
+
+    monkeypatch.setattr(ops, "available", lambda device: False)
+    monkeypatch.setattr(ops, "_fallback_warned", False)
+    with pytest.warns(RuntimeWarning, match="pure-PyTorch"):
+        assert ops.get_backend("auto", "cpu").name == "torch"
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert ops.get_backend("auto", "cpu").name == "torch"  # no second warning
