@@ -41,6 +41,14 @@ TORCH_LIBRARY(savae_fast, m) {
       "Tensor pbar_logvar, Tensor v_mu, Tensor v_logvar, Tensor logvar, Tensor eps, "
       "Tensor grad_z, Tensor hvp_a, Tensor? hvp_b, float hvp_scale, float scale, "
       "float kl_weight, float momentum) -> (Tensor, Tensor, Tensor, Tensor)");
+
+  // In place, for every i with values[i] given: total[i] += values[i], with the
+  // rounding error added to compensation[i] (compensated summation; the sum is
+  // total + compensation).
+  // Used to sum the decoder's parameter gradients over the K steps in one
+  // float32 buffer pair, as accurately as in float64.
+  m.def(
+      "compensated_accumulate_(Tensor(a!)[] total, Tensor(b!)[] compensation, Tensor?[] values) -> ()");
 }
 
 namespace {

@@ -120,6 +120,22 @@ SAVAE_HD void gaussian_hvp(T hzz_u, T v_mu, T v_logvar, T g_z, T logvar, T eps,
                         T(0.5) * kl_weight * exp(logvar) * v_logvar);
 }
 
+// Compensated summation step (Neumaier's variant of Kahan's): total += value,
+// with the rounding error of that addition, which is exact in floating point,
+// accumulated in comp; the true running sum is total + comp. Unlike plain
+// Kahan it stays exact when |value| > |total|. Keeps a float32 sum of many
+// large, mostly cancelling terms as accurate as a float64 one. Must not be
+// compiled with reassociating fast-math.
+template <typename T>
+SAVAE_HD void compensated_add(T* total, T* comp, T value) {
+  const T s = *total;
+  const T t = s + value;
+  const T as = s < T(0) ? -s : s;
+  const T av = value < T(0) ? -value : value;
+  *comp += as >= av ? (s - t) + value : (value - t) + s;
+  *total = t;
+}
+
 // Difference quotient: (a - b) * inv_step (b = 0 for the exact mode).
 template <typename T>
 SAVAE_HD T difference_quotient(T a, T b, T inv_step) {

@@ -297,6 +297,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> reverse_update_cpu(
   return {lbm_n, lbl_n, pbm_n, pbl_n};
 }
 
+// ------------------------------------------------- compensated_accumulate_
+void compensated_accumulate_cpu(at::TensorList total, at::TensorList comp,
+                                const c10::List<std::optional<at::Tensor>>& values) {
+  check_accumulate_lists(total, comp, values);
+  for (size_t i = 0; i < total.size(); ++i) {
+    const std::optional<at::Tensor> v = values.get(i);
+    if (!v.has_value() || !v->defined()) continue;
+    const at::Tensor value = v->contiguous();
+    at::Tensor t = total[i], c = comp[i];
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(),
+                                    "savae_fast::compensated_accumulate_", [&] {
+      scalar_t* __restrict__ pt = t.data_ptr<scalar_t>();
+      scalar_t* __restrict__ pc = c.data_ptr<scalar_t>();
+      const scalar_t* __restrict__ pv = value.data_ptr<scalar_t>();
+      at::parallel_for(0, t.numel(), 1 << 15, [&](int64_t i0, int64_t i1) {
+        for (int64_t j = i0; j < i1; ++j) math::compensated_add(&pt[j], &pc[j], pv[j]);
+      });
+    });
+  }
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(savae_fast, CPU, m) {
@@ -304,6 +325,7 @@ TORCH_LIBRARY_IMPL(savae_fast, CPU, m) {
   m.impl("forward_step", &forward_step_cpu);
   m.impl("reverse_direction", &reverse_direction_cpu);
   m.impl("reverse_update", &reverse_update_cpu);
+  m.impl("compensated_accumulate_", &compensated_accumulate_cpu);
 }
 
 }  // namespace savae_fast

@@ -40,6 +40,7 @@ __all__ = [
     "forward_step",
     "reverse_direction",
     "reverse_update",
+    "compensated_accumulate_",
     "available",
     "build_info",
     "extension_loaded",
@@ -59,6 +60,7 @@ class Backend(NamedTuple):
     forward_step: Callable
     reverse_direction: Callable
     reverse_update: Callable
+    compensated_accumulate_: Callable
 
 
 TORCH_BACKEND = Backend(
@@ -67,6 +69,7 @@ TORCH_BACKEND = Backend(
     torch_impl.forward_step,
     torch_impl.reverse_direction,
     torch_impl.reverse_update,
+    torch_impl.compensated_accumulate_,
 )
 
 
@@ -78,6 +81,7 @@ def _cpp_backend() -> Backend:
         ops.forward_step.default,
         ops.reverse_direction.default,
         ops.reverse_update.default,
+        ops.compensated_accumulate_.default,
     )
 
 
@@ -194,3 +198,20 @@ def reverse_update(lbar_mu, lbar_logvar, pbar_mu, pbar_logvar, v_mu, v_logvar, l
     return get_backend(backend, lbar_mu.device).reverse_update(
         lbar_mu, lbar_logvar, pbar_mu, pbar_logvar, v_mu, v_logvar, logvar, eps, grad_z, hvp_a, hvp_b,
         float(hvp_scale), float(scale), float(kl_weight), float(momentum))
+
+
+def compensated_accumulate_(total, compensation, values, *, backend: str = "auto") -> None:
+    """In place, for each i with ``values[i]`` not None: ``total[i] += values[i]`` with the
+    rounding error added to ``compensation[i]`` (the sum is ``total + compensation``)."""
+    total, compensation, values = list(total), list(compensation), list(values)
+    if not (len(total) == len(compensation) == len(values)):
+        raise ValueError("compensated_accumulate_: 'total', 'compensation' and 'values' must have the same length")
+    for i, (t, c, v) in enumerate(zip(total, compensation, values)):
+        if c.shape != t.shape or c.dtype != t.dtype or c.device != t.device:
+            raise ValueError(f"compensated_accumulate_: 'compensation'[{i}] must match 'total'[{i}]")
+        if v is not None and (v.shape != t.shape or v.dtype != t.dtype or v.device != t.device):
+            raise ValueError(f"compensated_accumulate_: 'values'[{i}] must match 'total'[{i}] "
+                             f"(shape {tuple(t.shape)}, {t.dtype}, {t.device})")
+    if not total:
+        return
+    get_backend(backend, total[0].device).compensated_accumulate_(total, compensation, values)

@@ -36,3 +36,8 @@ def _reverse_update_fake(lbar_mu, lbar_logvar, pbar_mu, pbar_logvar, v_mu, v_log
                          hvp_a, hvp_b, hvp_scale, scale, kl_weight, momentum):
     return (torch.empty_like(lbar_mu), torch.empty_like(lbar_mu), torch.empty_like(lbar_mu),
             torch.empty_like(lbar_mu))
+
+
+@torch.library.register_fake("savae_fast::compensated_accumulate_")
+def _compensated_accumulate_fake(total, compensation, values):
+    return None

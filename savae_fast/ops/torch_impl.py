@@ -90,3 +90,14 @@ def reverse_update(lbar_mu, lbar_logvar, pbar_mu, pbar_logvar, v_mu, v_logvar, l
     hv_logvar = scale * (0.5 * sigma_eps * hzz_u + 0.25 * sigma_eps * grad_z * v_logvar
                          + 0.5 * kl_weight * torch.exp(logvar) * v_logvar)
     return lbar_mu - hv_mu, lbar_logvar - hv_logvar, momentum * pbar_mu, momentum * pbar_logvar
+
+
+def compensated_accumulate_(total, compensation, values) -> None:
+    """In place compensated sum (Neumaier): total[i] += values[i], the rounding error
+    of that addition added to compensation[i]; the sum is total + compensation."""
+    for t, c, v in zip(total, compensation, values):
+        if v is None:
+            continue
+        new_t = t + v
+        c.add_(torch.where(t.abs() >= v.abs(), (t - new_t) + v, (v - new_t) + t))
+        t.copy_(new_t)

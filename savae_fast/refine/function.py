@@ -12,9 +12,9 @@ from the decoder, by
 
 * ``fd_forward``: one-sided difference in z-space, one decoder pass per
   reverse step. The forward sums the base-point parameter gradients into one
-  float64 buffer (never K copies); the reverse pass is linear in its incoming
-  gradient, which is normalised so that a step size fixed in advance is well
-  conditioned, then scaled back;
+  compensated-summation buffer pair, 2 |theta| values, never K copies; the
+  reverse pass is linear in its incoming gradient, which is normalised so that
+  a step size fixed in advance is well conditioned, then scaled back;
 * ``fd_central``: two-sided difference in z-space with a per-example step,
   two decoder passes per reverse step, nothing parameter-sized stored;
 * ``exact``: double backward through the decoder.
@@ -66,7 +66,18 @@ class _Tape:
     grad_z: list
     grad_norms: list
     rng: list
-    param_grad_sum: list | None  # fd_forward: float64 sum over steps of dNLL/dtheta at z_k
+    # fd_forward: compensated sum over the steps of dNLL/dtheta at z_k: total + comp,
+    # float32 or float64 (2 |theta| values, as accurate as a float64 sum).
+    param_grad_sum: list | None
+    param_grad_comp: list | None
+
+
+def _accumulation_dtype(p: Tensor) -> torch.dtype:
+    return p.dtype if p.dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def _as_accumulated(grads, buffers):
+    return [None if g is None else g.to(b.dtype) for g, b in zip(grads, buffers)]
 
 
 def _check_nll(nll: Tensor, batch: int) -> None:
@@ -137,8 +148,10 @@ def run_forward(cfg: RefineConfig, be: Backend, nll_fn: Callable, mu: Tensor, lo
     acc_params = record and cfg.hvp == "fd_forward" and len(params) > 0
     tape = None
     if record:
-        tape = _Tape([], [], [], [], [], [torch.zeros_like(p, dtype=torch.float64) for p in params]
-                     if acc_params else None)
+        sums = [torch.zeros_like(p, dtype=_accumulation_dtype(p), memory_format=torch.contiguous_format)
+                for p in params] if acc_params else None
+        comps = [torch.zeros_like(t) for t in sums] if acc_params else None
+        tape = _Tape([], [], [], [], [], sums, comps)
     p_mu = torch.zeros_like(mu)
     p_logvar = torch.zeros_like(logvar)
     z = be.sample(mu, logvar, noise[0])
@@ -147,9 +160,8 @@ def run_forward(cfg: RefineConfig, be: Backend, nll_fn: Callable, mu: Tensor, lo
             tape.rng.append(RngState(mu.device))
         grad_z, param_grads = decoder_grads(nll_fn, z, params if acc_params else ())
         if acc_params:
-            for acc, g in zip(tape.param_grad_sum, param_grads):
-                if g is not None:
-                    acc.add_(g)
+            be.compensated_accumulate_(tape.param_grad_sum, tape.param_grad_comp,
+                                       _as_accumulated(param_grads, tape.param_grad_sum))
         eps_next = noise[k + 1] if k + 1 < steps else None
         mu_n, logvar_n, p_mu, p_logvar, z, norms = be.forward_step(
             mu, logvar, p_mu, p_logvar, noise[k], grad_z, eps_next, cfg.scale, cfg.kl_weight, cfg.lr_mu,
@@ -220,10 +232,11 @@ def _reverse_pass(cfg: RefineConfig, be: Backend, nll_fn: Callable, noise: Tenso
             lbar_mu = lbar_mu / out_scale
             lbar_logvar = lbar_logvar / out_scale
 
-    theta_acc = tape.param_grad_sum  # fd_forward: float64, turned into sum_k g(z_k + r u_k) - g(z_k)
+    # fd_forward: the compensated sum turns into sum_k [g(z_k + r u_k) - g(z_k)].
+    theta_acc, theta_comp = tape.param_grad_sum, tape.param_grad_comp
     if theta_acc is not None:
-        for acc in theta_acc:
-            acc.neg_()
+        torch._foreach_neg_(theta_acc)
+        torch._foreach_neg_(theta_comp)
     theta_bar = [torch.zeros_like(p) for p in params] if mode != FD_FORWARD else None
 
     pbar_mu = torch.zeros_like(lbar_mu)
@@ -240,9 +253,8 @@ def _reverse_pass(cfg: RefineConfig, be: Backend, nll_fn: Callable, noise: Tenso
             if mode == FD_FORWARD:
                 replay()
                 hvp_a, g_theta = decoder_grads(nll_fn, z_eval[0], params)
-                for acc, g in zip(theta_acc or (), g_theta):
-                    if g is not None:
-                        acc.add_(g)
+                if theta_acc is not None:
+                    be.compensated_accumulate_(theta_acc, theta_comp, _as_accumulated(g_theta, theta_acc))
                 hvp_b, hvp_scale = gz_k, 1.0 / cfg.fd_eps
             elif mode == FD_CENTRAL:
                 replay()
@@ -270,8 +282,12 @@ def _reverse_pass(cfg: RefineConfig, be: Backend, nll_fn: Callable, noise: Tenso
             caller_rng.restore()
 
     if mode == FD_FORWARD:
-        coef = -s * out_scale / cfg.fd_eps
-        theta_bar = [(acc.mul_(coef)).to(p.dtype) for acc, p in zip(theta_acc or (), params)]
+        theta_bar = []
+        if theta_acc is not None:  # in place: the sum buffers become the returned gradients
+            torch._foreach_add_(theta_acc, theta_comp)
+            torch._foreach_mul_(theta_acc, -s * out_scale / cfg.fd_eps)
+            tape.param_grad_comp = None
+            theta_bar = [t if t.dtype == p.dtype else t.to(p.dtype) for t, p in zip(theta_acc, params)]
         lbar_mu = lbar_mu * out_scale
         lbar_logvar = lbar_logvar * out_scale
     return lbar_mu, lbar_logvar, theta_bar
