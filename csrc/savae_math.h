@@ -31,6 +31,22 @@ enum FdMode : int {
   kCentral = 2,  // two points, z +- r_b u_b, per-example r_b
 };
 
+// sigma = exp(lv / 2) and exp(lv) - 1 from one transcendental per element:
+// with em = expm1(lv / 2), sigma = 1 + em and exp(lv) - 1 = em (em + 2), both
+// accurate to rounding (no cancellation near lv = 0, unlike exp(lv) - 1).
+template <typename T>
+struct GaussTerms {
+  T sigma;     // exp(lv / 2)
+  T expm1_lv;  // exp(lv) - 1
+};
+
+template <typename T>
+SAVAE_HD GaussTerms<T> gauss_terms(T logvar) {
+  using std::expm1;
+  const T em = expm1(T(0.5) * logvar);
+  return {T(1) + em, em * (em + T(2))};
+}
+
 template <typename T>
 SAVAE_HD T sigma_of(T logvar) {
   using std::exp;
@@ -39,21 +55,17 @@ SAVAE_HD T sigma_of(T logvar) {
 
 // Reparameterised sample z = mu + sigma * eps.
 template <typename T>
-SAVAE_HD T sample(T mu, T logvar, T eps) {
-  return mu + sigma_of(logvar) * eps;
+SAVAE_HD T sample(T mu, T sigma, T eps) {
+  return mu + sigma * eps;
 }
 
 // Gradient of the inner objective w.r.t. (mu, logvar) at one element:
 //   g_mu = s (g_z + beta mu)
 //   g_lv = s (g_z eps sigma / 2 + beta (exp(lv) - 1) / 2)
-// expm1 keeps (exp(lv) - 1) accurate near lv = 0.
 template <typename T>
-SAVAE_HD void elbo_grad(T g_z, T mu, T logvar, T eps, T scale, T kl_weight,
-                        T* g_mu, T* g_logvar) {
-  using std::expm1;
-  const T sigma = sigma_of(logvar);
+SAVAE_HD void elbo_grad(T g_z, T mu, GaussTerms<T> q, T eps, T scale, T kl_weight, T* g_mu, T* g_logvar) {
   *g_mu = scale * (g_z + kl_weight * mu);
-  *g_logvar = scale * (T(0.5) * g_z * eps * sigma + T(0.5) * kl_weight * expm1(logvar));
+  *g_logvar = scale * (T(0.5) * g_z * eps * q.sigma + T(0.5) * kl_weight * q.expm1_lv);
 }
 
 // Clip factor c = min(1, M / (|g| + 1e-6)); M <= 0 disables clipping.
@@ -87,8 +99,8 @@ SAVAE_HD void momentum_step(T lambda, T p, T g, T clip, T lr, T momentum,
 // Direction in z-space of a lambda-space direction v = (v_mu, v_lv):
 //   u = dz/dlambda v = v_mu + (sigma eps / 2) v_lv.
 template <typename T>
-SAVAE_HD T z_direction(T v_mu, T v_logvar, T logvar, T eps) {
-  return v_mu + T(0.5) * sigma_of(logvar) * eps * v_logvar;
+SAVAE_HD T z_direction(T v_mu, T v_logvar, T sigma, T eps) {
+  return v_mu + T(0.5) * sigma * eps * v_logvar;
 }
 
 // Per-example central-difference step r_b = h (1 + |z_b|) / |u_b| and the
@@ -111,13 +123,12 @@ SAVAE_HD void central_step(T z_norm, T u_norm, T fd_eps, T* step, T* weight) {
 //   (H v)_mu = s (Hzz u + beta v_mu)
 //   (H v)_lv = s ((sigma eps / 2) Hzz u + (sigma eps / 4) g_z v_lv + beta exp(lv) / 2 v_lv)
 template <typename T>
-SAVAE_HD void gaussian_hvp(T hzz_u, T v_mu, T v_logvar, T g_z, T logvar, T eps,
-                           T scale, T kl_weight, T* hv_mu, T* hv_logvar) {
-  using std::exp;
-  const T sigma_eps = sigma_of(logvar) * eps;
+SAVAE_HD void gaussian_hvp(T hzz_u, T v_mu, T v_logvar, T g_z, GaussTerms<T> q, T eps, T scale, T kl_weight,
+                           T* hv_mu, T* hv_logvar) {
+  const T sigma_eps = q.sigma * eps;
   *hv_mu = scale * (hzz_u + kl_weight * v_mu);
   *hv_logvar = scale * (T(0.5) * sigma_eps * hzz_u + T(0.25) * sigma_eps * g_z * v_logvar +
-                        T(0.5) * kl_weight * exp(logvar) * v_logvar);
+                        T(0.5) * kl_weight * (q.expm1_lv + T(1)) * v_logvar);
 }
 
 // Compensated summation step (Neumaier's variant of Kahan's): total += value,
@@ -128,11 +139,15 @@ SAVAE_HD void gaussian_hvp(T hzz_u, T v_mu, T v_logvar, T g_z, T logvar, T eps,
 // compiled with reassociating fast-math.
 template <typename T>
 SAVAE_HD void compensated_add(T* total, T* comp, T value) {
+  using std::fabs;
   const T s = *total;
   const T t = s + value;
-  const T as = s < T(0) ? -s : s;
-  const T av = value < T(0) ? -value : value;
-  *comp += as >= av ? (s - t) + value : (value - t) + s;
+  // (larger - t) + smaller is exact; written with value selects so that
+  // compilers turn it into branch-free (vectorisable) blends.
+  const bool s_larger = fabs(s) >= fabs(value);
+  const T larger = s_larger ? s : value;
+  const T smaller = s_larger ? value : s;
+  *comp += (larger - t) + smaller;
   *total = t;
 }
 

@@ -241,3 +241,31 @@ def test_compensated_accumulate_opcheck_and_errors():
         _compiled("compensated_accumulate_")(total, comp, [values[0].double()] + values[1:])
     with pytest.raises(RuntimeError, match="contiguous"):
         _compiled("compensated_accumulate_")([total[1].t()], [comp[1].t()], [None])
+
+
+@needs_ext
+def test_unboxed_entry_points_match_torch_ops():
+    """refine's loop calls the operators through the extension's unboxed entry points;
+    they dispatch to the same kernels as torch.ops.savae_fast.* (bit-identical)."""
+    fast = sf.ops.get_backend("cpp", "cpu")
+    traced = sf.ops.get_backend("cpp", "cpu", traceable=True)
+    assert fast.forward_step is not traced.forward_step
+    cases = {
+        "sample": tuple(_state((5, 4), torch.float64)[k] for k in ("mu", "logvar", "eps")),
+        "forward_step": forward_step_args((5, 4), torch.float32, "active"),
+        "reverse_direction": reverse_direction_args((5, 4), torch.float64, "active", FD_CENTRAL),
+        "reverse_update": reverse_update_args((5, 4), torch.float32, with_b=False),
+    }
+    for name, args in cases.items():
+        a, b = getattr(fast, name)(*args), getattr(traced, name)(*args)
+        a, b = (a,) if torch.is_tensor(a) else a, (b,) if torch.is_tensor(b) else b
+        assert all(torch.equal(x, y) for x, y in zip(a, b)), name
+    total, comp, values = _accumulate_case(torch.float32)
+    t2, c2 = [t.clone() for t in total], [c.clone() for c in comp]
+    fast.compensated_accumulate_(total, comp, values)
+    traced.compensated_accumulate_(t2, c2, values)
+    assert all(torch.equal(x, y) for x, y in zip(total + comp, t2 + c2))
+    bad = list(forward_step_args((5, 4), torch.float32, "off"))
+    bad[5] = torch.zeros(5, 2)
+    with pytest.raises(RuntimeError, match="'grad_z' has shape"):
+        fast.forward_step(*bad)

@@ -37,7 +37,7 @@ at::Tensor sample_cpu(const at::Tensor& mu, const at::Tensor& logvar, const at::
     const scalar_t* __restrict__ pe = m[2].data_ptr<scalar_t>();
     scalar_t* __restrict__ pz = z.data_ptr<scalar_t>();
     at::parallel_for(0, n, 1 << 14, [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i) pz[i] = math::sample(pm[i], pl[i], pe[i]);
+      for (int64_t i = i0; i < i1; ++i) pz[i] = math::sample(pm[i], math::sigma_of(pl[i]), pe[i]);
     });
   });
   return z;
@@ -76,14 +76,23 @@ forward_step_cpu(const at::Tensor& mu, const at::Tensor& logvar, const at::Tenso
     const T* __restrict__ x_en = has_next ? en.data_ptr<T>() : nullptr;
     const T s = T(scale), beta = T(kl_weight);
 
-    // Pass 1: squared norms of g_mu and g_logvar, per row, then summed in order.
+    T* __restrict__ o_mu = mu_n.data_ptr<T>();
+    T* __restrict__ o_lv = lv_n.data_ptr<T>();
+    T* __restrict__ o_pm = pm_n.data_ptr<T>();
+    T* __restrict__ o_pl = pl_n.data_ptr<T>();
+    T* __restrict__ o_z = has_next ? z_n.data_ptr<T>() : nullptr;
+
+    // Pass 1: g_mu, g_logvar (kept in the momentum outputs until pass 2) and
+    // their squared norms, per row, then summed in order.
     std::vector<double> part(2 * B);
     at::parallel_for(0, B, row_grain(D), [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
         double sm = 0, sl = 0;
         for (int64_t i = b * D; i < (b + 1) * D; ++i) {
           T gm, gl;
-          math::elbo_grad(x_gz[i], x_mu[i], x_lv[i], x_e[i], s, beta, &gm, &gl);
+          math::elbo_grad(x_gz[i], x_mu[i], math::gauss_terms(x_lv[i]), x_e[i], s, beta, &gm, &gl);
+          o_pm[i] = gm;
+          o_pl[i] = gl;
           sm += double(gm) * double(gm);
           sl += double(gl) * double(gl);
         }
@@ -103,19 +112,12 @@ forward_step_cpu(const at::Tensor& mu, const at::Tensor& logvar, const at::Tenso
     const T c_lv = math::clip_coef(n_lv, T(max_grad_norm));
 
     // Pass 2: clipped momentum step and the next sample.
-    T* __restrict__ o_mu = mu_n.data_ptr<T>();
-    T* __restrict__ o_lv = lv_n.data_ptr<T>();
-    T* __restrict__ o_pm = pm_n.data_ptr<T>();
-    T* __restrict__ o_pl = pl_n.data_ptr<T>();
-    T* __restrict__ o_z = has_next ? z_n.data_ptr<T>() : nullptr;
     const T a_mu = T(lr_mu), a_lv = T(lr_logvar), mom = T(momentum);
     at::parallel_for(0, B * D, 1 << 14, [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i) {
-        T gm, gl;
-        math::elbo_grad(x_gz[i], x_mu[i], x_lv[i], x_e[i], s, beta, &gm, &gl);
-        math::momentum_step(x_mu[i], x_pm[i], gm, c_mu, a_mu, mom, &o_mu[i], &o_pm[i]);
-        math::momentum_step(x_lv[i], x_pl[i], gl, c_lv, a_lv, mom, &o_lv[i], &o_pl[i]);
-        if (o_z) o_z[i] = math::sample(o_mu[i], o_lv[i], x_en[i]);
+        math::momentum_step(x_mu[i], x_pm[i], o_pm[i], c_mu, a_mu, mom, &o_mu[i], &o_pm[i]);
+        math::momentum_step(x_lv[i], x_pl[i], o_pl[i], c_lv, a_lv, mom, &o_lv[i], &o_pl[i]);
+        if (o_z) o_z[i] = math::sample(o_mu[i], math::sigma_of(o_lv[i]), x_en[i]);
       }
     });
   });
@@ -135,7 +137,7 @@ reverse_direction_cpu(const at::Tensor& lbar_mu, const at::Tensor& lbar_logvar,
                                {"pbar_mu", &pbar_mu}, {"pbar_logvar", &pbar_logvar},
                                {"mu", &mu}, {"logvar", &logvar}, {"eps", &eps},
                                {"grad_z", &grad_z}});
-  at::Tensor norms = check_grad_norms(op, grad_norms, m).to(at::kDouble);
+  const at::Tensor norms = check_grad_norms(op, grad_norms, m);
   check_fd_mode(op, fd_mode);
   for (auto [name, v] : {std::pair{"scale", scale}, {"kl_weight", kl_weight}, {"lr_mu", lr_mu},
                          {"lr_logvar", lr_logvar}, {"max_grad_norm", max_grad_norm},
@@ -169,7 +171,7 @@ reverse_direction_cpu(const at::Tensor& lbar_mu, const at::Tensor& lbar_logvar,
     T* __restrict__ o_w = row_weight.data_ptr<T>();
     const T s = T(scale), beta = T(kl_weight), M = T(max_grad_norm);
     const T a_mu = T(lr_mu), a_lv = T(lr_logvar);
-    const T n_mu = T(norms.data_ptr<double>()[0]), n_lv = T(norms.data_ptr<double>()[1]);
+    const T n_mu = norms.data_ptr<T>()[0], n_lv = norms.data_ptr<T>()[1];
     const T c_mu = math::clip_coef(n_mu, M), c_lv = math::clip_coef(n_lv, M);
     const bool clip_mu = c_mu < T(1), clip_lv = c_lv < T(1);
 
@@ -186,7 +188,7 @@ reverse_direction_cpu(const at::Tensor& lbar_mu, const at::Tensor& lbar_logvar,
           o_pbl[i] = pl;
           if (clip_mu || clip_lv) {
             T gm, gl;
-            math::elbo_grad(x_gz[i], x_mu[i], x_lv[i], x_e[i], s, beta, &gm, &gl);
+            math::elbo_grad(x_gz[i], x_mu[i], math::gauss_terms(x_lv[i]), x_e[i], s, beta, &gm, &gl);
             dm += double(gm) * double(pm);
             dl += double(gl) * double(pl);
           }
@@ -209,17 +211,18 @@ reverse_direction_cpu(const at::Tensor& lbar_mu, const at::Tensor& lbar_logvar,
       for (int64_t b = b0; b < b1; ++b) {
         double uu = 0, zz = 0;
         for (int64_t i = b * D; i < (b + 1) * D; ++i) {
+          const math::GaussTerms<T> q = math::gauss_terms(x_lv[i]);
           T vm = c_mu * o_pbm[i], vl = c_lv * o_pbl[i];
           if (clip_mu || clip_lv) {
             T gm, gl;
-            math::elbo_grad(x_gz[i], x_mu[i], x_lv[i], x_e[i], s, beta, &gm, &gl);
+            math::elbo_grad(x_gz[i], x_mu[i], q, x_e[i], s, beta, &gm, &gl);
             vm -= k_mu * gm;
             vl -= k_lv * gl;
           }
           o_vm[i] = vm;
           o_vl[i] = vl;
-          const T ui = math::z_direction(vm, vl, x_lv[i], x_e[i]);
-          const T zi = math::sample(x_mu[i], x_lv[i], x_e[i]);
+          const T ui = math::z_direction(vm, vl, q.sigma, x_e[i]);
+          const T zi = math::sample(x_mu[i], q.sigma, x_e[i]);
           o_u[i] = ui;
           o_z[i] = zi;
           uu += double(ui) * double(ui);
@@ -286,7 +289,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> reverse_update_cpu(
       for (int64_t i = i0; i < i1; ++i) {
         const T hzz = math::difference_quotient(x_a[i], x_b ? x_b[i] : T(0), q);
         T hm, hl;
-        math::gaussian_hvp(hzz, x_vm[i], x_vl[i], x_gz[i], x_lv[i], x_e[i], s, beta, &hm, &hl);
+        math::gaussian_hvp(hzz, x_vm[i], x_vl[i], x_gz[i], math::gauss_terms(x_lv[i]), x_e[i], s, beta, &hm, &hl);
         o_lbm[i] = x_lbm[i] - hm;
         o_lbl[i] = x_lbl[i] - hl;
         o_pbm[i] = mom * x_pbm[i];
@@ -298,24 +301,61 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> reverse_update_cpu(
 }
 
 // ------------------------------------------------- compensated_accumulate_
+// Plain functions with restrict-qualified parameters (not a lambda capture) so
+// that the compiler vectorises the loop (the selects in compensated_add become
+// blends); float/double are compiled for AVX2 and baseline x86-64 and picked at
+// load time, as ATen's own kernels are (memory-bound: wider vectors matter).
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define SAVAE_CPU_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define SAVAE_CPU_CLONES
+#endif
+
+template <typename T>
+void compensated_accumulate_kernel(T* __restrict__ total, T* __restrict__ comp, const T* __restrict__ value,
+                                   int64_t n) {
+  for (int64_t j = 0; j < n; ++j) math::compensated_add(&total[j], &comp[j], value[j]);
+}
+
+SAVAE_CPU_CLONES void compensated_accumulate_kernel(float* __restrict__ total, float* __restrict__ comp,
+                                                    const float* __restrict__ value, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) math::compensated_add(&total[j], &comp[j], value[j]);
+}
+
+SAVAE_CPU_CLONES void compensated_accumulate_kernel(double* __restrict__ total, double* __restrict__ comp,
+                                                    const double* __restrict__ value, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) math::compensated_add(&total[j], &comp[j], value[j]);
+}
+
 void compensated_accumulate_cpu(at::TensorList total, at::TensorList comp,
                                 const c10::List<std::optional<at::Tensor>>& values) {
   check_accumulate_lists(total, comp, values);
+  // All tensors in one parallel region: fixed-size chunks of every tensor.
+  struct Chunk {
+    size_t tensor;
+    int64_t begin, end;
+  };
+  constexpr int64_t kChunk = 1 << 13;
+  std::vector<at::Tensor> vals(total.size());
+  std::vector<Chunk> chunks;
   for (size_t i = 0; i < total.size(); ++i) {
     const std::optional<at::Tensor> v = values.get(i);
     if (!v.has_value() || !v->defined()) continue;
-    const at::Tensor value = v->contiguous();
-    at::Tensor t = total[i], c = comp[i];
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(),
-                                    "savae_fast::compensated_accumulate_", [&] {
-      scalar_t* __restrict__ pt = t.data_ptr<scalar_t>();
-      scalar_t* __restrict__ pc = c.data_ptr<scalar_t>();
-      const scalar_t* __restrict__ pv = value.data_ptr<scalar_t>();
-      at::parallel_for(0, t.numel(), 1 << 15, [&](int64_t i0, int64_t i1) {
-        for (int64_t j = i0; j < i1; ++j) math::compensated_add(&pt[j], &pc[j], pv[j]);
-      });
-    });
+    vals[i] = v->contiguous();
+    for (int64_t b = 0; b < total[i].numel(); b += kChunk)
+      chunks.push_back({i, b, std::min<int64_t>(b + kChunk, total[i].numel())});
   }
+  at::parallel_for(0, int64_t(chunks.size()), 2, [&](int64_t c0, int64_t c1) {
+    for (int64_t k = c0; k < c1; ++k) {
+      const Chunk& ch = chunks[k];
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, total[ch.tensor].scalar_type(),
+                                      "savae_fast::compensated_accumulate_", [&] {
+        compensated_accumulate_kernel(total[ch.tensor].data_ptr<scalar_t>() + ch.begin,
+                                      comp[ch.tensor].data_ptr<scalar_t>() + ch.begin,
+                                      vals[ch.tensor].data_ptr<scalar_t>() + ch.begin, ch.end - ch.begin);
+      });
+    }
+  });
 }
 
 }  // namespace

@@ -27,11 +27,11 @@ static double d2f(double z) { return -std::sin(z) + 0.6; }
 // Inner objective of one element: s [f(mu + exp(lv/2) eps) + beta KL(mu, lv)].
 static double inner_loss(double mu, double lv, double eps, double s, double beta) {
   const double kl = -0.5 * (1.0 + lv - mu * mu - std::exp(lv));
-  return s * (f(m::sample(mu, lv, eps)) + beta * kl);
+  return s * (f(m::sample(mu, m::sigma_of(lv), eps)) + beta * kl);
 }
 
 static void elbo_grad_at(double mu, double lv, double eps, double s, double beta, double* gm, double* gl) {
-  m::elbo_grad(df(m::sample(mu, lv, eps)), mu, lv, eps, s, beta, gm, gl);
+  m::elbo_grad(df(m::sample(mu, m::sigma_of(lv), eps)), mu, m::gauss_terms(lv), eps, s, beta, gm, gl);
 }
 
 static void test_elbo_grad_and_hvp(std::mt19937& rng) {
@@ -49,10 +49,10 @@ static void test_elbo_grad_and_hvp(std::mt19937& rng) {
 
     // H v from the exact Hzz u (u = dz/dlambda v), against differences of the gradient.
     const double v_mu = n01(rng), v_lv = n01(rng);
-    const double u = m::z_direction(v_mu, v_lv, lv, eps);
+    const double u = m::z_direction(v_mu, v_lv, m::sigma_of(lv), eps);
+    const double z = m::sample(mu, m::sigma_of(lv), eps);
     double hm, hl;
-    m::gaussian_hvp(d2f(m::sample(mu, lv, eps)) * u, v_mu, v_lv, df(m::sample(mu, lv, eps)), lv, eps, s, beta,
-                    &hm, &hl);
+    m::gaussian_hvp(d2f(z) * u, v_mu, v_lv, df(z), m::gauss_terms(lv), eps, s, beta, &hm, &hl);
     double gmp, glp, gmm, glm;
     elbo_grad_at(mu + h * v_mu, lv + h * v_lv, eps, s, beta, &gmp, &glp);
     elbo_grad_at(mu - h * v_mu, lv - h * v_lv, eps, s, beta, &gmm, &glm);
@@ -110,7 +110,12 @@ static void test_step_and_differences() {
   m::central_step(std::fabs(z), std::fabs(u), 1e-5, &r, &w);
   check_close("central quotient", m::difference_quotient(w * df(z + r * u), w * df(z - r * u), 1.0), d2f(z) * u,
               1e-8);
-  check_close("float template instantiation", m::sample(1.0f, 0.0f, 2.0f), 3.0, 1e-7);
+  check_close("float template instantiation", m::sample(1.0f, m::sigma_of(0.0f), 2.0f), 3.0, 1e-7);
+  for (const double lv : {-30.0, -1e-9, 0.0, 3e-8, 0.7, 12.0}) {
+    const m::GaussTerms<double> q = m::gauss_terms(lv);
+    check_close("gauss_terms sigma", q.sigma, std::exp(0.5 * lv), 1e-15);
+    check_close("gauss_terms expm1", q.expm1_lv, std::expm1(lv), 1e-15);
+  }
 }
 
 // Compensated float32 sums of large, cancelling terms match the exact (double) sum.

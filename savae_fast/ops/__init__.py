@@ -74,15 +74,20 @@ TORCH_BACKEND = Backend(
 
 
 def _cpp_backend() -> Backend:
+    """The compiled operators, called through the unboxed dispatcher entry of the
+    extension (same dispatch as torch.ops.savae_fast.*, cheaper per call); the
+    public wrappers below call torch.ops.savae_fast.* so that tracing sees them."""
+    from savae_fast.ops._extension import _C
+
+    ops = getattr(_C, "unboxed", None) or torch.ops.savae_fast
+    pick = (lambda name: getattr(ops, name)) if ops is not torch.ops.savae_fast else (
+        lambda name: getattr(ops, name).default)
+    return Backend("cpp", *(pick(name) for name in OP_NAMES))
+
+
+def _traceable_cpp_backend() -> Backend:
     ops = torch.ops.savae_fast
-    return Backend(
-        "cpp",
-        ops.sample.default,
-        ops.forward_step.default,
-        ops.reverse_direction.default,
-        ops.reverse_update.default,
-        ops.compensated_accumulate_.default,
-    )
+    return Backend("cpp", *(getattr(ops, name).default for name in OP_NAMES))
 
 
 _fallback_warned = False
@@ -108,8 +113,11 @@ def _warn_fallback(device: torch.device) -> None:
     )
 
 
-def get_backend(backend: str, device: torch.device | str) -> Backend:
-    """Resolve ``backend`` ("auto", "cpp", "torch") for tensors on ``device``."""
+def get_backend(backend: str, device: torch.device | str, traceable: bool = False) -> Backend:
+    """Resolve ``backend`` ("auto", "cpp", "torch") for tensors on ``device``.
+
+    ``traceable=True`` returns the torch.ops.savae_fast.* entry points for the
+    compiled backend (what torch.compile / torch.export should see)."""
     device = torch.device(device)
     if backend not in BACKENDS:
         raise ValueError(f"argument 'backend' must be one of {BACKENDS}, got {backend!r}")
@@ -121,10 +129,10 @@ def get_backend(backend: str, device: torch.device | str) -> Backend:
                 f"it was built without {device.type} kernels"
             )
             raise RuntimeError(f"backend='cpp' requested for {device.type} tensors, but {why}")
-        return _cpp_backend()
+        return _traceable_cpp_backend() if traceable else _cpp_backend()
     # auto
     if available(device):
-        return _cpp_backend()
+        return _traceable_cpp_backend() if traceable else _cpp_backend()
     _warn_fallback(device)
     return TORCH_BACKEND
 
@@ -161,7 +169,7 @@ def _check_matrices(op: str, **tensors: Tensor | None) -> None:
 def sample(mu: Tensor, logvar: Tensor, eps: Tensor, *, backend: str = "auto") -> Tensor:
     """z = mu + exp(logvar / 2) * eps."""
     _check_matrices("sample", mu=mu, logvar=logvar, eps=eps)
-    return get_backend(backend, mu.device).sample(mu, logvar, eps)
+    return get_backend(backend, mu.device, traceable=True).sample(mu, logvar, eps)
 
 
 def forward_step(mu, logvar, p_mu, p_logvar, eps, grad_z, eps_next=None, *, scale, kl_weight, lr_mu,
@@ -169,7 +177,7 @@ def forward_step(mu, logvar, p_mu, p_logvar, eps, grad_z, eps_next=None, *, scal
     """One fused inner SVI step; returns (mu', logvar', p_mu', p_logvar', z_next, grad_norms)."""
     _check_matrices("forward_step", mu=mu, logvar=logvar, p_mu=p_mu, p_logvar=p_logvar, eps=eps,
                     grad_z=grad_z, eps_next=eps_next)
-    return get_backend(backend, mu.device).forward_step(
+    return get_backend(backend, mu.device, traceable=True).forward_step(
         mu, logvar, p_mu, p_logvar, eps, grad_z, eps_next, float(scale), float(kl_weight), float(lr_mu),
         float(lr_logvar), float(momentum), float(max_grad_norm))
 
@@ -184,7 +192,7 @@ def reverse_direction(lbar_mu, lbar_logvar, pbar_mu, pbar_logvar, mu, logvar, ep
         raise ValueError("reverse_direction: argument 'grad_norms' must be a [2] tensor of mu's dtype")
     if fd_mode not in (FD_EXACT, FD_FORWARD, FD_CENTRAL):
         raise ValueError(f"reverse_direction: argument 'fd_mode' must be 0, 1 or 2, got {fd_mode!r}")
-    return get_backend(backend, mu.device).reverse_direction(
+    return get_backend(backend, mu.device, traceable=True).reverse_direction(
         lbar_mu, lbar_logvar, pbar_mu, pbar_logvar, mu, logvar, eps, grad_z, grad_norms, float(scale),
         float(kl_weight), float(lr_mu), float(lr_logvar), float(max_grad_norm), int(fd_mode), float(fd_step))
 
@@ -195,7 +203,7 @@ def reverse_update(lbar_mu, lbar_logvar, pbar_mu, pbar_logvar, v_mu, v_logvar, l
     _check_matrices("reverse_update", lbar_mu=lbar_mu, lbar_logvar=lbar_logvar, pbar_mu=pbar_mu,
                     pbar_logvar=pbar_logvar, v_mu=v_mu, v_logvar=v_logvar, logvar=logvar, eps=eps,
                     grad_z=grad_z, hvp_a=hvp_a, hvp_b=hvp_b)
-    return get_backend(backend, lbar_mu.device).reverse_update(
+    return get_backend(backend, lbar_mu.device, traceable=True).reverse_update(
         lbar_mu, lbar_logvar, pbar_mu, pbar_logvar, v_mu, v_logvar, logvar, eps, grad_z, hvp_a, hvp_b,
         float(hvp_scale), float(scale), float(kl_weight), float(momentum))
 
@@ -214,4 +222,4 @@ def compensated_accumulate_(total, compensation, values, *, backend: str = "auto
                              f"(shape {tuple(t.shape)}, {t.dtype}, {t.device})")
     if not total:
         return
-    get_backend(backend, total[0].device).compensated_accumulate_(total, compensation, values)
+    get_backend(backend, total[0].device, traceable=True).compensated_accumulate_(total, compensation, values)

@@ -77,6 +77,9 @@ def _accumulation_dtype(p: Tensor) -> torch.dtype:
 
 
 def _as_accumulated(grads, buffers):
+    """Cast gradients to their buffers' dtype (only low-precision parameters need it)."""
+    if all(g is None or g.dtype == b.dtype for g, b in zip(grads, buffers)):
+        return grads
     return [None if g is None else g.to(b.dtype) for g, b in zip(grads, buffers)]
 
 
@@ -154,18 +157,20 @@ def run_forward(cfg: RefineConfig, be: Backend, nll_fn: Callable, mu: Tensor, lo
         tape = _Tape([], [], [], [], [], sums, comps)
     p_mu = torch.zeros_like(mu)
     p_logvar = torch.zeros_like(logvar)
-    z = be.sample(mu, logvar, noise[0])
+    eps = noise.unbind(0)
+    z = be.sample(mu, logvar, eps[0])
+    save_rng = record and cfg.preserve_rng_state
+    decoder_params = params if acc_params else ()
     for k in range(steps):
-        if record and cfg.preserve_rng_state:
+        if save_rng:
             tape.rng.append(RngState(mu.device))
-        grad_z, param_grads = decoder_grads(nll_fn, z, params if acc_params else ())
+        grad_z, param_grads = decoder_grads(nll_fn, z, decoder_params)
         if acc_params:
             be.compensated_accumulate_(tape.param_grad_sum, tape.param_grad_comp,
                                        _as_accumulated(param_grads, tape.param_grad_sum))
-        eps_next = noise[k + 1] if k + 1 < steps else None
         mu_n, logvar_n, p_mu, p_logvar, z, norms = be.forward_step(
-            mu, logvar, p_mu, p_logvar, noise[k], grad_z, eps_next, cfg.scale, cfg.kl_weight, cfg.lr_mu,
-            cfg.lr_logvar, cfg.momentum, cfg.max_grad_norm)
+            mu, logvar, p_mu, p_logvar, eps[k], grad_z, eps[k + 1] if k + 1 < steps else None, cfg.scale,
+            cfg.kl_weight, cfg.lr_mu, cfg.lr_logvar, cfg.momentum, cfg.max_grad_norm)
         if record:
             tape.mu.append(mu)
             tape.logvar.append(logvar)
@@ -213,6 +218,10 @@ class RefineFunction(torch.autograd.Function):
         return (None, None, None, None, lbar_mu, lbar_logvar, *out_params)
 
 
+def _no_replay() -> None:
+    pass
+
+
 def _reverse_pass(cfg: RefineConfig, be: Backend, nll_fn: Callable, noise: Tensor, tape: _Tape,
                   params: Sequence[Tensor], lbar_mu: Tensor, lbar_logvar: Tensor):
     """dF/dlambda_0 and the refinement part of dF/dtheta from dF/dlambda_K."""
@@ -241,14 +250,15 @@ def _reverse_pass(cfg: RefineConfig, be: Backend, nll_fn: Callable, noise: Tenso
 
     pbar_mu = torch.zeros_like(lbar_mu)
     pbar_logvar = torch.zeros_like(lbar_logvar)
+    eps = noise.unbind(0)
     caller_rng = RngState(lbar_mu.device) if cfg.preserve_rng_state else None
     try:
         for k in reversed(range(cfg.steps)):
-            mu_k, logvar_k, eps_k, gz_k = tape.mu[k], tape.logvar[k], noise[k], tape.grad_z[k]
+            mu_k, logvar_k, eps_k, gz_k = tape.mu[k], tape.logvar[k], eps[k], tape.grad_z[k]
             pbar_mu, pbar_logvar, v_mu, v_logvar, u, z_eval, row_weight = be.reverse_direction(
                 lbar_mu, lbar_logvar, pbar_mu, pbar_logvar, mu_k, logvar_k, eps_k, gz_k, tape.grad_norms[k],
                 s, cfg.kl_weight, cfg.lr_mu, cfg.lr_logvar, cfg.max_grad_norm, mode, cfg.fd_eps)
-            replay = tape.rng[k].restore if cfg.preserve_rng_state else (lambda: None)
+            replay = tape.rng[k].restore if cfg.preserve_rng_state else _no_replay
 
             if mode == FD_FORWARD:
                 replay()
@@ -274,9 +284,8 @@ def _reverse_pass(cfg: RefineConfig, be: Backend, nll_fn: Callable, noise: Tenso
                 hvp_b, hvp_scale = None, 1.0
 
             lbar_mu, lbar_logvar, pbar_mu, pbar_logvar = be.reverse_update(
-                lbar_mu, lbar_logvar, pbar_mu, pbar_logvar, v_mu, v_logvar, logvar_k, eps_k, gz_k,
-                hvp_a.to(lbar_mu.dtype), None if hvp_b is None else hvp_b.to(lbar_mu.dtype), hvp_scale, s,
-                cfg.kl_weight, cfg.momentum)
+                lbar_mu, lbar_logvar, pbar_mu, pbar_logvar, v_mu, v_logvar, logvar_k, eps_k, gz_k, hvp_a, hvp_b,
+                hvp_scale, s, cfg.kl_weight, cfg.momentum)
     finally:
         if caller_rng is not None:
             caller_rng.restore()

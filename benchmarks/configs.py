@@ -1,0 +1,90 @@
+"""Decoder configurations of the benchmarks and the problems built from them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from savae_fast.models import LSTMDecoder
+
+
+@dataclass(frozen=True)
+class DecoderConfig:
+    name: str
+    kind: str  # "lstm" | "pixelcnn"
+    batch: int
+    latent: int
+    steps: int
+    model: dict = field(default_factory=dict)
+    length: int = 12  # tokens per sentence (lstm)
+    devices: tuple = ("cpu", "cuda")
+    note: str = ""
+
+    def with_(self, **kw) -> "DecoderConfig":
+        return DecoderConfig(**{**self.__dict__, **kw})
+
+
+CONFIGS = {
+    # The core issue's CPU config: small enough that the refinement's overhead matters.
+    "small_lstm": DecoderConfig("small_lstm", "lstm", batch=32, latent=16, steps=20, length=12,
+                                model=dict(vocab_size=200, embed_dim=32, hidden_dim=64)),
+    # The SA-VAE synthetic experiment's generative model size (see savae_fast.data.synthetic).
+    "synthetic_lstm": DecoderConfig("synthetic_lstm", "lstm", batch=32, latent=2, steps=20, length=10,
+                                    model=dict(vocab_size=1000, embed_dim=100, hidden_dim=100)),
+    # The paper's Yahoo text model: word 512, hidden 1024, vocab 20k (GPU only).
+    "yahoo_lstm": DecoderConfig("yahoo_lstm", "lstm", batch=32, latent=32, steps=20, length=40,
+                                model=dict(vocab_size=20000, embed_dim=512, hidden_dim=1024), devices=("cuda",)),
+    # A >= 5M-parameter decoder for the memory comparison.
+    "lstm_5m": DecoderConfig("lstm_5m", "lstm", batch=16, latent=16, steps=20, length=8,
+                             model=dict(vocab_size=10000, embed_dim=256, hidden_dim=256)),
+}
+
+
+@dataclass
+class Problem:
+    config: DecoderConfig
+    decoder: torch.nn.Module
+    x: torch.Tensor
+    mu0: torch.Tensor
+    logvar0: torch.Tensor
+    noise: torch.Tensor
+    final_eps: torch.Tensor
+
+    @property
+    def params(self):
+        return list(self.decoder.parameters())
+
+    def nll_fn(self, z):
+        return self.decoder.nll(self.x, z)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.decoder.parameters())
+
+
+def build_decoder(cfg: DecoderConfig) -> torch.nn.Module:
+    if cfg.kind == "lstm":
+        return LSTMDecoder(latent_dim=cfg.latent, dropout=0.0, **cfg.model)
+    if cfg.kind == "pixelcnn":
+        from savae_fast.models import GatedPixelCNNDecoder
+
+        return GatedPixelCNNDecoder(latent_dim=cfg.latent, **cfg.model)
+    raise ValueError(cfg.kind)
+
+
+def make_problem(cfg: DecoderConfig, device: str, dtype=torch.float32, seed: int = 0, steps: int | None = None,
+                 batch: int | None = None) -> Problem:
+    steps = cfg.steps if steps is None else steps
+    batch = cfg.batch if batch is None else batch
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    decoder = build_decoder(cfg).to(device=device, dtype=dtype)
+    if cfg.kind == "lstm":
+        x = torch.randint(1, cfg.model["vocab_size"], (batch, cfg.length), generator=gen)
+    else:
+        size = cfg.model.get("image_size", 28)
+        x = (torch.rand((batch, 1, size, size), generator=gen) < 0.3).float()
+    shape = (batch, cfg.latent)
+    draw = lambda *s: torch.randn(s, generator=gen).to(device=device, dtype=dtype)  # noqa: E731
+    return Problem(cfg, decoder, x.to(device), 0.5 * draw(*shape), 0.3 * draw(*shape), draw(steps, *shape),
+                   draw(*shape))

@@ -1,0 +1,218 @@
+"""Refinement-level benchmarks: one SA-VAE training step (refine forward + final
+ELBO + backward) for every method, against the decoder floor.
+
+The floor is what no implementation can avoid: (2K + 1) decoder forward +
+backward passes (gradients w.r.t. z and every decoder parameter), measured in
+the same interleaved run.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+from typing import Callable
+
+import torch
+
+import savae_fast as sf
+from savae_fast.reference import gaussian_kl, optim_n2n, unrolled
+from benchmarks import harness
+from benchmarks.configs import CONFIGS, DecoderConfig, Problem, make_problem
+
+
+def _refine(hvp: str, backend: str = "auto") -> Callable:
+    def run(*args, **kw):
+        return sf.refine(*args, hvp=hvp, backend=backend, **kw)
+
+    return run
+
+
+METHODS: dict[str, Callable] = {
+    "refine fd_forward": _refine("fd_forward"),
+    "refine fd_central": _refine("fd_central"),
+    "refine exact": _refine("exact"),
+    "refine fd_forward (torch ops)": _refine("fd_forward", backend="torch"),
+    "optim_n2n (authors)": optim_n2n,
+    "unrolled (autograd)": unrolled,
+}
+
+
+def training_step(method: Callable, p: Problem, steps: int | None = None):
+    """Refine, negative ELBO at lambda_K, gradients w.r.t. (mu0, logvar0, *decoder params)."""
+    steps = p.noise.shape[0] if steps is None else steps
+    mu0 = p.mu0.detach().clone().requires_grad_(True)
+    logvar0 = p.logvar0.detach().clone().requires_grad_(True)
+    params = p.params
+    mu_k, logvar_k = method(mu0, logvar0, p.nll_fn, params, steps=steps, noise=p.noise[:steps])
+    z = mu_k + torch.exp(0.5 * logvar_k) * p.final_eps
+    loss = (p.decoder.nll(p.x, z) + gaussian_kl(mu_k, logvar_k)).mean()
+    return torch.autograd.grad(loss, [mu0, logvar0, *params])
+
+
+def decoder_floor(p: Problem, steps: int | None = None) -> None:
+    """(2K + 1) decoder forward + backward passes, gradients w.r.t. z and all parameters."""
+    steps = p.noise.shape[0] if steps is None else steps
+    params = p.params
+    z = p.mu0
+    for _ in range(2 * steps + 1):
+        zz = z.detach().requires_grad_(True)
+        torch.autograd.grad(p.nll_fn(zz).sum(), [zz, *params])
+
+
+def relative_error(grads, ref) -> float:
+    num = sum((a.double() - b.double()).pow(2).sum() for a, b in zip(grads, ref)) ** 0.5
+    den = sum(b.double().pow(2).sum() for b in ref) ** 0.5
+    return float(num / den)
+
+
+def gradient_errors(p: Problem, methods: dict[str, Callable]) -> dict[str, float]:
+    """Relative error of all gradients (mu0, logvar0, params together) vs float64 unrolled."""
+    q = make_problem(p.config, str(p.mu0.device), dtype=torch.float64, steps=p.noise.shape[0],
+                     batch=p.mu0.shape[0])
+    q.decoder.load_state_dict({k: v.double() for k, v in p.decoder.state_dict().items()})
+    q.mu0, q.logvar0, q.noise, q.final_eps = (t.double() for t in (p.mu0, p.logvar0, p.noise, p.final_eps))
+    exact = training_step(unrolled, q)
+    out = {}
+    for name, method in methods.items():
+        try:
+            out[name] = relative_error(training_step(method, p), exact)
+        except RuntimeError as exc:  # e.g. exact mode on a decoder without double backward
+            out[name] = None
+            print(f"  {name}: no gradient ({exc.__class__.__name__}: {str(exc)[:80]})")
+    return out
+
+
+def applicable_methods(p: Problem, device: str, include_slow: bool = True) -> dict[str, Callable]:
+    methods = dict(METHODS)
+    if device == "cuda" and p.config.kind == "lstm":
+        methods.pop("refine exact")  # cuDNN LSTM has no double backward
+    if not include_slow:
+        for name in ("unrolled (autograd)", "refine exact"):
+            methods.pop(name, None)
+    return methods
+
+
+def bench_step(cfg: DecoderConfig, device: str, rounds: int, include_slow: bool = True) -> dict:
+    """Time per training step of every method and the floor, interleaved; ratios and errors."""
+    p = make_problem(cfg, device)
+    methods = applicable_methods(p, device, include_slow)
+    candidates = {"decoder floor (2K+1 passes)": lambda: decoder_floor(p)}
+    candidates.update({name: (lambda m=m: training_step(m, p)) for name, m in methods.items()})
+    times = harness.interleaved(candidates, rounds, device)
+    errors = gradient_errors(p, methods)
+    floor_name = "decoder floor (2K+1 passes)"
+    rows = []
+    for name, samples in times.items():
+        row = {"method": name, **harness.summary(samples)}
+        if name != floor_name:
+            row["vs_floor"] = harness.ratio(times, name, floor_name)
+            row["speedup_vs_n2n"] = harness.ratio(times, "optim_n2n (authors)", name)
+            row["grad_rel_error"] = errors.get(name)
+        rows.append(row)
+    return {"config": cfg.name, "device": device, "batch": cfg.batch, "latent": cfg.latent, "steps": cfg.steps,
+            "decoder_params": p.num_params(), "rounds": rounds, "rows": rows}
+
+
+def step_table(result: dict) -> str:
+    rows = []
+    for r in result["rows"]:
+        rows.append({
+            "method": r["method"], "ms": r["median_s"] * 1e3,
+            "floor": r.get("vs_floor", {}).get("median_of_ratios"),
+            "floor_min": r.get("vs_floor", {}).get("ratio_of_minima"),
+            "n2n": r.get("speedup_vs_n2n", {}).get("median_of_ratios"),
+            "err": r.get("grad_rel_error"),
+        })
+    return harness.markdown_table(rows, [
+        ("method", "method", ""), ("time / step (ms)", "ms", "{:.2f}"), ("/ floor", "floor", "{:.3f}"),
+        ("/ floor (minima)", "floor_min", "{:.3f}"), ("speed-up vs optim_n2n", "n2n", "{:.2f}x"),
+        ("grad rel. error (fp32 vs fp64 exact)", "err", "{:.1e}"),
+    ])
+
+
+# ---------------------------------------------------------------------------------- scaling
+
+
+def bench_scaling_k(cfg: DecoderConfig, device: str, ks: tuple, rounds: int) -> dict:
+    p = make_problem(cfg, device, steps=max(ks))
+    methods = {name: METHODS[name] for name in
+               ("refine fd_forward", "refine fd_central", "optim_n2n (authors)", "unrolled (autograd)")}
+    out = {"config": cfg.name, "device": device, "ks": list(ks), "series": {}}
+    for k in ks:
+        cands = {"decoder floor (2K+1 passes)": lambda k=k: decoder_floor(p, k)}
+        cands.update({n: (lambda m=m, k=k: training_step(m, p, k)) for n, m in methods.items()})
+        times = harness.interleaved(cands, rounds, device)
+        for name, samples in times.items():
+            out["series"].setdefault(name, []).append(harness.summary(samples)["median_s"])
+    return out
+
+
+def bench_scaling_batch(cfg: DecoderConfig, device: str, batches: tuple, rounds: int) -> dict:
+    out = {"config": cfg.name, "device": device, "batches": list(batches), "series": {}}
+    for b in batches:
+        p = make_problem(cfg, device, batch=b)
+        cands = {"decoder floor (2K+1 passes)": lambda: decoder_floor(p),
+                 "refine fd_forward": lambda: training_step(METHODS["refine fd_forward"], p)}
+        times = harness.interleaved(cands, rounds, device)
+        for name, samples in times.items():
+            out["series"].setdefault(name, []).append(harness.summary(samples)["median_s"])
+    return out
+
+
+# ----------------------------------------------------------------------------------- memory
+
+_MEMORY_CHILD = r"""
+import json, resource, sys, torch
+sys.path.insert(0, sys.argv[1])
+from benchmarks.configs import CONFIGS, make_problem
+from benchmarks.refinement import METHODS, decoder_floor, training_step
+cfg = CONFIGS[sys.argv[2]].with_(steps=int(sys.argv[4]))
+device = sys.argv[5]
+p = make_problem(cfg, device)
+if device == "cuda":
+    torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+else:
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+if sys.argv[3] == "floor":
+    decoder_floor(p)
+    p.decoder.zero_grad()
+    training_step(lambda *a, **k: (a[0] * 1, a[1] * 1), p)  # final ELBO pass, no refinement
+else:
+    training_step(METHODS[sys.argv[3]], p)
+if device == "cuda":
+    torch.cuda.synchronize(); peak = torch.cuda.max_memory_allocated()
+else:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(json.dumps({"peak_bytes": peak, "base_bytes": base, "params": p.num_params()}))
+"""
+
+
+def peak_memory(cfg_name: str, method: str, steps: int, device: str) -> dict:
+    """Peak memory of one training step in a fresh process (CUDA allocator maximum, or the
+    resident-set high-water mark on CPU)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    out = subprocess.run([sys.executable, "-c", _MEMORY_CHILD, root, cfg_name, method, str(steps), device],
+                         capture_output=True, text=True, env=env)
+    if out.returncode != 0:
+        raise RuntimeError(out.stderr[-2000:])
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def bench_memory(cfg_name: str, device: str, ks: tuple = (20,), methods=None) -> dict:
+    methods = methods or ["refine fd_forward", "refine fd_central", "optim_n2n (authors)", "unrolled (autograd)"]
+    out = {"config": cfg_name, "device": device, "ks": list(ks), "rows": []}
+    for k in ks:
+        floor = peak_memory(cfg_name, "floor", k, device)
+        theta_bytes = floor["params"] * 4
+        for m in methods:
+            r = peak_memory(cfg_name, m, k, device)
+            extra = r["peak_bytes"] - floor["peak_bytes"]
+            out["rows"].append({"method": m, "steps": k, "peak_mb": r["peak_bytes"] / 2**20,
+                                "floor_peak_mb": floor["peak_bytes"] / 2**20, "extra_mb": extra / 2**20,
+                                "extra_in_theta": extra / theta_bytes, "params": floor["params"]})
+    return out
