@@ -45,9 +45,32 @@ def _nvidia_wheel_dirs() -> tuple[list[str], list[str]]:
     return includes, libs
 
 
+def _locate_cuda_home() -> None:
+    """Point CUDA_HOME at a real toolkit root before torch.utils.cpp_extension reads it.
+
+    torch derives it from ``which nvcc``, which is wrong when nvcc on PATH is a
+    wrapper script (e.g. /usr/local/bin/nvcc); prefer a root that has both
+    bin/nvcc and include/cuda_runtime.h."""
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    candidates = ["/usr/local/cuda", "/opt/cuda"]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.insert(0, os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+    candidates += sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
+    for root in candidates:
+        if os.path.exists(os.path.join(root, "bin", "nvcc")) and os.path.exists(
+            os.path.join(root, "include", "cuda_runtime.h")
+        ):
+            os.environ["CUDA_HOME"] = root
+            return
+
+
 def _extensions():
     if _flag("SAVAE_FAST_SKIP_EXT"):
         return [], {}
+    if not _flag("SAVAE_FAST_SKIP_CUDA"):
+        _locate_cuda_home()
     import torch
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 

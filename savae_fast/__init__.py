@@ -6,7 +6,8 @@
 
 from savae_fast import ops, reference
 from savae_fast.refine.api import refine
+from savae_fast.refine.graph import RefineGraph
 
 __version__ = "0.1.0"
 
-__all__ = ["refine", "ops", "reference", "__version__"]
+__all__ = ["refine", "RefineGraph", "ops", "reference", "__version__"]

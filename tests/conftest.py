@@ -5,6 +5,11 @@ import sys
 import pytest
 import torch
 
+# Without a GPU, the Triton kernels are tested on CPU tensors by Triton's
+# interpreter; it must be chosen before the kernels are defined (first use).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 sys.path.insert(0, os.path.dirname(__file__))  # tests/helpers.py
 
 # Fresh random inputs in every test; the seed is printed on failure and can be

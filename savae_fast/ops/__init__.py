@@ -4,10 +4,11 @@ Each operator exists in up to three implementations with one signature:
 
 * ``cpp``: ``torch.ops.savae_fast.<op>`` from the compiled extension
   (C++ CPU kernels; CUDA kernels when built with CUDA), dispatched by device;
+* ``triton``: Triton kernels (GPUs, or CPU tensors under ``TRITON_INTERPRET=1``);
 * ``torch``: plain PyTorch ops (:mod:`savae_fast.ops.torch_impl`).
 
 ``backend="auto"`` takes the compiled kernel for the tensors' device, else
-plain PyTorch (with one warning).
+Triton on GPUs, else plain PyTorch (with one warning).
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ __all__ = [
     "build_info",
     "extension_loaded",
     "has_kernel",
+    "triton_available",
     "FD_EXACT",
     "FD_FORWARD",
     "FD_CENTRAL",
@@ -90,6 +92,19 @@ def _traceable_cpp_backend() -> Backend:
     return Backend("cpp", *(getattr(ops, name).default for name in OP_NAMES))
 
 
+def triton_available(device: torch.device | str | None = None) -> bool:
+    """Whether the Triton kernels can run on ``device`` (GPU, or CPU under TRITON_INTERPRET=1)."""
+    from savae_fast.ops import triton_impl
+
+    return triton_impl.usable(None if device is None else torch.device(device))
+
+
+def _triton_backend() -> Backend:
+    from savae_fast.ops import triton_impl
+
+    return Backend("triton", *(getattr(triton_impl, name) for name in OP_NAMES))
+
+
 _fallback_warned = False
 _fallback_lock = threading.Lock()
 
@@ -114,7 +129,7 @@ def _warn_fallback(device: torch.device) -> None:
 
 
 def get_backend(backend: str, device: torch.device | str, traceable: bool = False) -> Backend:
-    """Resolve ``backend`` ("auto", "cpp", "torch") for tensors on ``device``.
+    """Resolve ``backend`` ("auto", "cpp", "triton", "torch") for tensors on ``device``.
 
     ``traceable=True`` returns the torch.ops.savae_fast.* entry points for the
     compiled backend (what torch.compile / torch.export should see)."""
@@ -130,9 +145,18 @@ def get_backend(backend: str, device: torch.device | str, traceable: bool = Fals
             )
             raise RuntimeError(f"backend='cpp' requested for {device.type} tensors, but {why}")
         return _traceable_cpp_backend() if traceable else _cpp_backend()
+    if backend == "triton":
+        if not triton_available(device):
+            raise RuntimeError(
+                f"backend='triton' requested for {device.type} tensors, but Triton cannot run there "
+                "(it needs a GPU, or TRITON_INTERPRET=1 for CPU tensors)"
+            )
+        return _triton_backend()
     # auto
     if available(device):
         return _traceable_cpp_backend() if traceable else _cpp_backend()
+    if device.type != "cpu" and triton_available(device):
+        return _triton_backend()
     _warn_fallback(device)
     return TORCH_BACKEND
 

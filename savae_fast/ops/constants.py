@@ -7,4 +7,4 @@ FD_EXACT = 0
 FD_FORWARD = 1
 FD_CENTRAL = 2
 
-BACKENDS = ("auto", "cpp", "torch")
+BACKENDS = ("auto", "cpp", "triton", "torch")

@@ -2,5 +2,6 @@
 
 from savae_fast.refine.api import DEFAULT_FD_EPS, refine
 from savae_fast.refine.function import HVP_MODES, RefineConfig
+from savae_fast.refine.graph import RefineGraph
 
-__all__ = ["refine", "RefineConfig", "HVP_MODES", "DEFAULT_FD_EPS"]
+__all__ = ["refine", "RefineGraph", "RefineConfig", "HVP_MODES", "DEFAULT_FD_EPS"]

@@ -18,12 +18,35 @@ from savae_fast.refine.function import HVP_MODES, RefineConfig, RefineFunction, 
 # chosen by sweeps on MLP and LSTM decoders (B 8-32, K 10-20; see README,
 # "Accuracy"). fd_forward: perturbation size of the normalised direction;
 # fd_central: per-example relative perturbation r_b |u_b| = eps (1 + |z_b|).
+# A decoder evaluated in bfloat16/float16 (autocast) rounds its gradients far
+# more coarsely, so the steps are larger: measured on an LSTM decoder under
+# bfloat16 autocast (relative error ~1e-3 central, ~7e-3 forward); float16
+# steps are scaled from bfloat16 by the precision ratio (not measured: CPU
+# LSTMs do not run in float16).
 DEFAULT_FD_EPS = {
     ("fd_forward", torch.float32): 1e-3,
     ("fd_forward", torch.float64): 3e-8,
+    ("fd_forward", torch.bfloat16): 1e-1,
+    ("fd_forward", torch.float16): 3e-2,
     ("fd_central", torch.float32): 2e-3,
     ("fd_central", torch.float64): 5e-6,
+    ("fd_central", torch.bfloat16): 1e-1,
+    ("fd_central", torch.float16): 5e-2,
 }
+
+
+def decoder_precision(mu: Tensor) -> torch.dtype:
+    """The precision the decoder computes in: the autocast dtype when refine is
+    called inside an autocast region for mu's device, else mu's dtype."""
+    device_type = mu.device.type
+    try:
+        if torch.is_autocast_enabled(device_type):
+            low = torch.get_autocast_dtype(device_type)
+            if low in (torch.bfloat16, torch.float16):
+                return low
+    except (RuntimeError, TypeError):  # device type without autocast support
+        pass
+    return mu.dtype
 
 
 def _real(name: str, value, *, low=None, low_open=False, high=None, high_open=False) -> float:
@@ -99,7 +122,7 @@ def make_config(mu: Tensor, *, steps, lr, momentum, max_grad_norm, kl_weight, re
     if hvp not in HVP_MODES:
         raise ValueError(f"refine: argument 'hvp' must be one of {tuple(HVP_MODES)}, got {hvp!r}")
     if fd_eps is None:
-        fd_eps = DEFAULT_FD_EPS.get((hvp, mu.dtype), 0.0)
+        fd_eps = DEFAULT_FD_EPS.get((hvp, decoder_precision(mu)), 0.0)
     else:
         fd_eps = _real("fd_eps", fd_eps, low=0.0, low_open=True)
     if not isinstance(preserve_rng_state, bool):
@@ -174,10 +197,14 @@ def refine(
             parameter-sized float64 buffer), "fd_central" (3K+1 passes, most
             accurate finite difference, no parameter-sized state) or "exact"
             (double backward; the decoder must be twice differentiable).
-        fd_eps: finite-difference step (default depends on ``hvp`` and dtype).
+        fd_eps: finite-difference step. Default: by ``hvp`` and the decoder's
+            precision, which is the autocast dtype if refine is called inside an
+            autocast region (bfloat16/float16 decoders need ~100x larger steps),
+            else mu's dtype. A decoder that enables autocast inside ``nll_fn``
+            should pass ``fd_eps`` (0.1 for bfloat16) or use ``hvp="exact"``.
         noise: optional ``[steps, B, D]`` standard-normal draws; drawn from the
             default generator of mu's device otherwise (before the first step).
-        backend: "auto", "cpp" or "torch" (kernels of the Gaussian math).
+        backend: "auto", "cpp", "triton" or "torch" (kernels of the Gaussian math).
         preserve_rng_state: replay each step's RNG state in the backward so that
             stochastic decoders (dropout) see the same masks; disable only for
             deterministic decoders.

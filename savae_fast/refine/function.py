@@ -231,15 +231,14 @@ def _reverse_pass(cfg: RefineConfig, be: Backend, nll_fn: Callable, noise: Tenso
 
     # fd_forward: normalise the incoming adjoint to per-example RMS norm 1, so that
     # the fixed step r = fd_eps perturbs every z by about r; scale back at the end.
-    out_scale = 1.0
+    # Device arithmetic only (no host read): the backward stays graph-capturable.
+    # A zero adjoint stays zero (the reverse pass is linear).
+    out_scale = None
     if mode == FD_FORWARD:
-        norm = math.sqrt(float(lbar_mu.square().sum() + lbar_logvar.square().sum()))
-        if norm == 0.0:  # the reverse pass is linear: zero in, zero out
-            return torch.zeros_like(lbar_mu), torch.zeros_like(lbar_logvar), [torch.zeros_like(p) for p in params]
-        if math.isfinite(norm):
-            out_scale = norm / math.sqrt(batch)
-            lbar_mu = lbar_mu / out_scale
-            lbar_logvar = lbar_logvar / out_scale
+        norm = (lbar_mu.square().sum() + lbar_logvar.square().sum()).sqrt()
+        out_scale = torch.where(norm > 0, norm / math.sqrt(batch), torch.ones_like(norm))
+        lbar_mu = lbar_mu / out_scale
+        lbar_logvar = lbar_logvar / out_scale
 
     # fd_forward: the compensated sum turns into sum_k [g(z_k + r u_k) - g(z_k)].
     theta_acc, theta_comp = tape.param_grad_sum, tape.param_grad_comp
@@ -294,8 +293,10 @@ def _reverse_pass(cfg: RefineConfig, be: Backend, nll_fn: Callable, noise: Tenso
         theta_bar = []
         if theta_acc is not None:  # in place: the sum buffers become the returned gradients
             torch._foreach_add_(theta_acc, theta_comp)
-            torch._foreach_mul_(theta_acc, -s * out_scale / cfg.fd_eps)
             tape.param_grad_comp = None
+            coef = out_scale * (-s / cfg.fd_eps)
+            for t in theta_acc:
+                t.mul_(coef.to(t.dtype))
             theta_bar = [t if t.dtype == p.dtype else t.to(p.dtype) for t, p in zip(theta_acc, params)]
         lbar_mu = lbar_mu * out_scale
         lbar_logvar = lbar_logvar * out_scale

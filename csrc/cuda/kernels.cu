@@ -1,0 +1,319 @@
+// CUDA kernels of the savae_fast:: operators. Torch-free: the per-element math
+// comes from savae_math.h (the same code as the CPU kernels), launches go on
+// the caller's stream.
+//
+// Whole-tensor reductions (clip norms, clip-Jacobian dots) are two-stage and
+// deterministic: at most kMaxPartials blocks write per-block partial sums, and
+// every block of the consuming kernel reduces that workspace again. No atomics
+// and no host synchronisation, so a refinement loop is graph-capturable.
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "../savae_math.h"
+#include "kernels.h"
+
+namespace savae_fast {
+namespace cuda {
+namespace {
+
+namespace m = savae_fast::math;
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+constexpr int kMaxGridStrideBlocks = 65535;
+
+inline int blocks_for(int64_t n, int cap) {
+  const int64_t b = (n + kThreads - 1) / kThreads;
+  return int(std::max<int64_t>(1, std::min<int64_t>(b, cap)));
+}
+
+template <typename T>
+__device__ __forceinline__ T warp_sum(T v) {
+  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_down_sync(0xffffffffu, v, offset);
+  return v;
+}
+
+// Sum of a and b over the block; the result is valid in thread 0.
+template <typename T>
+__device__ __forceinline__ void block_sum2(T& a, T& b) {
+  __shared__ T sa[kWarps], sb[kWarps];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  a = warp_sum(a);
+  b = warp_sum(b);
+  if (lane == 0) {
+    sa[warp] = a;
+    sb[warp] = b;
+  }
+  __syncthreads();
+  if (warp == 0) {
+    a = lane < kWarps ? sa[lane] : T(0);
+    b = lane < kWarps ? sb[lane] : T(0);
+    a = warp_sum(a);
+    b = warp_sum(b);
+  }
+  __syncthreads();
+}
+
+// Sums of the two columns of a [count, 2] partials workspace, broadcast to the block.
+template <typename T>
+__device__ __forceinline__ void reduce_partials(const T* __restrict__ partials, int count, T* out0, T* out1) {
+  __shared__ T result[2];
+  T a = 0, b = 0;
+  for (int i = threadIdx.x; i < count; i += blockDim.x) {
+    a += partials[2 * i];
+    b += partials[2 * i + 1];
+  }
+  block_sum2(a, b);
+  if (threadIdx.x == 0) {
+    result[0] = a;
+    result[1] = b;
+  }
+  __syncthreads();
+  *out0 = result[0];
+  *out1 = result[1];
+}
+
+// ------------------------------------------------------------------ kernels
+template <typename T>
+__global__ void sample_kernel(const T* __restrict__ mu, const T* __restrict__ lv, const T* __restrict__ eps,
+                              T* __restrict__ z, int64_t n) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
+    z[i] = m::sample(mu[i], m::sigma_of(lv[i]), eps[i]);
+}
+
+template <typename T>
+__global__ void grad_norm_partials_kernel(const T* __restrict__ mu, const T* __restrict__ lv,
+                                          const T* __restrict__ eps, const T* __restrict__ gz,
+                                          T* __restrict__ partials, int64_t n, T scale, T kl_weight) {
+  T a = 0, b = 0;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
+    T gm, gl;
+    m::elbo_grad(gz[i], mu[i], m::gauss_terms(lv[i]), eps[i], scale, kl_weight, &gm, &gl);
+    a += gm * gm;
+    b += gl * gl;
+  }
+  block_sum2(a, b);
+  if (threadIdx.x == 0) {
+    partials[2 * blockIdx.x] = a;
+    partials[2 * blockIdx.x + 1] = b;
+  }
+}
+
+template <typename T>
+__global__ void forward_update_kernel(const T* __restrict__ mu, const T* __restrict__ lv,
+                                      const T* __restrict__ p_mu, const T* __restrict__ p_lv,
+                                      const T* __restrict__ eps, const T* __restrict__ gz,
+                                      const T* __restrict__ eps_next, T* __restrict__ mu_out,
+                                      T* __restrict__ lv_out, T* __restrict__ pm_out, T* __restrict__ pl_out,
+                                      T* __restrict__ z_out, T* __restrict__ norms_out,
+                                      const T* __restrict__ partials, int num_partials, int64_t n, T scale,
+                                      T kl_weight, T lr_mu, T lr_lv, T momentum, T max_norm) {
+  T sq_mu, sq_lv;
+  reduce_partials(partials, num_partials, &sq_mu, &sq_lv);
+  const T n_mu = sqrt(sq_mu), n_lv = sqrt(sq_lv);
+  if (blockIdx.x == 0 && threadIdx.x == 0) {
+    norms_out[0] = n_mu;
+    norms_out[1] = n_lv;
+  }
+  const T c_mu = m::clip_coef(n_mu, max_norm), c_lv = m::clip_coef(n_lv, max_norm);
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
+    T gm, gl;
+    m::elbo_grad(gz[i], mu[i], m::gauss_terms(lv[i]), eps[i], scale, kl_weight, &gm, &gl);
+    T mn, ln, pm, pl;
+    m::momentum_step(mu[i], p_mu[i], gm, c_mu, lr_mu, momentum, &mn, &pm);
+    m::momentum_step(lv[i], p_lv[i], gl, c_lv, lr_lv, momentum, &ln, &pl);
+    mu_out[i] = mn;
+    lv_out[i] = ln;
+    pm_out[i] = pm;
+    pl_out[i] = pl;
+    if (eps_next != nullptr) z_out[i] = m::sample(mn, m::sigma_of(ln), eps_next[i]);
+  }
+}
+
+template <typename T>
+__global__ void reverse_dots_kernel(const T* __restrict__ lbm, const T* __restrict__ lbl,
+                                    const T* __restrict__ pbm, const T* __restrict__ pbl, const T* __restrict__ mu,
+                                    const T* __restrict__ lv, const T* __restrict__ eps, const T* __restrict__ gz,
+                                    T* __restrict__ pbm_out, T* __restrict__ pbl_out, T* __restrict__ partials,
+                                    int64_t n, T scale, T kl_weight, T lr_mu, T lr_lv, bool with_dots) {
+  T a = 0, b = 0;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
+    const T pm = pbm[i] + lr_mu * lbm[i];
+    const T pl = pbl[i] + lr_lv * lbl[i];
+    pbm_out[i] = pm;
+    pbl_out[i] = pl;
+    if (with_dots) {
+      T gm, gl;
+      m::elbo_grad(gz[i], mu[i], m::gauss_terms(lv[i]), eps[i], scale, kl_weight, &gm, &gl);
+      a += gm * pm;
+      b += gl * pl;
+    }
+  }
+  block_sum2(a, b);
+  if (threadIdx.x == 0) {
+    partials[2 * blockIdx.x] = a;
+    partials[2 * blockIdx.x + 1] = b;
+  }
+}
+
+// One warp per row: v = J pbar, u, the evaluation points and the row weight.
+template <typename T>
+__global__ void reverse_rows_kernel(const T* __restrict__ pbm, const T* __restrict__ pbl, const T* __restrict__ mu,
+                                    const T* __restrict__ lv, const T* __restrict__ eps, const T* __restrict__ gz,
+                                    const T* __restrict__ grad_norms, const T* __restrict__ partials,
+                                    int num_partials, T* __restrict__ v_mu, T* __restrict__ v_lv, T* __restrict__ u,
+                                    T* __restrict__ z_eval, T* __restrict__ row_weight, int64_t rows, int64_t cols,
+                                    T scale, T kl_weight, T max_norm, int fd_mode, T fd_step) {
+  const T n_mu = grad_norms[0], n_lv = grad_norms[1];
+  const T c_mu = m::clip_coef(n_mu, max_norm), c_lv = m::clip_coef(n_lv, max_norm);
+  const bool clipped = c_mu < T(1) || c_lv < T(1);
+  T k_mu = 0, k_lv = 0;
+  if (clipped) {  // uniform across the grid: every block takes this branch or none
+    T dot_mu, dot_lv;
+    reduce_partials(partials, num_partials, &dot_mu, &dot_lv);
+    k_mu = m::clip_jacobian_kappa(n_mu, max_norm, dot_mu);
+    k_lv = m::clip_jacobian_kappa(n_lv, max_norm, dot_lv);
+  }
+  const int lane = threadIdx.x % 32;
+  const int64_t warps = int64_t(gridDim.x) * kWarps;
+  const int64_t n = rows * cols;
+  for (int64_t row = blockIdx.x * int64_t(kWarps) + threadIdx.x / 32; row < rows; row += warps) {
+    T uu = 0, zz = 0;
+    for (int64_t j = lane; j < cols; j += 32) {
+      const int64_t i = row * cols + j;
+      const m::GaussTerms<T> q = m::gauss_terms(lv[i]);
+      T vm = c_mu * pbm[i], vl = c_lv * pbl[i];
+      if (clipped) {
+        T gm, gl;
+        m::elbo_grad(gz[i], mu[i], q, eps[i], scale, kl_weight, &gm, &gl);
+        vm -= k_mu * gm;
+        vl -= k_lv * gl;
+      }
+      const T ui = m::z_direction(vm, vl, q.sigma, eps[i]);
+      const T zi = m::sample(mu[i], q.sigma, eps[i]);
+      v_mu[i] = vm;
+      v_lv[i] = vl;
+      u[i] = ui;
+      z_eval[i] = fd_mode == m::kForward ? zi + fd_step * ui : zi;
+      uu += ui * ui;
+      zz += zi * zi;
+    }
+    uu = warp_sum(uu);
+    zz = warp_sum(zz);
+    uu = __shfl_sync(0xffffffffu, uu, 0);
+    zz = __shfl_sync(0xffffffffu, zz, 0);
+    T r = fd_step, w = T(1);
+    if (fd_mode == m::kCentral) {
+      m::central_step(sqrt(zz), sqrt(uu), fd_step, &r, &w);
+      for (int64_t j = lane; j < cols; j += 32) {
+        const int64_t i = row * cols + j;
+        const T zi = z_eval[i], du = r * u[i];
+        z_eval[i] = zi + du;
+        z_eval[n + i] = zi - du;
+      }
+    }
+    if (lane == 0) row_weight[row] = w;
+  }
+}
+
+template <typename T>
+__global__ void reverse_update_kernel(const T* __restrict__ lbm, const T* __restrict__ lbl,
+                                      const T* __restrict__ pbm, const T* __restrict__ pbl,
+                                      const T* __restrict__ vm, const T* __restrict__ vl, const T* __restrict__ lv,
+                                      const T* __restrict__ eps, const T* __restrict__ gz,
+                                      const T* __restrict__ hvp_a, const T* __restrict__ hvp_b,
+                                      T* __restrict__ lbm_out, T* __restrict__ lbl_out, T* __restrict__ pbm_out,
+                                      T* __restrict__ pbl_out, int64_t n, T hvp_scale, T scale, T kl_weight,
+                                      T momentum) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
+    const T hzz = m::difference_quotient(hvp_a[i], hvp_b != nullptr ? hvp_b[i] : T(0), hvp_scale);
+    T hm, hl;
+    m::gaussian_hvp(hzz, vm[i], vl[i], gz[i], m::gauss_terms(lv[i]), eps[i], scale, kl_weight, &hm, &hl);
+    lbm_out[i] = lbm[i] - hm;
+    lbl_out[i] = lbl[i] - hl;
+    pbm_out[i] = momentum * pbm[i];
+    pbl_out[i] = momentum * pbl[i];
+  }
+}
+
+template <typename T>
+__global__ void compensated_add_kernel(T* __restrict__ total, T* __restrict__ comp, const T* __restrict__ value,
+                                       int64_t n) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
+    m::compensated_add(&total[i], &comp[i], value[i]);
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------- launchers
+template <typename T>
+void launch_sample(const T* mu, const T* logvar, const T* eps, T* z, int64_t n, cudaStream_t stream) {
+  sample_kernel<T><<<blocks_for(n, kMaxGridStrideBlocks), kThreads, 0, stream>>>(mu, logvar, eps, z, n);
+}
+
+template <typename T>
+void launch_forward_step(const T* mu, const T* logvar, const T* p_mu, const T* p_logvar, const T* eps,
+                         const T* grad_z, const T* eps_next, T* mu_out, T* logvar_out, T* p_mu_out,
+                         T* p_logvar_out, T* z_out, T* norms_out, T* partials, int64_t n, T scale, T kl_weight,
+                         T lr_mu, T lr_logvar, T momentum, T max_grad_norm, cudaStream_t stream) {
+  const int parts = blocks_for(n, kMaxPartials);
+  grad_norm_partials_kernel<T><<<parts, kThreads, 0, stream>>>(mu, logvar, eps, grad_z, partials, n, scale,
+                                                                kl_weight);
+  forward_update_kernel<T><<<blocks_for(n, kMaxGridStrideBlocks), kThreads, 0, stream>>>(
+      mu, logvar, p_mu, p_logvar, eps, grad_z, eps_next, mu_out, logvar_out, p_mu_out, p_logvar_out, z_out,
+      norms_out, partials, parts, n, scale, kl_weight, lr_mu, lr_logvar, momentum, max_grad_norm);
+}
+
+template <typename T>
+void launch_reverse_direction(const T* lbar_mu, const T* lbar_logvar, const T* pbar_mu, const T* pbar_logvar,
+                              const T* mu, const T* logvar, const T* eps, const T* grad_z, const T* grad_norms,
+                              T* pbar_mu_out, T* pbar_logvar_out, T* v_mu, T* v_logvar, T* u, T* z_eval,
+                              T* row_weight, T* partials, int64_t rows, int64_t cols, T scale, T kl_weight, T lr_mu,
+                              T lr_logvar, T max_grad_norm, int fd_mode, T fd_step, cudaStream_t stream) {
+  const int64_t n = rows * cols;
+  const int parts = blocks_for(n, kMaxPartials);
+  reverse_dots_kernel<T><<<parts, kThreads, 0, stream>>>(lbar_mu, lbar_logvar, pbar_mu, pbar_logvar, mu, logvar,
+                                                         eps, grad_z, pbar_mu_out, pbar_logvar_out, partials, n,
+                                                         scale, kl_weight, lr_mu, lr_logvar, max_grad_norm > T(0));
+  const int64_t row_blocks = std::min<int64_t>((rows + kWarps - 1) / kWarps, kMaxGridStrideBlocks);
+  reverse_rows_kernel<T><<<int(std::max<int64_t>(1, row_blocks)), kThreads, 0, stream>>>(
+      pbar_mu_out, pbar_logvar_out, mu, logvar, eps, grad_z, grad_norms, partials, parts, v_mu, v_logvar, u, z_eval,
+      row_weight, rows, cols, scale, kl_weight, max_grad_norm, fd_mode, fd_step);
+}
+
+template <typename T>
+void launch_reverse_update(const T* lbar_mu, const T* lbar_logvar, const T* pbar_mu, const T* pbar_logvar,
+                           const T* v_mu, const T* v_logvar, const T* logvar, const T* eps, const T* grad_z,
+                           const T* hvp_a, const T* hvp_b, T* lbar_mu_out, T* lbar_logvar_out, T* pbar_mu_out,
+                           T* pbar_logvar_out, int64_t n, T hvp_scale, T scale, T kl_weight, T momentum,
+                           cudaStream_t stream) {
+  reverse_update_kernel<T><<<blocks_for(n, kMaxGridStrideBlocks), kThreads, 0, stream>>>(
+      lbar_mu, lbar_logvar, pbar_mu, pbar_logvar, v_mu, v_logvar, logvar, eps, grad_z, hvp_a, hvp_b, lbar_mu_out,
+      lbar_logvar_out, pbar_mu_out, pbar_logvar_out, n, hvp_scale, scale, kl_weight, momentum);
+}
+
+template <typename T>
+void launch_compensated_add(T* total, T* comp, const T* value, int64_t n, cudaStream_t stream) {
+  compensated_add_kernel<T><<<blocks_for(n, kMaxGridStrideBlocks), kThreads, 0, stream>>>(total, comp, value, n);
+}
+
+#define SAVAE_INSTANTIATE(T)                                                                                      \
+  template void launch_sample<T>(const T*, const T*, const T*, T*, int64_t, cudaStream_t);                      \
+  template void launch_forward_step<T>(const T*, const T*, const T*, const T*, const T*, const T*, const T*, T*, \
+                                       T*, T*, T*, T*, T*, T*, int64_t, T, T, T, T, T, T, cudaStream_t);         \
+  template void launch_reverse_direction<T>(const T*, const T*, const T*, const T*, const T*, const T*,          \
+                                            const T*, const T*, const T*, T*, T*, T*, T*, T*, T*, T*, T*,       \
+                                            int64_t, int64_t, T, T, T, T, T, int, T, cudaStream_t);             \
+  template void launch_reverse_update<T>(const T*, const T*, const T*, const T*, const T*, const T*, const T*,   \
+                                         const T*, const T*, const T*, const T*, T*, T*, T*, T*, int64_t, T, T, \
+                                         T, T, cudaStream_t);                                                    \
+  template void launch_compensated_add<T>(T*, T*, const T*, int64_t, cudaStream_t);
+
+SAVAE_INSTANTIATE(float)
+SAVAE_INSTANTIATE(double)
+#undef SAVAE_INSTANTIATE
+
+}  // namespace cuda
+}  // namespace savae_fast

@@ -1,0 +1,377 @@
+"""Triton kernels of the savae_fast operators (``backend="triton"``).
+
+Same signatures, formulas and outputs as the compiled kernels. They run on
+any GPU Triton supports (NVIDIA, AMD) and, for testing, on CPU tensors under
+``TRITON_INTERPRET=1``.
+
+Design:
+* whole-tensor reductions (clip norms, clip-Jacobian dot products) are
+  two-stage and deterministic: each program writes a partial sum to a small
+  workspace, and the consuming kernel reduces the fixed-size workspace again
+  in every program. No atomics, no host synchronisation: a refinement loop
+  using these kernels can be captured in a CUDA graph;
+* sizes are runtime arguments (no recompilation per batch size); the hvp mode,
+  the clip switch and optional inputs are compile-time constants.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+
+    _TRITON_ERROR: Exception | None = None
+except ImportError as exc:  # pragma: no cover - triton ships with CUDA builds of torch
+    triton = None
+    _TRITON_ERROR = exc
+
+from savae_fast.ops.constants import CLIP_EPS, FD_CENTRAL, FD_FORWARD
+
+BLOCK = 1024  # elements per program of the elementwise kernels
+MAX_PROGRAMS = 1024  # programs of a reduction (fixed: the workspace size never changes)
+ROWS = 4  # rows per program of the row-wise kernel
+BLOCK_D = 128  # latent columns per tile of the row-wise kernel
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def usable(device: torch.device | None = None) -> bool:
+    """Triton can run on ``device`` (a GPU, or CPU tensors under TRITON_INTERPRET=1)."""
+    if triton is None:
+        return False
+    if device is None:
+        return torch.cuda.is_available() or interpreting()
+    if device.type == "cpu":
+        return interpreting()
+    return device.type == "cuda" and torch.cuda.is_available()
+
+
+if triton is not None:
+
+    @triton.jit
+    def _expm1(x):
+        # Kahan's accurate expm1 from exp and log: (u - 1) x / log(u), u = exp(x);
+        # rounding errors of u cancel between numerator and denominator.
+        u = tl.exp(x)
+        um1 = u - 1.0
+        safe_log = tl.where((u == 1.0) | (um1 == -1.0), 1.0, tl.log(u))
+        r = tl.where(u == 1.0, x, tl.where(um1 == -1.0, -1.0, um1 * x / safe_log))
+        return tl.where(x > 80.0, u, r)  # exp overflows the ratio before expm1 does
+
+    @triton.jit
+    def _gauss_terms(logvar):
+        em = _expm1(0.5 * logvar)
+        return 1.0 + em, em * (em + 2.0)  # sigma, exp(logvar) - 1
+
+    @triton.jit
+    def _elbo_grad(gz, mu, sigma, expm1_lv, eps, scale, kl_weight):
+        g_mu = scale * (gz + kl_weight * mu)
+        g_lv = scale * (0.5 * gz * eps * sigma + 0.5 * kl_weight * expm1_lv)
+        return g_mu, g_lv
+
+    @triton.jit
+    def _clip_coef(norm, max_norm, HAS_CLIP: tl.constexpr):
+        if HAS_CLIP:
+            return tl.minimum(max_norm / (norm + 1e-6), 1.0)
+        else:
+            return norm * 0.0 + 1.0
+
+    @triton.jit
+    def _reduce_partials(partial_ptr, num_partials, col, MAXP: tl.constexpr):
+        """Sum of column ``col`` of a [num_partials, 2] workspace (fixed-size, deterministic)."""
+        idx = tl.arange(0, MAXP)
+        vals = tl.load(partial_ptr + idx * 2 + col, mask=idx < num_partials, other=0.0)
+        return tl.sum(vals, axis=0)
+
+    @triton.jit
+    def _sample_kernel(mu_ptr, lv_ptr, eps_ptr, z_ptr, n, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        m = offs < n
+        lv = tl.load(lv_ptr + offs, mask=m)
+        z = tl.load(mu_ptr + offs, mask=m) + tl.exp(0.5 * lv) * tl.load(eps_ptr + offs, mask=m)
+        tl.store(z_ptr + offs, z, mask=m)
+
+    @triton.jit
+    def _grad_norm_partials_kernel(mu_ptr, lv_ptr, eps_ptr, gz_ptr, partial_ptr, n, scale, kl_weight,
+                                   BLOCK: tl.constexpr):
+        pid = tl.program_id(0)
+        nprog = tl.num_programs(0)
+        acc_mu = tl.zeros((BLOCK,), dtype=mu_ptr.dtype.element_ty)
+        acc_lv = tl.zeros_like(acc_mu)
+        for start in range(pid * BLOCK, n, nprog * BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            m = offs < n
+            mu = tl.load(mu_ptr + offs, mask=m, other=0.0)
+            lv = tl.load(lv_ptr + offs, mask=m, other=0.0)
+            eps = tl.load(eps_ptr + offs, mask=m, other=0.0)
+            gz = tl.load(gz_ptr + offs, mask=m, other=0.0)
+            sigma, em = _gauss_terms(lv)
+            g_mu, g_lv = _elbo_grad(gz, mu, sigma, em, eps, scale, kl_weight)
+            acc_mu += tl.where(m, g_mu * g_mu, 0.0)
+            acc_lv += tl.where(m, g_lv * g_lv, 0.0)
+        tl.store(partial_ptr + pid * 2, tl.sum(acc_mu, axis=0))
+        tl.store(partial_ptr + pid * 2 + 1, tl.sum(acc_lv, axis=0))
+
+    @triton.jit
+    def _forward_update_kernel(mu_ptr, lv_ptr, pm_ptr, pl_ptr, eps_ptr, gz_ptr, en_ptr,
+                               o_mu_ptr, o_lv_ptr, o_pm_ptr, o_pl_ptr, o_z_ptr, norms_ptr, partial_ptr,
+                               n, num_partials, scale, kl_weight, lr_mu, lr_lv, momentum, max_norm,
+                               HAS_NEXT: tl.constexpr, HAS_CLIP: tl.constexpr, BLOCK: tl.constexpr,
+                               MAXP: tl.constexpr):
+        pid = tl.program_id(0)
+        n_mu = tl.sqrt(_reduce_partials(partial_ptr, num_partials, 0, MAXP))
+        n_lv = tl.sqrt(_reduce_partials(partial_ptr, num_partials, 1, MAXP))
+        if pid == 0:
+            tl.store(norms_ptr, n_mu)
+            tl.store(norms_ptr + 1, n_lv)
+        c_mu = _clip_coef(n_mu, max_norm, HAS_CLIP)
+        c_lv = _clip_coef(n_lv, max_norm, HAS_CLIP)
+        offs = pid * BLOCK + tl.arange(0, BLOCK)
+        m = offs < n
+        mu = tl.load(mu_ptr + offs, mask=m)
+        lv = tl.load(lv_ptr + offs, mask=m)
+        eps = tl.load(eps_ptr + offs, mask=m)
+        gz = tl.load(gz_ptr + offs, mask=m)
+        sigma, em = _gauss_terms(lv)
+        g_mu, g_lv = _elbo_grad(gz, mu, sigma, em, eps, scale, kl_weight)
+        p_mu = momentum * tl.load(pm_ptr + offs, mask=m) - c_mu * g_mu
+        p_lv = momentum * tl.load(pl_ptr + offs, mask=m) - c_lv * g_lv
+        mu_n = mu + lr_mu * p_mu
+        lv_n = lv + lr_lv * p_lv
+        tl.store(o_pm_ptr + offs, p_mu, mask=m)
+        tl.store(o_pl_ptr + offs, p_lv, mask=m)
+        tl.store(o_mu_ptr + offs, mu_n, mask=m)
+        tl.store(o_lv_ptr + offs, lv_n, mask=m)
+        if HAS_NEXT:
+            z = mu_n + tl.exp(0.5 * lv_n) * tl.load(en_ptr + offs, mask=m)
+            tl.store(o_z_ptr + offs, z, mask=m)
+
+    @triton.jit
+    def _reverse_dots_kernel(lbm_ptr, lbl_ptr, pbm_ptr, pbl_ptr, mu_ptr, lv_ptr, eps_ptr, gz_ptr,
+                             o_pbm_ptr, o_pbl_ptr, partial_ptr, n, scale, kl_weight, lr_mu, lr_lv,
+                             HAS_CLIP: tl.constexpr, BLOCK: tl.constexpr):
+        pid = tl.program_id(0)
+        nprog = tl.num_programs(0)
+        acc_mu = tl.zeros((BLOCK,), dtype=mu_ptr.dtype.element_ty)
+        acc_lv = tl.zeros_like(acc_mu)
+        for start in range(pid * BLOCK, n, nprog * BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            m = offs < n
+            pm = tl.load(pbm_ptr + offs, mask=m, other=0.0) + lr_mu * tl.load(lbm_ptr + offs, mask=m, other=0.0)
+            pl = tl.load(pbl_ptr + offs, mask=m, other=0.0) + lr_lv * tl.load(lbl_ptr + offs, mask=m, other=0.0)
+            tl.store(o_pbm_ptr + offs, pm, mask=m)
+            tl.store(o_pbl_ptr + offs, pl, mask=m)
+            if HAS_CLIP:
+                mu = tl.load(mu_ptr + offs, mask=m, other=0.0)
+                lv = tl.load(lv_ptr + offs, mask=m, other=0.0)
+                eps = tl.load(eps_ptr + offs, mask=m, other=0.0)
+                gz = tl.load(gz_ptr + offs, mask=m, other=0.0)
+                sigma, em = _gauss_terms(lv)
+                g_mu, g_lv = _elbo_grad(gz, mu, sigma, em, eps, scale, kl_weight)
+                acc_mu += tl.where(m, g_mu * pm, 0.0)
+                acc_lv += tl.where(m, g_lv * pl, 0.0)
+        tl.store(partial_ptr + pid * 2, tl.sum(acc_mu, axis=0))
+        tl.store(partial_ptr + pid * 2 + 1, tl.sum(acc_lv, axis=0))
+
+    @triton.jit
+    def _reverse_rows_kernel(pbm_ptr, pbl_ptr, mu_ptr, lv_ptr, eps_ptr, gz_ptr, norms_ptr, partial_ptr,
+                             o_vm_ptr, o_vl_ptr, o_u_ptr, o_z_ptr, o_w_ptr,
+                             n_rows, n_cols, num_partials, scale, kl_weight, max_norm, fd_step,
+                             FD_MODE: tl.constexpr, HAS_CLIP: tl.constexpr, ROWS: tl.constexpr,
+                             BLOCK_D: tl.constexpr, MAXP: tl.constexpr):
+        pid = tl.program_id(0)
+        n_mu = tl.load(norms_ptr)
+        n_lv = tl.load(norms_ptr + 1)
+        c_mu = _clip_coef(n_mu, max_norm, HAS_CLIP)
+        c_lv = _clip_coef(n_lv, max_norm, HAS_CLIP)
+        k_mu = c_mu * 0.0
+        k_lv = c_lv * 0.0
+        if HAS_CLIP:
+            dot_mu = _reduce_partials(partial_ptr, num_partials, 0, MAXP)
+            dot_lv = _reduce_partials(partial_ptr, num_partials, 1, MAXP)
+            np_mu = n_mu + 1e-6
+            np_lv = n_lv + 1e-6
+            k_mu = tl.where(c_mu < 1.0, max_norm * dot_mu / (n_mu * np_mu * np_mu), 0.0)
+            k_lv = tl.where(c_lv < 1.0, max_norm * dot_lv / (n_lv * np_lv * np_lv), 0.0)
+        rows = pid * ROWS + tl.arange(0, ROWS)
+        rmask = rows < n_rows
+        uu = tl.zeros((ROWS,), dtype=mu_ptr.dtype.element_ty)
+        zz = tl.zeros_like(uu)
+        for c0 in range(0, n_cols, BLOCK_D):
+            cols = c0 + tl.arange(0, BLOCK_D)
+            m = rmask[:, None] & (cols < n_cols)[None, :]
+            offs = rows[:, None] * n_cols + cols[None, :]
+            lv = tl.load(lv_ptr + offs, mask=m, other=0.0)
+            mu = tl.load(mu_ptr + offs, mask=m, other=0.0)
+            eps = tl.load(eps_ptr + offs, mask=m, other=0.0)
+            sigma, em = _gauss_terms(lv)
+            vm = c_mu * tl.load(pbm_ptr + offs, mask=m, other=0.0)
+            vl = c_lv * tl.load(pbl_ptr + offs, mask=m, other=0.0)
+            if HAS_CLIP:
+                gz = tl.load(gz_ptr + offs, mask=m, other=0.0)
+                g_mu, g_lv = _elbo_grad(gz, mu, sigma, em, eps, scale, kl_weight)
+                vm = vm - k_mu * g_mu
+                vl = vl - k_lv * g_lv
+            u = vm + 0.5 * sigma * eps * vl
+            z = mu + sigma * eps
+            tl.store(o_vm_ptr + offs, vm, mask=m)
+            tl.store(o_vl_ptr + offs, vl, mask=m)
+            tl.store(o_u_ptr + offs, u, mask=m)
+            if FD_MODE == 1:
+                tl.store(o_z_ptr + offs, z + fd_step * u, mask=m)
+            else:
+                tl.store(o_z_ptr + offs, z, mask=m)
+            uu += tl.sum(tl.where(m, u * u, 0.0), axis=1)
+            zz += tl.sum(tl.where(m, z * z, 0.0), axis=1)
+        w = tl.zeros_like(uu) + 1.0
+        if FD_MODE == 2:
+            u_norm = tl.sqrt(uu)
+            nonzero = u_norm > 0.0
+            r = tl.where(nonzero, fd_step * (1.0 + tl.sqrt(zz)) / tl.where(nonzero, u_norm, 1.0), 0.0)
+            w = tl.where(nonzero, 0.5 / tl.where(nonzero, r, 1.0), 0.0)
+            # second sweep: z +- r_b u_b from the stored z and u of this program's rows
+            for c0 in range(0, n_cols, BLOCK_D):
+                cols = c0 + tl.arange(0, BLOCK_D)
+                m = rmask[:, None] & (cols < n_cols)[None, :]
+                offs = rows[:, None] * n_cols + cols[None, :]
+                z = tl.load(o_z_ptr + offs, mask=m, other=0.0)
+                du = r[:, None] * tl.load(o_u_ptr + offs, mask=m, other=0.0)
+                tl.store(o_z_ptr + offs, z + du, mask=m)
+                tl.store(o_z_ptr + n_rows * n_cols + offs, z - du, mask=m)
+        tl.store(o_w_ptr + rows, w, mask=rmask)
+
+    @triton.jit
+    def _reverse_update_kernel(lbm_ptr, lbl_ptr, pbm_ptr, pbl_ptr, vm_ptr, vl_ptr, lv_ptr, eps_ptr, gz_ptr,
+                               a_ptr, b_ptr, o_lbm_ptr, o_lbl_ptr, o_pbm_ptr, o_pbl_ptr, n, hvp_scale, scale,
+                               kl_weight, momentum, HAS_B: tl.constexpr, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        m = offs < n
+        hzz = tl.load(a_ptr + offs, mask=m)
+        if HAS_B:
+            hzz = hzz - tl.load(b_ptr + offs, mask=m)
+        hzz = hzz * hvp_scale
+        lv = tl.load(lv_ptr + offs, mask=m)
+        sigma, em = _gauss_terms(lv)
+        sigma_eps = sigma * tl.load(eps_ptr + offs, mask=m)
+        vm = tl.load(vm_ptr + offs, mask=m)
+        vl = tl.load(vl_ptr + offs, mask=m)
+        gz = tl.load(gz_ptr + offs, mask=m)
+        hv_mu = scale * (hzz + kl_weight * vm)
+        hv_lv = scale * (0.5 * sigma_eps * hzz + 0.25 * sigma_eps * gz * vl + 0.5 * kl_weight * (em + 1.0) * vl)
+        tl.store(o_lbm_ptr + offs, tl.load(lbm_ptr + offs, mask=m) - hv_mu, mask=m)
+        tl.store(o_lbl_ptr + offs, tl.load(lbl_ptr + offs, mask=m) - hv_lv, mask=m)
+        tl.store(o_pbm_ptr + offs, momentum * tl.load(pbm_ptr + offs, mask=m), mask=m)
+        tl.store(o_pbl_ptr + offs, momentum * tl.load(pbl_ptr + offs, mask=m), mask=m)
+
+    @triton.jit
+    def _compensated_add_kernel(t_ptr, c_ptr, v_ptr, n, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        m = offs < n
+        s = tl.load(t_ptr + offs, mask=m)
+        v = tl.load(v_ptr + offs, mask=m)
+        t = s + v
+        s_larger = tl.abs(s) >= tl.abs(v)
+        larger = tl.where(s_larger, s, v)
+        smaller = tl.where(s_larger, v, s)
+        tl.store(c_ptr + offs, tl.load(c_ptr + offs, mask=m) + ((larger - t) + smaller), mask=m)
+        tl.store(t_ptr + offs, t, mask=m)
+
+
+def _require(t: torch.Tensor, name: str) -> torch.Tensor:
+    if t.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"triton backend: argument '{name}' must be float32 or float64, got {t.dtype}")
+    return t.contiguous()
+
+
+def _grid(n: int) -> tuple[int]:
+    return (max(1, triton.cdiv(n, BLOCK)),)
+
+
+def _reduction_programs(n: int) -> int:
+    return max(1, min(MAX_PROGRAMS, triton.cdiv(n, BLOCK)))
+
+
+def sample(mu, logvar, eps):
+    mu, logvar, eps = _require(mu, "mu"), _require(logvar, "logvar"), _require(eps, "eps")
+    z = torch.empty_like(mu)
+    _sample_kernel[_grid(mu.numel())](mu, logvar, eps, z, mu.numel(), BLOCK=BLOCK)
+    return z
+
+
+def forward_step(mu, logvar, p_mu, p_logvar, eps, grad_z, eps_next, scale, kl_weight, lr_mu, lr_logvar,
+                 momentum, max_grad_norm):
+    mu, logvar, p_mu, p_logvar, eps, grad_z = (
+        _require(t, name) for t, name in zip((mu, logvar, p_mu, p_logvar, eps, grad_z),
+                                             ("mu", "logvar", "p_mu", "p_logvar", "eps", "grad_z")))
+    n = mu.numel()
+    programs = _reduction_programs(n)
+    partial = torch.empty((programs, 2), dtype=mu.dtype, device=mu.device)
+    _grad_norm_partials_kernel[(programs,)](mu, logvar, eps, grad_z, partial, n, float(scale), float(kl_weight),
+                                            BLOCK=BLOCK)
+    outs = [torch.empty_like(mu) for _ in range(4)]
+    has_next = eps_next is not None
+    z_next = torch.empty_like(mu) if has_next else mu.new_empty((0,))
+    norms = mu.new_empty((2,))
+    _forward_update_kernel[_grid(n)](
+        mu, logvar, p_mu, p_logvar, eps, grad_z, _require(eps_next, "eps_next") if has_next else mu,
+        *outs, z_next if has_next else mu, norms, partial, n, programs, float(scale), float(kl_weight),
+        float(lr_mu), float(lr_logvar), float(momentum), float(max_grad_norm),
+        HAS_NEXT=has_next, HAS_CLIP=max_grad_norm > 0, BLOCK=BLOCK, MAXP=MAX_PROGRAMS)
+    return outs[0], outs[1], outs[2], outs[3], z_next, norms
+
+
+def reverse_direction(lbar_mu, lbar_logvar, pbar_mu, pbar_logvar, mu, logvar, eps, grad_z, grad_norms, scale,
+                      kl_weight, lr_mu, lr_logvar, max_grad_norm, fd_mode, fd_step):
+    args = [_require(t, name) for t, name in zip(
+        (lbar_mu, lbar_logvar, pbar_mu, pbar_logvar, mu, logvar, eps, grad_z),
+        ("lbar_mu", "lbar_logvar", "pbar_mu", "pbar_logvar", "mu", "logvar", "eps", "grad_z"))]
+    lbm, lbl, pbm, pbl, mu, logvar, eps, grad_z = args
+    grad_norms = grad_norms.contiguous()
+    rows, cols = mu.shape
+    n = mu.numel()
+    has_clip = max_grad_norm > 0
+    programs = _reduction_programs(n)
+    partial = torch.zeros((programs, 2), dtype=mu.dtype, device=mu.device)
+    pbm_n, pbl_n = torch.empty_like(mu), torch.empty_like(mu)
+    _reverse_dots_kernel[(programs,)](lbm, lbl, pbm, pbl, mu, logvar, eps, grad_z, pbm_n, pbl_n, partial, n,
+                                      float(scale), float(kl_weight), float(lr_mu), float(lr_logvar),
+                                      HAS_CLIP=has_clip, BLOCK=BLOCK)
+    v_mu, v_lv, u = torch.empty_like(mu), torch.empty_like(mu), torch.empty_like(mu)
+    z_eval = mu.new_empty((2 if fd_mode == FD_CENTRAL else 1, rows, cols))
+    row_weight = mu.new_empty((rows,))
+    _reverse_rows_kernel[(max(1, triton.cdiv(rows, ROWS)),)](
+        pbm_n, pbl_n, mu, logvar, eps, grad_z, grad_norms, partial, v_mu, v_lv, u, z_eval, row_weight,
+        rows, cols, programs, float(scale), float(kl_weight), float(max_grad_norm), float(fd_step),
+        FD_MODE=int(fd_mode), HAS_CLIP=has_clip, ROWS=ROWS, BLOCK_D=BLOCK_D, MAXP=MAX_PROGRAMS)
+    return pbm_n, pbl_n, v_mu, v_lv, u, z_eval, row_weight
+
+
+def reverse_update(lbar_mu, lbar_logvar, pbar_mu, pbar_logvar, v_mu, v_logvar, logvar, eps, grad_z, hvp_a, hvp_b,
+                   hvp_scale, scale, kl_weight, momentum):
+    ts = [_require(t, name) for t, name in zip(
+        (lbar_mu, lbar_logvar, pbar_mu, pbar_logvar, v_mu, v_logvar, logvar, eps, grad_z, hvp_a),
+        ("lbar_mu", "lbar_logvar", "pbar_mu", "pbar_logvar", "v_mu", "v_logvar", "logvar", "eps", "grad_z",
+         "hvp_a"))]
+    has_b = hvp_b is not None
+    b = _require(hvp_b, "hvp_b") if has_b else ts[9]
+    outs = [torch.empty_like(ts[0]) for _ in range(4)]
+    n = ts[0].numel()
+    _reverse_update_kernel[_grid(n)](*ts, b, *outs, n, float(hvp_scale), float(scale), float(kl_weight),
+                                     float(momentum), HAS_B=has_b, BLOCK=BLOCK)
+    return tuple(outs)
+
+
+def compensated_accumulate_(total, compensation, values) -> None:
+    for t, c, v in zip(total, compensation, values):
+        if v is None:
+            continue
+        if t.dtype not in (torch.float32, torch.float64) or not (t.is_contiguous() and c.is_contiguous()):
+            raise TypeError("triton backend: compensated_accumulate_ needs contiguous float32/float64 buffers")
+        n = t.numel()
+        _compensated_add_kernel[_grid(n)](t, c, v.contiguous(), n, BLOCK=BLOCK)

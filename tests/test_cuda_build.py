@@ -1,0 +1,79 @@
+"""The CUDA build: kernels registered for every operator, and (with a GPU) run against the formulas."""
+
+import os
+
+import pytest
+import torch
+
+import savae_fast as sf
+from savae_fast.ops import torch_impl
+from savae_fast.ops.constants import FD_CENTRAL, FD_EXACT, FD_FORWARD
+from test_ops import (_accumulate_case, _assert_outputs_close, _state, forward_step_args, reverse_direction_args,
+                      reverse_update_args)
+
+built_with_cuda = sf.ops.build_info().get("cuda", False)
+
+
+def test_ci_requested_cuda_build_is_present():
+    """CI builds with FORCE_CUDA=1; the test must not silently skip the CUDA checks there."""
+    if os.environ.get("FORCE_CUDA") == "1":
+        assert built_with_cuda, "FORCE_CUDA=1 but the installed extension has no CUDA kernels"
+
+
+@pytest.mark.skipif(not built_with_cuda, reason="extension built without CUDA")
+def test_every_operator_has_a_cuda_kernel():
+    for name in sf.ops.OP_NAMES:
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"savae_fast::{name}", "CUDA"), name
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"savae_fast::{name}", "CPU"), name
+
+
+@pytest.mark.skipif(not built_with_cuda, reason="extension built without CUDA")
+def test_cuda_architectures_recorded():
+    archs = sf.ops.build_info()["cuda_archs"].replace(" ", "").split(";")
+    assert any(a.startswith("8.0") for a in archs) and any(a.startswith("9.0") for a in archs), archs
+
+
+needs_gpu = pytest.mark.skipif(not (built_with_cuda and torch.cuda.is_available()), reason="needs a CUDA GPU")
+SHAPES = [(1, 1), (3, 5), (33, 130), (1024, 32), (64, 4099)]
+
+
+def _run(name, args):
+    return getattr(torch.ops.savae_fast, name).default(*args)
+
+
+@needs_gpu
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_cuda_kernels_match_formulas(shape, dtype):
+    st = _state(shape, dtype, "cuda")
+    args = (st["mu"], st["logvar"], st["eps"])
+    _assert_outputs_close(_run("sample", args), torch_impl.sample(*args), dtype)
+    for clip in ("off", "active"):
+        for with_next in (True, False):
+            args = forward_step_args(shape, dtype, clip, with_next, device="cuda")
+            _assert_outputs_close(_run("forward_step", args), torch_impl.forward_step(*args), dtype)
+        for mode in (FD_EXACT, FD_FORWARD, FD_CENTRAL):
+            args = reverse_direction_args(shape, dtype, clip, mode, device="cuda")
+            _assert_outputs_close(_run("reverse_direction", args), torch_impl.reverse_direction(*args), dtype,
+                                  scales={6: 0.5 / args[-1]} if mode == FD_CENTRAL else None)
+    for with_b in (True, False):
+        args = reverse_update_args(shape, dtype, with_b, device="cuda")
+        _assert_outputs_close(_run("reverse_update", args), torch_impl.reverse_update(*args), dtype)
+
+
+@needs_gpu
+@pytest.mark.cuda
+def test_cuda_accumulate_and_opcheck():
+    total, comp, values = _accumulate_case(torch.float32)
+    total, comp = [t.cuda() for t in total], [c.cuda() for c in comp]
+    values = [None if v is None else v.cuda() for v in values]
+    t2, c2 = [t.clone() for t in total], [c.clone() for c in comp]
+    _run("compensated_accumulate_", (total, comp, values))
+    torch_impl.compensated_accumulate_(t2, c2, values)
+    for a, b in zip(total + comp, t2 + c2):
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-6)
+    torch.library.opcheck(torch.ops.savae_fast.forward_step.default,
+                          forward_step_args((4, 3), torch.float32, "active", device="cuda"))
+    torch.library.opcheck(torch.ops.savae_fast.reverse_direction.default,
+                          reverse_direction_args((4, 3), torch.float32, "active", FD_CENTRAL, device="cuda"))
