@@ -235,10 +235,10 @@ def _reverse_pass(cfg: RefineConfig, be: Backend, nll_fn: Callable, noise: Tenso
     # A zero adjoint stays zero (the reverse pass is linear).
     out_scale = None
     if mode == FD_FORWARD:
-        norm = (lbar_mu.square().sum() + lbar_logvar.square().sum()).sqrt()
-        out_scale = torch.where(norm > 0, norm / math.sqrt(batch), torch.ones_like(norm))
-        lbar_mu = lbar_mu / out_scale
-        lbar_logvar = lbar_logvar / out_scale
+        out_scale = (lbar_mu.square().sum() + lbar_logvar.square().sum()).sqrt() / math.sqrt(batch)
+        divisor = torch.where(out_scale > 0, out_scale, torch.ones_like(out_scale))
+        lbar_mu = lbar_mu / divisor
+        lbar_logvar = lbar_logvar / divisor
 
     # fd_forward: the compensated sum turns into sum_k [g(z_k + r u_k) - g(z_k)].
     theta_acc, theta_comp = tape.param_grad_sum, tape.param_grad_comp
