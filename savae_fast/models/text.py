@@ -40,6 +40,10 @@ class LSTMDecoder(nn.Module):
         output, _ = self.rnn(inputs, (hidden, torch.zeros_like(hidden)))
         return self.out(self.dropout(output))
 
+    def forward(self, x: Tensor, z: Tensor | None = None) -> Tensor:
+        """Same as :meth:`nll` (so the decoder works with torch.func.functional_call)."""
+        return self.nll(x, z)
+
     def nll(self, x: Tensor, z: Tensor | None = None) -> Tensor:
         """Per-sentence negative log-likelihood (nats, summed over tokens), ``[B]``."""
         logits = self.logits(x, z)
@@ -67,3 +71,24 @@ class LSTMEncoder(nn.Module):
         _, (h, _) = self.rnn(packed)
         mu, logvar = self.to_params(h[-1]).chunk(2, dim=1)
         return mu, logvar
+
+
+class TextVAE(nn.Module):
+    """The paper's text VAE (latent 32, word 512, hidden 1024, dropout 0.5 by default);
+    ``latent_dim=0`` gives the LSTM language model (the autoregressive baseline)."""
+
+    def __init__(self, vocab_size: int, latent_dim: int = 32, embed_dim: int = 512, hidden_dim: int = 1024,
+                 dropout: float = 0.5, pad_index: int = 0, enc_hidden_dim: int | None = None):
+        super().__init__()
+        self.latent_dim = latent_dim
+        self.encoder = (LSTMEncoder(vocab_size, latent_dim, embed_dim, enc_hidden_dim or hidden_dim, pad_index)
+                        if latent_dim else None)
+        self.decoder = LSTMDecoder(vocab_size, latent_dim, embed_dim, hidden_dim, dropout, pad_index)
+
+    def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        if self.encoder is None:
+            raise ValueError("TextVAE: the language model (latent_dim=0) has no encoder")
+        return self.encoder(x)
+
+    def nll(self, x: Tensor, z: Tensor | None = None) -> Tensor:
+        return self.decoder.nll(x, z)

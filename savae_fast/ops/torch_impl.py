@@ -33,10 +33,18 @@ def sample(mu: Tensor, logvar: Tensor, eps: Tensor) -> Tensor:
     return mu + torch.exp(0.5 * logvar) * eps
 
 
-def forward_step(mu, logvar, p_mu, p_logvar, eps, grad_z, eps_next, scale, kl_weight,
-                 lr_mu, lr_logvar, momentum, max_grad_norm):
+def grad_sq_norms(mu, logvar, eps, grad_z, scale, kl_weight) -> Tensor:
+    """[|g_mu|^2, |g_logvar|^2] over this batch (summed over processes for global clipping)."""
     g_mu, g_logvar = elbo_grad(grad_z, mu, logvar, eps, scale, kl_weight)
-    norms = torch.stack([torch.linalg.vector_norm(g_mu), torch.linalg.vector_norm(g_logvar)])
+    return torch.stack([g_mu.square().sum(), g_logvar.square().sum()])
+
+
+def forward_step(mu, logvar, p_mu, p_logvar, eps, grad_z, eps_next, scale, kl_weight,
+                 lr_mu, lr_logvar, momentum, max_grad_norm, norms=None):
+    """``norms`` (optional): the clip norms to use instead of this batch's own (data parallel)."""
+    g_mu, g_logvar = elbo_grad(grad_z, mu, logvar, eps, scale, kl_weight)
+    if norms is None:
+        norms = torch.stack([torch.linalg.vector_norm(g_mu), torch.linalg.vector_norm(g_logvar)])
     c = clip_coef(norms, max_grad_norm)
     p_mu_n = momentum * p_mu - c[0] * g_mu
     p_logvar_n = momentum * p_logvar - c[1] * g_logvar
@@ -46,15 +54,26 @@ def forward_step(mu, logvar, p_mu, p_logvar, eps, grad_z, eps_next, scale, kl_we
     return mu_n, logvar_n, p_mu_n, p_logvar_n, z_next, norms
 
 
+def clip_dots(lbar_mu, lbar_logvar, pbar_mu, pbar_logvar, mu, logvar, eps, grad_z, scale, kl_weight, lr_mu,
+              lr_logvar) -> Tensor:
+    """[g_mu . pbar_mu', g_logvar . pbar_logvar'] over this batch, pbar' = pbar + lr lbar
+    (summed over processes for the clip Jacobian of a globally clipped step)."""
+    g_mu, g_logvar = elbo_grad(grad_z, mu, logvar, eps, scale, kl_weight)
+    return torch.stack([(g_mu * (pbar_mu + lr_mu * lbar_mu)).sum(),
+                        (g_logvar * (pbar_logvar + lr_logvar * lbar_logvar)).sum()])
+
+
 def reverse_direction(lbar_mu, lbar_logvar, pbar_mu, pbar_logvar, mu, logvar, eps, grad_z,
-                      grad_norms, scale, kl_weight, lr_mu, lr_logvar, max_grad_norm, fd_mode, fd_step):
+                      grad_norms, scale, kl_weight, lr_mu, lr_logvar, max_grad_norm, fd_mode, fd_step, dots=None):
+    """``dots`` (optional): the clip-Jacobian dot products to use (data parallel)."""
     pbar_mu = pbar_mu + lr_mu * lbar_mu
     pbar_logvar = pbar_logvar + lr_logvar * lbar_logvar
     c = clip_coef(grad_norms, max_grad_norm)
     if max_grad_norm > 0:
         # Clip Jacobian J v = c v - kappa g (kappa = 0 where the clip was inactive).
         g_mu, g_logvar = elbo_grad(grad_z, mu, logvar, eps, scale, kl_weight)
-        dots = torch.stack([(g_mu * pbar_mu).sum(), (g_logvar * pbar_logvar).sum()])
+        if dots is None:
+            dots = torch.stack([(g_mu * pbar_mu).sum(), (g_logvar * pbar_logvar).sum()])
         n = grad_norms
         kappa = torch.where(c < 1, max_grad_norm * dots / (n * (n + CLIP_EPS) ** 2), torch.zeros_like(n))
         v_mu = c[0] * pbar_mu - kappa[0] * g_mu

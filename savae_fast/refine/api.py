@@ -101,8 +101,13 @@ def _collect_params(params) -> tuple[Tensor, ...]:
 
 
 def make_config(mu: Tensor, *, steps, lr, momentum, max_grad_norm, kl_weight, reduction, hvp, fd_eps,
-                preserve_rng_state) -> RefineConfig:
+                preserve_rng_state, process_group=None) -> RefineConfig:
     """Validate the hyper-parameters of a refine call (errors name the argument)."""
+    from savae_fast.refine.distributed import global_batch as _global_batch, world_size
+
+    if world_size(process_group) == 1:
+        process_group = None
+    global_batch = _global_batch(mu.shape[0], process_group)
     if isinstance(steps, bool) or not isinstance(steps, numbers.Integral):
         raise TypeError(f"refine: argument 'steps' must be an int, got {type(steps).__name__}")
     if steps < 0:
@@ -117,8 +122,13 @@ def make_config(mu: Tensor, *, steps, lr, momentum, max_grad_norm, kl_weight, re
     momentum = _real("momentum", momentum, low=0.0, high=1.0, high_open=True)
     max_grad_norm = _real("max_grad_norm", max_grad_norm)
     kl_weight = _real("kl_weight", kl_weight, low=0.0)
-    if reduction not in ("mean", "sum"):
-        raise ValueError(f"refine: argument 'reduction' must be 'mean' or 'sum', got {reduction!r}")
+    if isinstance(reduction, str):
+        if reduction not in ("mean", "sum"):
+            raise ValueError(f"refine: argument 'reduction' must be 'mean', 'sum' or a positive number, "
+                             f"got {reduction!r}")
+        scale = 1.0 / global_batch if reduction == "mean" else 1.0
+    else:
+        scale = _real("reduction", reduction, low=0.0, low_open=True)
     if hvp not in HVP_MODES:
         raise ValueError(f"refine: argument 'hvp' must be one of {tuple(HVP_MODES)}, got {hvp!r}")
     if fd_eps is None:
@@ -129,8 +139,8 @@ def make_config(mu: Tensor, *, steps, lr, momentum, max_grad_norm, kl_weight, re
         raise TypeError("refine: argument 'preserve_rng_state' must be a bool")
     return RefineConfig(
         steps=int(steps), lr_mu=lr_mu, lr_logvar=lr_logvar, momentum=momentum, max_grad_norm=max_grad_norm,
-        kl_weight=kl_weight, scale=1.0 / mu.shape[0] if reduction == "mean" else 1.0, hvp=hvp, fd_eps=fd_eps,
-        preserve_rng_state=preserve_rng_state)
+        kl_weight=kl_weight, scale=scale, hvp=hvp, fd_eps=fd_eps, preserve_rng_state=preserve_rng_state,
+        process_group=process_group, global_batch=global_batch)
 
 
 def _check_noise(noise, steps: int, mu: Tensor) -> Tensor:
@@ -166,6 +176,7 @@ def refine(
     noise: Tensor | None = None,
     backend: str = "auto",
     preserve_rng_state: bool = True,
+    process_group=None,
 ) -> tuple[Tensor, Tensor]:
     """Refine Gaussian variational parameters by K steps of SVI, differentiably.
 
@@ -191,7 +202,8 @@ def refine(
         momentum: heavy-ball momentum in [0, 1).
         max_grad_norm: clip norm for the gradients of mu and logvar (<= 0: no clipping).
         kl_weight: beta, weight of the KL term in the inner objective.
-        reduction: "mean" (batch-averaged inner loss, the authors' choice) or "sum".
+        reduction: "mean" (batch-averaged inner loss, the authors' choice), "sum", or
+            a positive number: the per-example weight s of the inner loss.
         hvp: how the backward gets the decoder's second-order terms:
             "fd_forward" (default; 2K+1 decoder passes per training step, one
             parameter-sized float64 buffer), "fd_central" (3K+1 passes, most
@@ -208,6 +220,11 @@ def refine(
         preserve_rng_state: replay each step's RNG state in the backward so that
             stochastic decoders (dropout) see the same masks; disable only for
             deterministic decoders.
+        process_group: for data-parallel training (torch.distributed): each process
+            passes its share of the global batch and gets what one process refining
+            the whole batch would get (``"mean"`` averages over the global batch; the
+            inner clipping, its Jacobian and fd_forward's normalisation use global
+            sums). Needs equal ``steps`` and options on every process.
 
     Returns:
         ``(mu_K, logvar_K)``.
@@ -218,7 +235,7 @@ def refine(
     params = _collect_params(params)
     cfg = make_config(mu, steps=steps, lr=lr, momentum=momentum, max_grad_norm=max_grad_norm,
                       kl_weight=kl_weight, reduction=reduction, hvp=hvp, fd_eps=fd_eps,
-                      preserve_rng_state=preserve_rng_state)
+                      preserve_rng_state=preserve_rng_state, process_group=process_group)
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"refine: argument 'backend' must be one of {BACKENDS}, got {backend!r}")
     if cfg.steps == 0:
@@ -227,6 +244,10 @@ def refine(
         return mu, logvar
     noise = _check_noise(noise, cfg.steps, mu)
     be = get_backend(backend, mu.device)
+    if cfg.process_group is not None and cfg.max_grad_norm > 0:
+        from savae_fast.refine.distributed import clip_coupled_backend
+
+        be = clip_coupled_backend(be, cfg.process_group)
 
     needs_grad = torch.is_grad_enabled() and (
         mu.requires_grad or logvar.requires_grad or any(p.requires_grad for p in params))

@@ -51,6 +51,8 @@ class RefineConfig:
     hvp: str
     fd_eps: float
     preserve_rng_state: bool
+    process_group: object = None  # data parallel: batch-coupled reductions summed over its processes
+    global_batch: int = 0  # examples over all processes (0: this batch only)
 
     @property
     def fd_mode(self) -> int:
@@ -235,7 +237,12 @@ def _reverse_pass(cfg: RefineConfig, be: Backend, nll_fn: Callable, noise: Tenso
     # A zero adjoint stays zero (the reverse pass is linear).
     out_scale = None
     if mode == FD_FORWARD:
-        out_scale = (lbar_mu.square().sum() + lbar_logvar.square().sum()).sqrt() / math.sqrt(batch)
+        sq = lbar_mu.square().sum() + lbar_logvar.square().sum()
+        if cfg.process_group is not None:  # the same step on every process of a data-parallel run
+            from savae_fast.refine.distributed import all_reduce_sum
+
+            sq, batch = all_reduce_sum(sq, cfg.process_group), cfg.global_batch
+        out_scale = sq.sqrt() / math.sqrt(batch)
         divisor = torch.where(out_scale > 0, out_scale, torch.ones_like(out_scale))
         lbar_mu = lbar_mu / divisor
         lbar_logvar = lbar_logvar / divisor

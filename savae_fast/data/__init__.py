@@ -1,0 +1,1 @@
+"""Offline data sets: the synthetic experiment, text files (PTB offline), binary images."""

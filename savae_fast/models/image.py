@@ -1,0 +1,137 @@
+"""Image VAE of the SA-VAE paper: residual CNN encoder, gated PixelCNN decoder
+conditioned on z, Bernoulli pixels.
+
+Images are float tensors ``[B, 1, H, W]`` with values in {0, 1}.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class ResidualBlock(nn.Module):
+    def __init__(self, c_in: int, c_out: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
+        self.skip = nn.Conv2d(c_in, c_out, 1, stride=stride) if (stride != 1 or c_in != c_out) else nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.relu(self.skip(x) + self.conv2(F.relu(self.conv1(x))))
+
+
+class ResidualEncoder(nn.Module):
+    """q(z | x): residual conv layers (the first two downsample), then a linear map to (mu, logvar)."""
+
+    def __init__(self, latent_dim: int, image_size: int = 28, channels: int = 64, layers: int = 3):
+        super().__init__()
+        blocks, c_in, size = [], 1, image_size
+        for i in range(layers):
+            stride = 2 if i < 2 else 1
+            blocks.append(ResidualBlock(c_in, channels, stride))
+            c_in, size = channels, (size + stride - 1) // stride
+        self.blocks = nn.Sequential(*blocks)
+        self.to_params = nn.Linear(channels * size * size, 2 * latent_dim)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        mu, logvar = self.to_params(self.blocks(x).flatten(1)).chunk(2, dim=1)
+        return mu, logvar
+
+
+class GatedLayer(nn.Module):
+    """One gated PixelCNN layer (van den Oord et al. 2016) with vertical and horizontal stacks.
+
+    Mask A (first layer): a pixel's horizontal features do not see the pixel itself; mask B
+    (later layers) they do, since its features never depend on its own value. The vertical
+    stack reaches the horizontal stack shifted down by one row, so both see only pixels
+    above or to the left.
+    """
+
+    def __init__(self, c_in: int, channels: int, kernel: int, mask_a: bool, cond_channels: int):
+        super().__init__()
+        k = kernel // 2
+        self.k, self.mask_a = k, mask_a
+        self.vert = nn.Conv2d(c_in, 2 * channels, (k + 1, kernel), padding=(k, k))
+        self.horiz = nn.Conv2d(c_in, 2 * channels, (1, k + 1), padding=(0, k))
+        self.vert_to_horiz = nn.Conv2d(2 * channels, 2 * channels, 1)
+        self.horiz_out = nn.Conv2d(channels, channels, 1)
+        self.cond_v = nn.Conv2d(cond_channels, 2 * channels, 1) if cond_channels else None
+        self.cond_h = nn.Conv2d(cond_channels, 2 * channels, 1) if cond_channels else None
+        self.residual = not mask_a and c_in == channels
+
+    @staticmethod
+    def _gate(x: Tensor) -> Tensor:
+        a, b = x.chunk(2, dim=1)
+        return torch.tanh(a) * torch.sigmoid(b)
+
+    def forward(self, v: Tensor, h: Tensor, cond: Tensor | None) -> tuple[Tensor, Tensor]:
+        height, width = v.shape[-2:]
+        v_feat = self.vert(v)[:, :, :height, :]  # row i sees rows i-k .. i
+        v_down = F.pad(v_feat, (0, 0, 1, 0))[:, :, :height, :]  # rows < i only
+        h_feat = self.horiz(h)[:, :, :, :width]  # column j sees columns j-k .. j
+        if self.mask_a:
+            h_feat = F.pad(h_feat, (1, 0, 0, 0))[:, :, :, :width]  # columns < j only
+        h_feat = h_feat + self.vert_to_horiz(v_down)
+        if cond is not None:
+            v_feat = v_feat + self.cond_v(cond)
+            h_feat = h_feat + self.cond_h(cond)
+        h_out = self.horiz_out(self._gate(h_feat))
+        if self.residual:
+            h_out = h_out + h
+        return self._gate(v_feat), h_out
+
+
+class GatedPixelCNNDecoder(nn.Module):
+    """p(x | z): gated PixelCNN over binary pixels, conditioned on z through a linear map
+    to ``cond_channels`` extra feature maps; ``latent_dim=0`` gives the plain PixelCNN."""
+
+    def __init__(self, latent_dim: int, image_size: int = 28, channels: int = 32,
+                 kernels: tuple = (9, 9, 9, 7, 7, 7, 5, 5, 5, 3, 3, 3), cond_channels: int = 4):
+        super().__init__()
+        self.latent_dim, self.image_size = latent_dim, image_size
+        self.cond_channels = cond_channels if latent_dim > 0 else 0
+        self.to_cond = nn.Linear(latent_dim, self.cond_channels * image_size * image_size) if latent_dim else None
+        self.layers = nn.ModuleList(
+            GatedLayer(1 if i == 0 else channels, channels, k, mask_a=(i == 0), cond_channels=self.cond_channels)
+            for i, k in enumerate(kernels)
+        )
+        self.out = nn.Sequential(nn.ReLU(), nn.Conv2d(channels, channels, 1), nn.ReLU(), nn.Conv2d(channels, 1, 1))
+
+    def logits(self, x: Tensor, z: Tensor | None) -> Tensor:
+        cond = None
+        if self.to_cond is not None:
+            if z is None:
+                raise ValueError("GatedPixelCNNDecoder: argument 'z' is required when latent_dim > 0")
+            cond = self.to_cond(z.to(x.dtype)).view(-1, self.cond_channels, self.image_size, self.image_size)
+        v = h = x
+        for layer in self.layers:
+            v, h = layer(v, h, cond)
+        return self.out(h)
+
+    def forward(self, x: Tensor, z: Tensor | None = None) -> Tensor:
+        """Same as :meth:`nll` (so the decoder works with torch.func.functional_call)."""
+        return self.nll(x, z)
+
+    def nll(self, x: Tensor, z: Tensor | None = None) -> Tensor:
+        """Per-image negative log-likelihood (nats), ``[B]``."""
+        return F.binary_cross_entropy_with_logits(self.logits(x, z), x, reduction="none").flatten(1).sum(1)
+
+
+class ImageVAE(nn.Module):
+    def __init__(self, latent_dim: int = 32, image_size: int = 28, enc_channels: int = 64, enc_layers: int = 3,
+                 dec_channels: int = 32, kernels: tuple = (9, 9, 9, 7, 7, 7, 5, 5, 5, 3, 3, 3),
+                 cond_channels: int = 4):
+        super().__init__()
+        self.latent_dim = latent_dim
+        self.encoder = ResidualEncoder(latent_dim, image_size, enc_channels, enc_layers) if latent_dim else None
+        self.decoder = GatedPixelCNNDecoder(latent_dim, image_size, dec_channels, tuple(kernels), cond_channels)
+
+    def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        if self.encoder is None:
+            raise ValueError("ImageVAE: the autoregressive model (latent_dim=0) has no encoder")
+        return self.encoder(x)
+
+    def nll(self, x: Tensor, z: Tensor | None = None) -> Tensor:
+        return self.decoder.nll(x, z)

@@ -1,0 +1,53 @@
+"""Checkpoints written atomically (temporary file + rename) and checked on load."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import tempfile
+
+import torch
+
+FORMAT = "savae_fast.checkpoint/1"
+
+
+class CheckpointError(RuntimeError):
+    """A missing, truncated or corrupted checkpoint (one clear line for the CLI)."""
+
+
+def save(obj: dict, path: str) -> None:
+    """torch.save into a temporary file in the same directory, fsync, then rename, so that
+    a reader never sees a partial file; a SHA-256 of the payload detects later corruption."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    payload = buf.getvalue()
+    blob = {"format": FORMAT, "sha256": hashlib.sha256(payload).hexdigest(), "payload": payload}
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(blob, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def load(path: str, map_location="cpu") -> dict:
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # truncated zip, wrong file, unpickling error
+        raise CheckpointError(f"checkpoint is truncated or not a checkpoint: {path} ({type(exc).__name__})") from exc
+    if not isinstance(blob, dict) or blob.get("format") != FORMAT:
+        raise CheckpointError(f"not a savae_fast checkpoint: {path}")
+    payload = blob.get("payload")
+    if not isinstance(payload, bytes) or hashlib.sha256(payload).hexdigest() != blob.get("sha256"):
+        raise CheckpointError(f"checkpoint is corrupted (checksum mismatch): {path}")
+    return torch.load(io.BytesIO(payload), map_location=map_location, weights_only=False)

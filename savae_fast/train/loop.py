@@ -1,0 +1,291 @@
+"""The training loop: one process, or DistributedDataParallel under torchrun."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import random
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from savae_fast import evaluate as ev
+from savae_fast.train import checkpoint
+from savae_fast.train.config import TrainConfig
+from savae_fast.train.data import RunData, build_model, load_data
+from savae_fast.train.objectives import Objective
+
+
+class Distributed:
+    """torchrun environment (RANK / WORLD_SIZE / LOCAL_RANK); one process otherwise."""
+
+    def __init__(self):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.group = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def init(self, device: torch.device) -> None:
+        if self.enabled and not dist.is_initialized():
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        if self.enabled:
+            self.group = dist.group.WORLD
+
+    def shard(self, batch: torch.Tensor) -> slice:
+        """This process's contiguous share of a global batch (equal shares)."""
+        per = batch.shape[0] // self.world
+        return slice(self.rank * per, (self.rank + 1) * per)
+
+    def sum(self, values: list[float], device) -> list[float]:
+        if not self.enabled:
+            return values
+        t = torch.tensor(values, dtype=torch.float64, device=device)
+        dist.all_reduce(t)
+        return t.tolist()
+
+
+def resolve_device(cfg: TrainConfig, d: Distributed) -> torch.device:
+    if cfg.device == "auto":
+        return torch.device(f"cuda:{d.local_rank}" if torch.cuda.is_available() else "cpu")
+    return torch.device(cfg.device)
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class ShardedObjective(Objective):
+    """Objective whose random draws are slices of the global batch's draws, so that a
+    data-parallel run computes what one process computes on the whole batch."""
+
+    def __init__(self, model, cfg, d: Distributed):
+        super().__init__(model, cfg, d.group)
+        self.d = d
+        self.global_batch = 0
+        self.local = slice(None)
+
+    def _elbo_terms(self, x, mu, logvar, frozen_decoder=False):
+        eps = torch.randn((self.global_batch, mu.shape[1]), device=mu.device, dtype=mu.dtype)[self.local]
+        z = mu + torch.exp(0.5 * logvar) * eps
+        if frozen_decoder:
+            from torch.func import functional_call
+
+            dec = self.model.decoder
+            nll = functional_call(dec, {n: p.detach() for n, p in dec.named_parameters()}, (x, z))
+        else:
+            nll = self.model.nll(x, z)
+        return nll, ev.gaussian_kl(mu, logvar)
+
+    def refine_kwargs(self, beta):
+        kw = super().refine_kwargs(beta)
+        kw["noise"] = torch.randn((self.cfg.svi_steps, self.global_batch, self.cfg.latent_dim),
+                                  device=self.device)[:, self.local]
+        return kw
+
+    def forward(self, x, beta, global_batch: int, local: slice):
+        self.global_batch, self.local = global_batch, local
+        return super().forward(x, beta)
+
+    @property
+    def device(self):
+        return next(self.model.parameters()).device
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, resume: bool = False, progress: bool = True, data: RunData | None = None):
+        self.cfg = cfg.validate()
+        self.d = Distributed()
+        self.device = resolve_device(cfg, self.d)
+        self.d.init(self.device)
+        self.progress = progress and self.d.is_main
+        self._steps_per_epoch = None
+        torch.manual_seed(cfg.seed)
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed % 2**32)
+        self.data = data or load_data(cfg)
+        self.model = build_model(cfg, self.data).to(self.device)
+        self.objective = ShardedObjective(self.model, cfg, self.d)
+        self.step_module = self.objective
+        if self.d.enabled:
+            self.step_module = torch.nn.parallel.DistributedDataParallel(
+                self.objective, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = (torch.optim.SGD(params, lr=cfg.lr) if cfg.optimizer == "sgd"
+                          else torch.optim.Adam(params, lr=cfg.lr))
+        self.state = {"epoch": 0, "step": 0, "lr": cfg.lr, "best_val": math.inf, "best_epoch": -1, "history": []}
+        self.out_dir = cfg.out_dir
+        if self.d.is_main:
+            os.makedirs(self.out_dir, exist_ok=True)
+            with open(os.path.join(self.out_dir, "config.json"), "w") as f:
+                f.write(cfg.to_json())
+        if resume:
+            self._load_last()
+
+    # ------------------------------------------------------------------ checkpoints
+    def _path(self, name: str) -> str:
+        return os.path.join(self.out_dir, name)
+
+    def _save_last(self) -> None:
+        if not self.d.is_main:
+            return
+        checkpoint.save({"config": self.cfg.to_dict(), "model": self.model.state_dict(),
+                         "optimizer": self.optimizer.state_dict(), "state": self.state, "rng": rng_state()},
+                        self._path("last.pt"))
+
+    def _save_best(self, epoch: int, val: dict) -> None:
+        if not self.d.is_main:
+            return
+        checkpoint.save({"config": self.cfg.to_dict(), "model": self.model.state_dict(), "epoch": epoch,
+                         "valid": val, "vocab_size": self.data.vocab_size, "image_size": self.data.image_size},
+                        self._path("best.pt"))
+
+    def _load_last(self) -> None:
+        ck = checkpoint.load(self._path("last.pt"), map_location=self.device)
+        saved = TrainConfig.from_dict(ck["config"])
+        for key in ("mode", "dataset", "latent_dim", "embed_dim", "hidden_dim", "batch_size", "seed"):
+            if getattr(saved, key) != getattr(self.cfg, key):
+                raise checkpoint.CheckpointError(
+                    f"cannot resume: the checkpoint was written with {key}={getattr(saved, key)!r}, "
+                    f"this run has {key}={getattr(self.cfg, key)!r}")
+        self.model.load_state_dict(ck["model"])
+        self.optimizer.load_state_dict(ck["optimizer"])
+        self.state = ck["state"]
+        set_rng_state(ck["rng"])
+
+    # --------------------------------------------------------------------- training
+    def beta(self) -> float:
+        c = self.cfg
+        if c.warmup_epochs <= 0 or c.mode in ("autoreg",):
+            return 1.0
+        steps = c.warmup_epochs * self.steps_per_epoch
+        return min(1.0, c.warmup_start + (1.0 - c.warmup_start) * self.state["step"] / steps)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        if self._steps_per_epoch is None:
+            n = len(self.data.batches("train", self.cfg.batch_size, shuffle=False))
+            self._steps_per_epoch = min(n, self.cfg.max_batches_per_epoch or n)
+        return self._steps_per_epoch
+
+    def train_epoch(self, epoch: int) -> dict:
+        c = self.cfg
+        batches = self.data.batches("train", c.batch_size, shuffle=True, epoch=epoch)[: self.steps_per_epoch]
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.state["lr"]
+        self.model.train()
+        totals = [0.0, 0.0, 0.0, 0.0]  # loss * n, nll, kl, n
+        bar = None
+        if self.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(batches), desc=f"{c.mode} epoch {epoch + 1}/{c.epochs}", leave=False,
+                       file=sys.stderr, dynamic_ncols=True)
+        for x in batches:
+            if self.d.enabled and x.shape[0] % self.d.world:
+                continue  # equal shares keep the data-parallel update equal to the one-process update
+            local = self.d.shard(x)
+            x_local = x[local].to(self.device)
+            beta = self.beta()
+            out = self.step_module(x_local, beta, x.shape[0], local)
+            self.optimizer.zero_grad(set_to_none=True)
+            out.loss.backward()
+            if c.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.max_grad_norm)
+            self.optimizer.step()
+            self.state["step"] += 1
+            n = x_local.shape[0]
+            totals = [t + v for t, v in zip(totals, (float(out.loss.detach()) * n, float(out.nll.sum()),
+                                                     float(out.kl.sum()), n))]
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{totals[0] / totals[3]:.2f}", kl=f"{totals[2] / totals[3]:.2f}",
+                                beta=f"{beta:.2f}")
+        if bar is not None:
+            bar.close()
+        loss, nll, kl, n = self.d.sum(totals, self.device)
+        return {"train_loss": loss / max(n, 1), "train_nll": nll / max(n, 1), "train_kl": kl / max(n, 1)}
+
+    def validate(self, split: str = "valid", full: bool = False) -> dict:
+        batches = self.data.batches(split, self.cfg.batch_size, shuffle=False)
+        return ev.evaluate(self.model, self.cfg, batches, self.device, self.data.num_tokens(split), full=full)
+
+    def fit(self) -> dict:
+        c = self.cfg
+        while self.state["epoch"] < c.epochs:
+            epoch = self.state["epoch"]
+            start = time.time()
+            train = self.train_epoch(epoch)
+            val = self.validate("valid")
+            record = {"epoch": epoch + 1, "lr": self.state["lr"], "beta": self.beta(), **train,
+                      **{f"valid_{k}": v for k, v in val.items()}, "seconds": time.time() - start}
+            self.state["history"].append(record)
+            improved = val["nll_bound"] < self.state["best_val"]
+            if improved:
+                self.state["best_val"], self.state["best_epoch"] = val["nll_bound"], epoch + 1
+                self._save_best(epoch + 1, val)
+            elif c.optimizer == "sgd" and epoch + 1 > c.decay_start_epoch:
+                self.state["lr"] /= 2  # the paper's schedule: halve when validation stops improving
+            self.state["epoch"] = epoch + 1
+            self._write_metrics(record)
+            self._save_last()
+            if self.progress:
+                print(f"[{c.mode}] epoch {epoch + 1}: train loss {train['train_loss']:.3f} kl "
+                      f"{train['train_kl']:.3f} | valid bound {val['nll_bound']:.3f} kl {val['kl']:.3f}"
+                      f" ({record['seconds']:.0f}s)", file=sys.stderr)
+            if c.optimizer == "sgd" and self.state["lr"] < c.min_lr:
+                break
+        return self.state
+
+    def _write_metrics(self, record: dict) -> None:
+        if not self.d.is_main:
+            return
+        path = self._path("metrics.csv")
+        new = not os.path.exists(path)
+        with open(path, "a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(record))
+            if new:
+                writer.writeheader()
+            writer.writerow(record)
+        with open(self._path("metrics.json"), "w") as f:
+            json.dump(self.state["history"], f, indent=1)
+
+    def test(self) -> dict:
+        """Full metrics of the best checkpoint on the test split (written to results.json)."""
+        best = self._path("best.pt")
+        if os.path.exists(best):
+            self.model.load_state_dict(checkpoint.load(best, map_location=self.device)["model"])
+        res = self.validate("test", full=True)
+        if self.data.true_test_nll is not None:
+            res["true_nll"] = self.data.true_test_nll
+        if self.d.is_main:
+            with open(self._path("results.json"), "w") as f:
+                json.dump({"mode": self.cfg.mode, "dataset": self.cfg.dataset, **res}, f, indent=1)
+        return res
+
+    def close(self) -> None:
+        if self.d.enabled and dist.is_initialized():
+            dist.destroy_process_group()

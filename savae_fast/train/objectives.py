@@ -1,0 +1,93 @@
+"""The training objectives of the paper's six rows.
+
+* ``autoreg``: the decoder alone (LSTM language model / PixelCNN), no latent.
+* ``vae``: the ELBO at the encoder's posterior lambda_0.
+* ``svi``: no encoder; K SVI steps from lambda = 0 (no gradient through them);
+  the decoder is trained on the ELBO at lambda_K.
+* ``vae+svi``: the encoder is trained on the ELBO at lambda_0 (decoder held
+  fixed in that term), the decoder on the ELBO at the refined lambda_K.
+* ``vae+svi+kl``: as ``vae+svi`` but the encoder is trained towards the refined
+  posterior, minimising KL(q_{lambda_K} || q_{lambda_0}).
+* ``savae``: the ELBO at lambda_K with gradients through the K steps into the
+  encoder and the decoder (:func:`savae_fast.refine`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from savae_fast.refine.api import refine
+from savae_fast.reference.unrolled import gaussian_kl
+from savae_fast.train.config import TrainConfig
+
+
+def gaussian_kl_between(mu_q, logvar_q, mu_p, logvar_p) -> Tensor:
+    """KL(N(mu_q, exp(logvar_q)) || N(mu_p, exp(logvar_p))) per example."""
+    return 0.5 * (logvar_p - logvar_q + (logvar_q.exp() + (mu_q - mu_p).pow(2)) / logvar_p.exp() - 1).sum(1)
+
+
+@dataclass
+class StepStats:
+    loss: Tensor  # scalar to minimise
+    nll: Tensor  # [B], at the posterior of the reported bound (detached)
+    kl: Tensor  # [B] (detached)
+
+
+class Objective(nn.Module):
+    """forward(x, beta) -> StepStats. Wrapping the whole computation in one module lets
+    DistributedDataParallel synchronise every parameter's gradient."""
+
+    def __init__(self, model: nn.Module, cfg: TrainConfig, process_group=None):
+        super().__init__()
+        self.model = model
+        self.cfg = cfg
+        self.process_group = process_group
+
+    def refine_kwargs(self, beta: float) -> dict:
+        c = self.cfg
+        return dict(steps=c.svi_steps, lr=c.svi_lr, momentum=c.svi_momentum, max_grad_norm=c.svi_max_grad_norm,
+                    kl_weight=beta, hvp=c.hvp, backend=c.backend, process_group=self.process_group)
+
+    def _elbo_terms(self, x, mu, logvar, frozen_decoder: bool = False):
+        z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
+        if frozen_decoder:
+            dec = self.model.decoder
+            params = {name: p.detach() for name, p in dec.named_parameters()}
+            nll = functional_call(dec, params, (x, z))
+        else:
+            nll = self.model.nll(x, z)
+        return nll, gaussian_kl(mu, logvar)
+
+    def forward(self, x: Tensor, beta: float) -> StepStats:
+        mode, model = self.cfg.mode, self.model
+        if mode == "autoreg":
+            nll = model.nll(x)
+            return StepStats(nll.mean(), nll.detach(), torch.zeros_like(nll))
+        nll_fn = lambda z: model.nll(x, z)  # noqa: E731
+        if mode == "vae":
+            mu, logvar = model.encode(x)
+            nll, kl = self._elbo_terms(x, mu, logvar)
+            return StepStats((nll + beta * kl).mean(), nll.detach(), kl.detach())
+        if mode == "svi":
+            zeros = torch.zeros((x.shape[0], self.cfg.latent_dim), device=x.device)
+            mu0, logvar0 = zeros, zeros
+        else:
+            mu0, logvar0 = model.encode(x)
+        if mode == "savae":
+            mu_k, logvar_k = refine(mu0, logvar0, nll_fn, model.decoder.parameters(), **self.refine_kwargs(beta))
+            nll, kl = self._elbo_terms(x, mu_k, logvar_k)
+            return StepStats((nll + beta * kl).mean(), nll.detach(), kl.detach())
+        with torch.no_grad():
+            mu_k, logvar_k = refine(mu0.detach(), logvar0.detach(), nll_fn, **self.refine_kwargs(beta))
+        nll, kl = self._elbo_terms(x, mu_k, logvar_k)
+        loss = (nll + beta * kl).mean()
+        if mode == "vae+svi":
+            nll0, kl0 = self._elbo_terms(x, mu0, logvar0, frozen_decoder=True)
+            loss = loss + (nll0 + beta * kl0).mean()
+        elif mode == "vae+svi+kl":
+            loss = loss + gaussian_kl_between(mu_k, logvar_k, mu0, logvar0).mean()
+        return StepStats(loss, nll.detach(), kl.detach())
