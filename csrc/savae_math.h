@@ -31,9 +31,10 @@ enum FdMode : int {
   kCentral = 2,  // two points, z +- r_b u_b, per-example r_b
 };
 
-// sigma = exp(lv / 2) and exp(lv) - 1 from one transcendental per element:
-// with em = expm1(lv / 2), sigma = 1 + em and exp(lv) - 1 = em (em + 2), both
-// accurate to rounding (no cancellation near lv = 0, unlike exp(lv) - 1).
+// sigma = exp(lv / 2) and exp(lv) - 1, both accurate over the whole range:
+// with em = expm1(lv / 2), exp(lv) - 1 = em (sigma + 1) has no cancellation near
+// lv = 0 (unlike sigma^2 - 1), and sigma from exp keeps full relative precision
+// for very negative lv (unlike 1 + em). No clamping: lv = +-30 stays finite in float32.
 template <typename T>
 struct GaussTerms {
   T sigma;     // exp(lv / 2)
@@ -42,9 +43,11 @@ struct GaussTerms {
 
 template <typename T>
 SAVAE_HD GaussTerms<T> gauss_terms(T logvar) {
+  using std::exp;
   using std::expm1;
-  const T em = expm1(T(0.5) * logvar);
-  return {T(1) + em, em * (em + T(2))};
+  const T half = T(0.5) * logvar;
+  const T sigma = exp(half);
+  return {sigma, expm1(half) * (sigma + T(1))};
 }
 
 template <typename T>

@@ -111,10 +111,14 @@ static void test_step_and_differences() {
   check_close("central quotient", m::difference_quotient(w * df(z + r * u), w * df(z - r * u), 1.0), d2f(z) * u,
               1e-8);
   check_close("float template instantiation", m::sample(1.0f, m::sigma_of(0.0f), 2.0f), 3.0, 1e-7);
-  for (const double lv : {-30.0, -1e-9, 0.0, 3e-8, 0.7, 12.0}) {
+  for (const double lv : {-60.0, -30.0, -1e-9, 0.0, 3e-8, 0.7, 12.0, 30.0}) {
     const m::GaussTerms<double> q = m::gauss_terms(lv);
-    check_close("gauss_terms sigma", q.sigma, std::exp(0.5 * lv), 1e-15);
-    check_close("gauss_terms expm1", q.expm1_lv, std::expm1(lv), 1e-15);
+    const double rel_sigma = std::fabs(q.sigma / std::exp(0.5 * lv) - 1.0);
+    const double rel_em = lv == 0.0 ? std::fabs(q.expm1_lv) : std::fabs(q.expm1_lv / std::expm1(lv) - 1.0);
+    check_close("gauss_terms sigma (relative)", rel_sigma <= 1e-15, 1.0, 0);
+    check_close("gauss_terms expm1 (relative)", rel_em <= 1e-15, 1.0, 0);
+    const m::GaussTerms<float> qf = m::gauss_terms(float(lv));  // float32: relative accuracy kept
+    check_close("gauss_terms float sigma", std::fabs(double(qf.sigma) / std::exp(0.5 * lv) - 1.0) <= 1e-6, 1.0, 0);
   }
 }
 

@@ -34,7 +34,11 @@ def has_kernel(op: str, device_type: str) -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key(f"savae_fast::{op}", _DISPATCH_KEY[device_type])
 
 
+# Fixed once the extension is imported; a plain dict lookup also traces under torch.compile.
+_AVAILABLE = {dt: all(has_kernel(op, dt) for op in OP_NAMES) for dt in _DISPATCH_KEY}
+
+
 def available(device: torch.device | str) -> bool:
     """Whether every compiled savae_fast kernel exists for ``device``."""
-    device_type = torch.device(device).type
-    return all(has_kernel(op, device_type) for op in OP_NAMES)
+    device_type = device.type if isinstance(device, torch.device) else torch.device(device).type
+    return _AVAILABLE.get(device_type, False)

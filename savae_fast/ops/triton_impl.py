@@ -66,8 +66,10 @@ if triton is not None:
 
     @triton.jit
     def _gauss_terms(logvar):
-        em = _expm1(0.5 * logvar)
-        return 1.0 + em, em * (em + 2.0)  # sigma, exp(logvar) - 1
+        # sigma from exp (full relative precision for very negative logvar) and
+        # exp(logvar) - 1 = expm1(logvar / 2) (sigma + 1) (no cancellation near 0)
+        sigma = tl.exp(0.5 * logvar)
+        return sigma, _expm1(0.5 * logvar) * (sigma + 1.0)
 
     @triton.jit
     def _elbo_grad(gz, mu, sigma, expm1_lv, eps, scale, kl_weight):

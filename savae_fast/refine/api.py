@@ -11,7 +11,7 @@ from torch import Tensor
 
 from savae_fast.ops import get_backend
 from savae_fast.ops.constants import BACKENDS
-from savae_fast.refine.function import HVP_MODES, RefineConfig, RefineFunction, run_forward
+from savae_fast.refine.function import NONFINITE_MODES, HVP_MODES, RefineConfig, RefineFunction, run_forward
 
 # Default finite-difference step per (hvp mode, dtype): where the truncation
 # error (grows with the step) meets the rounding error (grows as its inverse),
@@ -101,7 +101,7 @@ def _collect_params(params) -> tuple[Tensor, ...]:
 
 
 def make_config(mu: Tensor, *, steps, lr, momentum, max_grad_norm, kl_weight, reduction, hvp, fd_eps,
-                preserve_rng_state, process_group=None) -> RefineConfig:
+                preserve_rng_state, process_group=None, on_nonfinite="raise") -> RefineConfig:
     """Validate the hyper-parameters of a refine call (errors name the argument)."""
     from savae_fast.refine.distributed import global_batch as _global_batch, world_size
 
@@ -137,10 +137,12 @@ def make_config(mu: Tensor, *, steps, lr, momentum, max_grad_norm, kl_weight, re
         fd_eps = _real("fd_eps", fd_eps, low=0.0, low_open=True)
     if not isinstance(preserve_rng_state, bool):
         raise TypeError("refine: argument 'preserve_rng_state' must be a bool")
+    if on_nonfinite not in NONFINITE_MODES:
+        raise ValueError(f"refine: argument 'on_nonfinite' must be one of {NONFINITE_MODES}, got {on_nonfinite!r}")
     return RefineConfig(
         steps=int(steps), lr_mu=lr_mu, lr_logvar=lr_logvar, momentum=momentum, max_grad_norm=max_grad_norm,
         kl_weight=kl_weight, scale=scale, hvp=hvp, fd_eps=fd_eps, preserve_rng_state=preserve_rng_state,
-        process_group=process_group, global_batch=global_batch)
+        process_group=process_group, global_batch=global_batch, on_nonfinite=on_nonfinite)
 
 
 def _check_noise(noise, steps: int, mu: Tensor) -> Tensor:
@@ -159,6 +161,10 @@ def _check_noise(noise, steps: int, mu: Tensor) -> Tensor:
     return noise.detach().contiguous()
 
 
+# Under torch.compile, refine is one graph break: its loop differentiates the user's
+# decoder (torch.autograd.grad), which Dynamo would otherwise split into many pieces.
+# The code around it compiles; the savae_fast:: operators trace (fake kernels).
+@torch.compiler.disable
 def refine(
     mu: Tensor,
     logvar: Tensor,
@@ -177,6 +183,7 @@ def refine(
     backend: str = "auto",
     preserve_rng_state: bool = True,
     process_group=None,
+    on_nonfinite: str = "raise",
 ) -> tuple[Tensor, Tensor]:
     """Refine Gaussian variational parameters by K steps of SVI, differentiably.
 
@@ -225,6 +232,11 @@ def refine(
             the whole batch would get (``"mean"`` averages over the global batch; the
             inner clipping, its Jacobian and fd_forward's normalisation use global
             sums). Needs equal ``steps`` and options on every process.
+        on_nonfinite: "raise" (default): a NaN/Inf in the decoder's derivatives or the
+            variational state raises FloatingPointError naming the inner step (one
+            host read at the end of the forward and of the backward); "zero": treat
+            non-finite decoder derivatives as zero; "ignore": no checks (needed for
+            CUDA-graph capture).
 
     Returns:
         ``(mu_K, logvar_K)``.
@@ -235,7 +247,8 @@ def refine(
     params = _collect_params(params)
     cfg = make_config(mu, steps=steps, lr=lr, momentum=momentum, max_grad_norm=max_grad_norm,
                       kl_weight=kl_weight, reduction=reduction, hvp=hvp, fd_eps=fd_eps,
-                      preserve_rng_state=preserve_rng_state, process_group=process_group)
+                      preserve_rng_state=preserve_rng_state, process_group=process_group,
+                      on_nonfinite=on_nonfinite)
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"refine: argument 'backend' must be one of {BACKENDS}, got {backend!r}")
     if cfg.steps == 0:

@@ -53,6 +53,7 @@ class RefineConfig:
     preserve_rng_state: bool
     process_group: object = None  # data parallel: batch-coupled reductions summed over its processes
     global_batch: int = 0  # examples over all processes (0: this batch only)
+    on_nonfinite: str = "raise"  # "raise" | "zero" | "ignore"
 
     @property
     def fd_mode(self) -> int:
@@ -83,6 +84,35 @@ def _as_accumulated(grads, buffers):
     if all(g is None or g.dtype == b.dtype for g, b in zip(grads, buffers)):
         return grads
     return [None if g is None else g.to(b.dtype) for g, b in zip(grads, buffers)]
+
+
+NONFINITE_MODES = ("raise", "zero", "ignore")
+
+
+def _zero_nonfinite(t: Tensor | None) -> Tensor | None:
+    return None if t is None else torch.nan_to_num(t, nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def _all_finite(*tensors) -> bool:
+    """One host read for all the tensors."""
+    flags = [torch.isfinite(t).all() for t in tensors if t is not None]
+    return bool(torch.stack(flags).all()) if flags else True
+
+
+def _first_bad_step(tape: "_Tape") -> str:
+    for k in range(len(tape.grad_z)):
+        if not _all_finite(tape.grad_z[k]):
+            return f"the decoder's gradient dNLL/dz at inner step {k} is not finite"
+        if k + 1 < len(tape.mu) and not _all_finite(tape.mu[k + 1], tape.logvar[k + 1]):
+            return f"the variational parameters after inner step {k} are not finite"
+    return "the variational parameters after the last inner step are not finite"
+
+
+def nonfinite_error(what: str) -> FloatingPointError:
+    return FloatingPointError(
+        f"refine: {what}. Check the decoder (and the scale of mu/logvar: logvar is used as "
+        "exp(logvar/2)); pass on_nonfinite='zero' to treat non-finite decoder derivatives as zero, "
+        "or on_nonfinite='ignore' to skip the checks")
 
 
 def _check_nll(nll: Tensor, batch: int) -> None:
@@ -152,7 +182,8 @@ def run_forward(cfg: RefineConfig, be: Backend, nll_fn: Callable, mu: Tensor, lo
     steps = cfg.steps
     acc_params = record and cfg.hvp == "fd_forward" and len(params) > 0
     tape = None
-    if record:
+    keep = record or cfg.on_nonfinite == "raise"  # the raise check names the first bad step from the tape
+    if keep:
         sums = [torch.zeros_like(p, dtype=_accumulation_dtype(p), memory_format=torch.contiguous_format)
                 for p in params] if acc_params else None
         comps = [torch.zeros_like(t) for t in sums] if acc_params else None
@@ -167,19 +198,26 @@ def run_forward(cfg: RefineConfig, be: Backend, nll_fn: Callable, mu: Tensor, lo
         if save_rng:
             tape.rng.append(RngState(mu.device))
         grad_z, param_grads = decoder_grads(nll_fn, z, decoder_params)
+        if cfg.on_nonfinite == "zero":
+            grad_z = _zero_nonfinite(grad_z)
+            param_grads = [_zero_nonfinite(g) for g in param_grads]
         if acc_params:
             be.compensated_accumulate_(tape.param_grad_sum, tape.param_grad_comp,
                                        _as_accumulated(param_grads, tape.param_grad_sum))
         mu_n, logvar_n, p_mu, p_logvar, z, norms = be.forward_step(
             mu, logvar, p_mu, p_logvar, eps[k], grad_z, eps[k + 1] if k + 1 < steps else None, cfg.scale,
             cfg.kl_weight, cfg.lr_mu, cfg.lr_logvar, cfg.momentum, cfg.max_grad_norm)
-        if record:
+        if keep:
             tape.mu.append(mu)
             tape.logvar.append(logvar)
             tape.grad_z.append(grad_z)
             tape.grad_norms.append(norms)
         mu, logvar = mu_n, logvar_n
-    return mu, logvar, tape
+    if cfg.on_nonfinite == "raise" and steps > 0 and not _all_finite(mu, logvar):
+        tape.mu.append(mu)
+        tape.logvar.append(logvar)
+        raise nonfinite_error(_first_bad_step(tape))
+    return mu, logvar, (tape if record else None)
 
 
 class RefineFunction(torch.autograd.Function):
@@ -257,6 +295,7 @@ def _reverse_pass(cfg: RefineConfig, be: Backend, nll_fn: Callable, noise: Tenso
     pbar_mu = torch.zeros_like(lbar_mu)
     pbar_logvar = torch.zeros_like(lbar_logvar)
     eps = noise.unbind(0)
+    bad_steps = []  # raise mode: per reverse step, whether the decoder's second-order terms were non-finite
     caller_rng = RngState(lbar_mu.device) if cfg.preserve_rng_state else None
     try:
         for k in reversed(range(cfg.steps)):
@@ -269,6 +308,8 @@ def _reverse_pass(cfg: RefineConfig, be: Backend, nll_fn: Callable, noise: Tenso
             if mode == FD_FORWARD:
                 replay()
                 hvp_a, g_theta = decoder_grads(nll_fn, z_eval[0], params)
+                if cfg.on_nonfinite == "zero":
+                    g_theta = [_zero_nonfinite(g) for g in g_theta]
                 if theta_acc is not None:
                     be.compensated_accumulate_(theta_acc, theta_comp, _as_accumulated(g_theta, theta_acc))
                 hvp_b, hvp_scale = gz_k, 1.0 / cfg.fd_eps
@@ -279,16 +320,24 @@ def _reverse_pass(cfg: RefineConfig, be: Backend, nll_fn: Callable, noise: Tenso
                 hvp_b, g_minus = decoder_grads(nll_fn, z_eval[1], params, weight=row_weight)
                 for tb, gp, gm in zip(theta_bar, g_plus, g_minus):
                     if gp is not None:
-                        tb.sub_(gp.sub_(gm), alpha=s)
+                        d = gp.sub_(gm)
+                        tb.sub_(_zero_nonfinite(d) if cfg.on_nonfinite == "zero" else d, alpha=s)
                 hvp_scale = 1.0
             else:
                 replay()
                 hvp_a, g_mixed = decoder_hvp(nll_fn, z_eval[0], u, params)
                 for tb, g in zip(theta_bar, g_mixed):
                     if g is not None:
-                        tb.sub_(g, alpha=s)
+                        tb.sub_(_zero_nonfinite(g) if cfg.on_nonfinite == "zero" else g, alpha=s)
                 hvp_b, hvp_scale = None, 1.0
 
+            if cfg.on_nonfinite == "zero":  # a non-finite second-order term contributes nothing
+                ok = torch.isfinite(hvp_a) if hvp_b is None else torch.isfinite(hvp_a) & torch.isfinite(hvp_b)
+                hvp_a = torch.where(ok, hvp_a, 0.0)
+                hvp_b = None if hvp_b is None else torch.where(ok, hvp_b, 0.0)
+            elif cfg.on_nonfinite == "raise":
+                bad_steps.append(~torch.isfinite(hvp_a).all() if hvp_b is None else
+                                 ~(torch.isfinite(hvp_a).all() & torch.isfinite(hvp_b).all()))
             lbar_mu, lbar_logvar, pbar_mu, pbar_logvar = be.reverse_update(
                 lbar_mu, lbar_logvar, pbar_mu, pbar_logvar, v_mu, v_logvar, logvar_k, eps_k, gz_k, hvp_a, hvp_b,
                 hvp_scale, s, cfg.kl_weight, cfg.momentum)
@@ -307,4 +356,14 @@ def _reverse_pass(cfg: RefineConfig, be: Backend, nll_fn: Callable, noise: Tenso
             theta_bar = [t if t.dtype == p.dtype else t.to(p.dtype) for t, p in zip(theta_acc, params)]
         lbar_mu = lbar_mu * out_scale
         lbar_logvar = lbar_logvar * out_scale
+    if cfg.on_nonfinite == "zero":
+        lbar_mu, lbar_logvar = _zero_nonfinite(lbar_mu), _zero_nonfinite(lbar_logvar)
+        theta_bar = [_zero_nonfinite(t) for t in theta_bar]
+    elif cfg.on_nonfinite == "raise" and not _all_finite(lbar_mu, lbar_logvar, *theta_bar):
+        steps = [k for k, bad in zip(reversed(range(cfg.steps)), bad_steps) if bool(bad)]
+        if steps:
+            raise nonfinite_error(f"the decoder's second-order terms at inner step {max(steps)} are not finite "
+                                  "(in the backward pass)")
+        raise nonfinite_error("the gradient of the refinement w.r.t. mu, logvar or the decoder parameters is "
+                              "not finite (in the backward pass)")
     return lbar_mu, lbar_logvar, theta_bar

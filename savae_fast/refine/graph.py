@@ -50,7 +50,7 @@ class RefineGraph:
     """
 
     def __init__(self, nll_fn: Callable[[Tensor], Tensor], *, steps: int = 20, warmup: int = 3, **refine_kwargs):
-        for bad in ("hvp", "fd_eps", "preserve_rng_state", "noise"):
+        for bad in ("hvp", "fd_eps", "preserve_rng_state", "noise", "on_nonfinite"):
             if bad in refine_kwargs:
                 raise TypeError(f"RefineGraph: argument '{bad}' does not apply to forward-only refinement")
         if not callable(nll_fn):
@@ -66,7 +66,7 @@ class RefineGraph:
     def _run(self, mu: Tensor, logvar: Tensor, noise: Tensor) -> tuple[Tensor, Tensor]:
         with torch.no_grad():
             return refine(mu, logvar, self.nll_fn, (), steps=self.steps, noise=noise, preserve_rng_state=False,
-                          **self.kwargs)
+                          on_nonfinite="ignore" if mu.device.type == "cuda" else "raise", **self.kwargs)
 
     def __call__(self, mu: Tensor, logvar: Tensor, noise: Tensor | None = None) -> tuple[Tensor, Tensor]:
         _check_state(mu, logvar)

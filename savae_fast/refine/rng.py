@@ -22,9 +22,9 @@ class RngState:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             raise RuntimeError(
                 "refine: preserve_rng_state=True saves the CUDA generator state of every step, which "
-                "cannot be done during CUDA graph capture. Capture with preserve_rng_state=False and a "
-                "deterministic decoder (no dropout, or eval mode), or use savae_fast.RefineGraph for "
-                "forward-only refinement."
+                "cannot be done during CUDA graph capture. Capture with preserve_rng_state=False, "
+                "on_nonfinite='ignore' and a deterministic decoder (no dropout, or eval mode), or use "
+                "savae_fast.RefineGraph for forward-only refinement."
             )
         self.cpu = torch.get_rng_state()
         if device.type == "cuda":

@@ -1,0 +1,120 @@
+"""``python -m benchmarks [--quick] [--device cpu|cuda] [--only ...]``
+
+Runs the suite, prints markdown tables, and writes
+``benchmarks/results/<machine>_<date>.json`` / ``.md`` and a plot of step time vs K.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import time
+
+import torch
+
+from benchmarks import harness
+from benchmarks.configs import CONFIGS
+from benchmarks.op_level import QUICK_SIZES, SIZES, bench_ops, ops_table
+from benchmarks.refinement import bench_memory, bench_scaling_batch, bench_scaling_k, bench_step, step_table
+
+SECTIONS = ("ops", "step", "scaling", "memory")
+
+
+def plot_scaling(scaling: dict, path: str) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, series in scaling["series"].items():
+        ax.plot(scaling["ks"], [s * 1e3 for s in series], marker="o", label=name)
+    ax.set(xlabel="inner steps K", ylabel="time per SA-VAE training step (ms)",
+           title=f"{scaling['config']} on {scaling['device']}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def memory_table(mem: dict) -> str:
+    return harness.markdown_table(mem["rows"], [
+        ("method", "method", ""), ("K", "steps", "{}"), ("peak (MB)", "peak_mb", "{:.0f}"),
+        ("beyond floor (MB)", "extra_mb", "{:.0f}"), ("beyond floor (x |theta|)", "extra_in_theta", "{:.2f}")])
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--quick", action="store_true", help="small sizes and few rounds (about 2 minutes on CPU)")
+    p.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}")
+    p.add_argument("--out", default=harness.RESULTS_DIR)
+    p.add_argument("--no-compile", action="store_true", help="skip torch.compile in the op benchmarks")
+    args = p.parse_args(argv)
+    sections = set(args.only.split(","))
+    dev, quick = args.device, args.quick
+    start = time.time()
+    info = harness.machine(dev)
+    results = {"machine": info, "commit": harness.git_commit(), "date": dt.date.today().isoformat(),
+               "command": "python -m benchmarks " + " ".join(argv if argv is not None else []), "quick": quick}
+    report = [f"# savae_fast benchmarks: {info.get('gpu') or info['cpu']} ({dev})",
+              f"date {results['date']}, commit {results['commit']}, torch {info['torch']}, "
+              f"threads {info['torch_threads']}{', quick' if quick else ''}", ""]
+
+    if "ops" in sections:
+        r = bench_ops(dev, QUICK_SIZES if quick else SIZES, rounds=5 if quick else 20,
+                      compile_=not (args.no_compile or quick))
+        results["ops"] = r
+        report += ["## Fused operators", ops_table(r), ""]
+    if "step" in sections:
+        results["step"] = []
+        if quick:
+            names = ["small_lstm"]
+        else:
+            names = ["small_lstm", "synthetic_lstm"] + (["yahoo_lstm"] if dev == "cuda" else [])
+        for name in names:
+            cfg = CONFIGS[name]
+            if dev not in cfg.devices:
+                continue
+            r = bench_step(cfg, dev, rounds=5 if quick else 20, include_slow=not quick)
+            results["step"].append(r)
+            report += [f"## SA-VAE training step: {name} (B={cfg.batch}, D={cfg.latent}, K={cfg.steps}, "
+                       f"{r['decoder_params']:,} decoder parameters)", step_table(r), ""]
+    if "scaling" in sections:
+        cfg = CONFIGS["small_lstm"]
+        ks = (1, 5, 10) if quick else (1, 5, 10, 20, 40)
+        sk = bench_scaling_k(cfg, dev, ks, rounds=3 if quick else 7)
+        sb = bench_scaling_batch(cfg, dev, (16, 64) if quick else (16, 64, 256, 1024), rounds=3 if quick else 5)
+        results["scaling_k"], results["scaling_batch"] = sk, sb
+        os.makedirs(args.out, exist_ok=True)
+        tag = f"{harness.machine_tag(info)}_{results['date']}"
+        plot = plot_scaling(sk, os.path.join(args.out, f"{tag}_step_vs_k.png"))
+        results["scaling_plot"] = os.path.relpath(plot, os.path.dirname(harness.RESULTS_DIR))
+        rows = [{"K": k, **{n: s[i] * 1e3 for n, s in sk["series"].items()}} for i, k in enumerate(sk["ks"])]
+        report += ["## Time per training step vs K (ms)",
+                   harness.markdown_table(rows, [("K", "K", "{}")] + [(n, n, "{:.1f}") for n in sk["series"]]), ""]
+        rows = [{"B": b, **{n: s[i] * 1e3 for n, s in sb["series"].items()}} for i, b in enumerate(sb["batches"])]
+        report += ["## Time per training step vs batch size (ms)",
+                   harness.markdown_table(rows, [("B", "B", "{}")] + [(n, n, "{:.1f}") for n in sb["series"]]), ""]
+    if "memory" in sections:
+        mem = bench_memory("lstm_5m", dev, ks=(20,) if quick else (5, 20))
+        results["memory"] = mem
+        report += [f"## Peak memory, {mem['rows'][0]['params']:,}-parameter LSTM decoder "
+                   f"({'CUDA allocator maximum' if dev == 'cuda' else 'resident-set high-water mark'}, "
+                   "beyond a run of the decoder floor)", memory_table(mem), ""]
+
+    results["seconds"] = time.time() - start
+    path = harness.write_results(results, args.out)
+    md = path[:-5] + ".md"
+    report.append(f"total {results['seconds']:.0f} s")
+    with open(md, "w") as f:
+        f.write("\n".join(report) + "\n")
+    print("\n".join(report))
+    print(f"\nwrote {path} and {md}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,86 @@
+"""Op-level benchmarks: each fused operator vs the eager PyTorch op sequence
+computing the same thing (savae_fast.ops.torch_impl) and vs torch.compile of
+that sequence, from B*D = 32*32 to 2^22 elements; time, achieved bandwidth
+(the operator's unique bytes read + written / time) and, on GPU, the fraction
+of the measured device-to-device copy bandwidth."""
+
+from __future__ import annotations
+
+import torch
+
+import savae_fast as sf
+from savae_fast.ops import torch_impl
+from savae_fast.ops.constants import FD_CENTRAL
+from benchmarks import harness
+
+SIZES = [(32, 32), (256, 64), (1024, 256), (4096, 1024)]  # up to 2^22 elements
+QUICK_SIZES = [(32, 32), (1024, 256)]
+
+# Unique [B, D] tensors read and written by each operator (its minimal memory traffic).
+STREAMS = {"forward_step": (7, 5), "reverse_direction": (8, 7), "reverse_update": (10, 4)}
+
+
+def _args(name: str, b: int, d: int, device: str, dtype=torch.float32):
+    g = torch.Generator(device="cpu").manual_seed(0)
+    t = lambda s=1.0: (s * torch.randn(b, d, generator=g)).to(device=device, dtype=dtype)  # noqa: E731
+    mu, lv, pm, pl, eps, gz, en = t(0.5), t(0.3), t(0.1), t(0.1), t(), t(), t()
+    if name == "forward_step":
+        return (mu, lv, pm, pl, eps, gz, en, 1 / b, 1.0, 1.0, 1.0, 0.5, 5.0)
+    norms = torch_impl.forward_step(mu, lv, pm, pl, eps, gz, None, 1 / b, 1.0, 1.0, 1.0, 0.5, 5.0)[5]
+    if name == "reverse_direction":
+        return (t(), t(), pm, pl, mu, lv, eps, gz, norms, 1 / b, 1.0, 1.0, 1.0, 5.0, FD_CENTRAL, 2e-3)
+    return (t(), t(), pm, pl, t(), t(), lv, eps, gz, t(), t(), 500.0, 1 / b, 1.0, 0.5)
+
+
+def copy_bandwidth(device: str, n: int = 1 << 24) -> float:
+    """Bytes/s of dst.copy_(src) (read + write), float32."""
+    src = torch.randn(n, device=device)
+    dst = torch.empty_like(src)
+    times = harness.interleaved({"copy": lambda: dst.copy_(src)}, rounds=20, device=device, warmup=3)["copy"]
+    return 2 * n * 4 / min(times)
+
+
+def bench_ops(device: str, sizes=SIZES, rounds: int = 20, compile_: bool = True,
+              ops=("forward_step", "reverse_direction", "reverse_update")) -> dict:
+    out = {"device": device, "rows": []}
+    copy_bw = copy_bandwidth(device) if device == "cuda" else None
+    out["copy_bytes_per_s"] = copy_bw
+    compiled = {}
+    for name in ops:
+        if compile_:
+            compiled[name] = torch.compile(getattr(torch_impl, name), dynamic=True)
+        for b, d in sizes:
+            args = _args(name, b, d, device)
+            cands = {"eager torch ops": lambda f=getattr(torch_impl, name): f(*args)}
+            if sf.ops.available(device):
+                cands["fused cpp" if device == "cpu" else "fused cuda"] = (
+                    lambda f=getattr(torch.ops.savae_fast, name).default: f(*args))
+            if device == "cuda" and sf.ops.triton_available(device):
+                from savae_fast.ops import triton_impl
+
+                cands["fused triton"] = lambda f=getattr(triton_impl, name): f(*args)
+            if compile_:
+                cands["torch.compile"] = lambda f=compiled[name]: f(*args)
+            times = harness.interleaved(cands, rounds, device, warmup=2)
+            reads, writes = STREAMS[name]
+            nbytes = (reads + writes) * b * d * 4
+            for cand, samples in times.items():
+                s = harness.summary(samples)
+                row = {"op": name, "batch": b, "latent": d, "elements": b * d, "candidate": cand,
+                       "median_us": s["median_s"] * 1e6, "min_us": s["min_s"] * 1e6,
+                       "bytes_per_s": nbytes / s["min_s"], "gb_per_s": nbytes / s["min_s"] / 1e9,
+                       "speedup_vs_eager": harness.ratio(times, "eager torch ops", cand)["median_of_ratios"]}
+                if compile_ and cand != "torch.compile":
+                    row["speedup_vs_compile"] = harness.ratio(times, "torch.compile", cand)["median_of_ratios"]
+                if copy_bw:
+                    row["fraction_of_copy_bw"] = row["bytes_per_s"] / copy_bw
+                out["rows"].append(row)
+    return out
+
+
+def ops_table(result: dict) -> str:
+    return harness.markdown_table(result["rows"], [
+        ("op", "op", ""), ("B x D", "elements", "{:,}"), ("candidate", "candidate", ""),
+        ("median (us)", "median_us", "{:.1f}"), ("GB/s", "gb_per_s", "{:.1f}"),
+        ("speed-up vs eager", "speedup_vs_eager", "{:.2f}x"), ("vs torch.compile", "speedup_vs_compile", "{:.2f}x"),
+        ("of copy bw", "fraction_of_copy_bw", "{:.0%}")])

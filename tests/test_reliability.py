@@ -1,0 +1,301 @@
+"""Reliability: property-based checks against the references, fuzzing of the compiled
+operators, non-finite values, extreme log-variances, torch.compile, threads."""
+
+import math
+import threading
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import savae_fast as sf
+from savae_fast.ops import torch_impl
+from savae_fast.ops.constants import FD_CENTRAL, FD_EXACT, FD_FORWARD
+from savae_fast.reference import unrolled
+from helpers import MLPDecoder, max_rel_err, rel_err
+from test_ops import _assert_outputs_close, _state
+
+HAVE_CPP = sf.ops.available("cpu")
+BACKENDS = (["cpp"] if HAVE_CPP else []) + (["triton"] if sf.ops.triton_available("cpu") else []) + ["torch"]
+PROPERTY = settings(max_examples=30, deadline=None, derandomize=False,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+
+
+def _impl(backend):
+    return sf.ops.get_backend(backend, "cpu", traceable=True)
+
+
+# ------------------------------------------------------------------------------ properties
+op_inputs = st.fixed_dictionaries({
+    "batch": st.integers(1, 40), "latent": st.integers(1, 70), "dtype": st.sampled_from([torch.float32, torch.float64]),
+    "backend": st.sampled_from([b for b in BACKENDS if b != "torch"] or ["torch"]),
+    "scale": st.floats(1e-3, 2.0), "kl_weight": st.floats(0.0, 2.0), "lr": st.floats(0.05, 2.0),
+    "momentum": st.floats(0.0, 0.95), "clip": st.sampled_from(["off", "inactive", "active"]),
+    "fd_mode": st.sampled_from([FD_EXACT, FD_FORWARD, FD_CENTRAL]), "seed": st.integers(0, 2**31 - 1)})
+
+
+@PROPERTY
+@given(op_inputs)
+def test_property_fused_ops_match_formula(p):
+    torch.manual_seed(p["seed"])
+    state = _state((p["batch"], p["latent"]), p["dtype"])
+    g_mu, g_lv = torch_impl.elbo_grad(state["grad_z"], state["mu"], state["logvar"], state["eps"], p["scale"],
+                                      p["kl_weight"])
+    lo, hi = min(g_mu.norm(), g_lv.norm()).item(), max(g_mu.norm(), g_lv.norm()).item()
+    max_norm = {"off": 0.0, "inactive": 3 * hi, "active": 0.5 * lo}[p["clip"]]
+    impl = _impl(p["backend"])
+    fwd = (state["mu"], state["logvar"], state["p_mu"], state["p_logvar"], state["eps"], state["grad_z"],
+           state["eps_next"], p["scale"], p["kl_weight"], p["lr"], p["lr"], p["momentum"], max_norm)
+    _assert_outputs_close(impl.forward_step(*fwd), torch_impl.forward_step(*fwd), p["dtype"])
+    norms = torch_impl.forward_step(*fwd)[5]
+    step = {FD_EXACT: 0.0, FD_FORWARD: 1e-3, FD_CENTRAL: 2e-3}[p["fd_mode"]]
+    rev = (torch.randn_like(state["mu"]), torch.randn_like(state["mu"]), state["p_mu"], state["p_logvar"],
+           state["mu"], state["logvar"], state["eps"], state["grad_z"], norms, p["scale"], p["kl_weight"], p["lr"],
+           p["lr"], max_norm, p["fd_mode"], step)
+    _assert_outputs_close(impl.reverse_direction(*rev), torch_impl.reverse_direction(*rev), p["dtype"],
+                          scales={6: 0.5 / step} if p["fd_mode"] == FD_CENTRAL else None)
+    t = lambda: torch.randn_like(state["mu"])  # noqa: E731
+    upd = (t(), t(), t(), t(), t(), t(), state["logvar"], state["eps"], state["grad_z"], t(), t(), 1.0 / max(step, 1e-3),
+           p["scale"], p["kl_weight"], p["momentum"])
+    _assert_outputs_close(impl.reverse_update(*upd), torch_impl.reverse_update(*upd), p["dtype"])
+
+
+refine_inputs = st.fixed_dictionaries({
+    "batch": st.integers(1, 12), "latent": st.integers(1, 6), "steps": st.integers(1, 6),
+    "lr": st.floats(0.1, 1.5), "momentum": st.floats(0.0, 0.9), "clip": st.booleans(),
+    "kl_weight": st.floats(0.0, 1.5), "reduction": st.sampled_from(["mean", "sum", 0.3]),
+    "hvp": st.sampled_from(["fd_central", "fd_forward", "exact"]), "backend": st.sampled_from(BACKENDS),
+    "seed": st.integers(0, 2**31 - 1)})
+
+
+@PROPERTY
+@given(refine_inputs)
+def test_property_refine_gradients_match_unrolled(p):
+    """float64: fd_central within 1e-7, fd_forward within 1e-6, exact to rounding."""
+    torch.manual_seed(p["seed"])
+    b, d = p["batch"], p["latent"]
+    dec = MLPDecoder(d, hidden=8, vocab=5, length=3).double()
+    x = torch.randint(0, 5, (b, 3))
+    mu0 = (0.5 * torch.randn(b, d, dtype=torch.float64)).requires_grad_(True)
+    lv0 = (0.3 * torch.randn(b, d, dtype=torch.float64)).requires_grad_(True)
+    noise = torch.randn(p["steps"], b, d, dtype=torch.float64)
+    lr = p["lr"] / b if p["reduction"] == "sum" else p["lr"]
+    kw = dict(steps=p["steps"], lr=lr, momentum=p["momentum"], kl_weight=p["kl_weight"], reduction=p["reduction"],
+              noise=noise)
+    nll = lambda z: dec.nll(x, z)  # noqa: E731
+    with torch.no_grad():  # a clip threshold that bites in the early steps
+        z0 = (mu0 + torch.exp(0.5 * lv0) * noise[0]).requires_grad_(True)
+    with torch.enable_grad():
+        gz = torch.autograd.grad(nll(z0).sum(), z0)[0]
+    kw["max_grad_norm"] = 0.5 * float((gz + p["kl_weight"] * mu0.detach()).norm()) / (b if p["reduction"] == "mean" else 1) \
+        if p["clip"] else 0.0
+    w1, w2 = torch.randn(b, d, dtype=torch.float64), torch.randn(b, d, dtype=torch.float64)
+    params = list(dec.parameters())
+
+    def grads(method, **extra):
+        mk, lk = method(mu0, lv0, nll, params, **kw, **extra)
+        loss = (w1 * mk).sum() + (w2 * lk).sum() + dec.nll(x, mk).mean()
+        return torch.autograd.grad(loss, [mu0, lv0, *params])
+
+    ours = grads(sf.refine, hvp=p["hvp"], backend=p["backend"])
+    ref = grads(unrolled)
+    worst, errs = max_rel_err(ours, ref)
+    assert worst <= {"fd_central": 1e-7, "fd_forward": 1e-6, "exact": 1e-10}[p["hvp"]], (p, errs)
+
+
+# ----------------------------------------------------------------------------------- fuzzing
+BAD_TENSORS = [
+    lambda: torch.randn(4, 3)[:, :2], lambda: torch.randn(4), lambda: torch.randn(4, 3, 2), lambda: torch.randn(0, 3),
+    lambda: torch.randn(4, 0), lambda: torch.randn(4, 3).half(), lambda: torch.randn(4, 3).bfloat16(),
+    lambda: torch.randint(0, 3, (4, 3)), lambda: torch.randn(4, 3, dtype=torch.float64),
+    lambda: torch.randn(3, 4).t(), lambda: torch.full((4, 3), float("nan")), lambda: torch.randn(4, 3)[::2],
+    lambda: torch.randn(4, 3, dtype=torch.complex64),
+]
+BAD_SCALARS = [float("nan"), float("inf"), -1.0, 0.0, 1e300, -7]
+
+
+@pytest.mark.skipif(not HAVE_CPP, reason="compiled kernels not built")
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.sampled_from(["sample", "forward_step", "reverse_direction", "reverse_update", "compensated_accumulate_"]),
+       st.integers(0, 20), st.integers(0, len(BAD_TENSORS) - 1), st.integers(0, 20),
+       st.sampled_from(BAD_SCALARS), st.booleans())
+def test_fuzz_compiled_ops_never_crash(name, position, bad_tensor, scalar_position, bad_scalar, swap_none):
+    """Malformed arguments raise a Python exception (or are handled); they never crash a kernel."""
+    st_ = _state((4, 3), torch.float32)
+    t = lambda: torch.randn(4, 3)  # noqa: E731
+    args = {
+        "sample": [st_["mu"], st_["logvar"], st_["eps"]],
+        "forward_step": [t(), t(), t(), t(), t(), t(), t(), 0.25, 1.0, 1.0, 1.0, 0.5, 1.0],
+        "reverse_direction": [t(), t(), t(), t(), t(), t(), t(), t(), torch.rand(2), 0.25, 1.0, 1.0, 1.0, 1.0, 2, 1e-3],
+        "reverse_update": [t(), t(), t(), t(), t(), t(), t(), t(), t(), t(), t(), 10.0, 0.25, 1.0, 0.5],
+        "compensated_accumulate_": [[torch.randn(5), torch.randn(2, 2)], [torch.zeros(5), torch.zeros(2, 2)],
+                                    [torch.randn(5), None]],
+    }[name]
+    tensor_slots = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
+    scalar_slots = [i for i, a in enumerate(args) if isinstance(a, (float, int)) and not isinstance(a, bool)]
+    if name == "compensated_accumulate_":
+        args[position % 3] = [BAD_TENSORS[bad_tensor](), args[position % 3][1]]
+    else:
+        args[tensor_slots[position % len(tensor_slots)]] = None if (swap_none and name != "sample") else \
+            BAD_TENSORS[bad_tensor]()
+        if scalar_slots:
+            args[scalar_slots[scalar_position % len(scalar_slots)]] = bad_scalar
+    op = getattr(torch.ops.savae_fast, name).default
+    try:
+        out = op(*args)
+    except (RuntimeError, TypeError, ValueError, IndexError):
+        return
+    for o in (out if isinstance(out, tuple) else (out,)):  # accepted inputs give well-formed outputs
+        assert o is None or isinstance(o, torch.Tensor)
+
+
+# ------------------------------------------------------------------------- non-finite values
+def _nan_decoder(step_with_nan: int):
+    calls = {"n": 0}
+
+    def nll(z):
+        calls["n"] += 1
+        out = (z ** 2).sum(1)
+        if calls["n"] == step_with_nan + 1:
+            out = out * float("nan")
+        return out
+
+    return nll
+
+
+def test_nonfinite_forward_raises_naming_the_step():
+    mu = torch.randn(4, 3, requires_grad=True)
+    with pytest.raises(FloatingPointError, match="inner step 2"):
+        sf.refine(mu, torch.zeros(4, 3), _nan_decoder(2), steps=5)
+    with torch.no_grad(), pytest.raises(FloatingPointError, match="inner step 1"):
+        sf.refine(mu, torch.zeros(4, 3), _nan_decoder(1), steps=5)
+
+
+def test_nonfinite_zero_and_ignore():
+    mu = torch.randn(4, 3, requires_grad=True)
+    mu_k, lv_k = sf.refine(mu, torch.zeros(4, 3), _nan_decoder(2), steps=5, on_nonfinite="zero")
+    (mu_k.sum() + lv_k.sum()).backward()
+    assert torch.isfinite(mu_k).all() and torch.isfinite(mu.grad).all()
+    mu_k, _ = sf.refine(mu.detach(), torch.zeros(4, 3), _nan_decoder(2), steps=5, on_nonfinite="ignore")
+    assert not torch.isfinite(mu_k).all()
+    with pytest.raises(ValueError, match="on_nonfinite"):
+        sf.refine(mu, torch.zeros(4, 3), _nan_decoder(2), steps=5, on_nonfinite="skip")
+
+
+@pytest.mark.parametrize("hvp", ["fd_central", "fd_forward", "exact"])
+def test_nonfinite_in_backward_raises_and_no_nan_reaches_params(hvp):
+    w = torch.ones(3, requires_grad=True)
+    calls = {"n": 0}
+
+    def nll(z):
+        calls["n"] += 1
+        out = ((z - w) ** 2).sum(1)
+        return out * float("nan") if calls["n"] == 7 else out  # a backward evaluation (forward uses 5)
+
+    mu = torch.randn(4, 3, requires_grad=True)
+    mu_k, lv_k = sf.refine(mu, torch.zeros(4, 3), nll, [w], steps=5, hvp=hvp)
+    with pytest.raises(FloatingPointError, match="backward"):
+        (mu_k.sum() + lv_k.sum()).backward()
+    assert w.grad is None or torch.isfinite(w.grad).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("logvar", [-30.0, 30.0])
+def test_extreme_logvar_float32(backend, logvar):
+    """logvar = +-30: exp(logvar/2) stays finite and accurate in float32 (no clamping)."""
+    b, d = 6, 3
+    mu = torch.randn(b, d)
+    lv = torch.full((b, d), logvar)
+    eps, gz = torch.randn(b, d), torch.randn(b, d)
+    be = _impl(backend)
+    args = (mu, lv, torch.zeros(b, d), torch.zeros(b, d), eps, gz, torch.randn(b, d), 1 / b, 1.0, 1e-3, 1e-3, 0.5,
+            5.0)
+    out = be.forward_step(*args)
+    ref = torch_impl.forward_step(*(a.double() if isinstance(a, torch.Tensor) else a for a in args))
+    for a, r in zip(out, ref):
+        assert torch.isfinite(a).all()
+        assert rel_err(a, r) < 1e-5
+    # refine end to end: finite gradients
+    lin = torch.randn(d, dtype=torch.float64)
+    nll = lambda z: (z * lin.to(z.dtype)).sum(1) + 0.5 * (z ** 2).sum(1) * 1e-6  # noqa: E731
+    mu0 = mu.clone().requires_grad_(True)
+    lv0 = lv.clone().requires_grad_(True)
+    mk, lk = sf.refine(mu0, lv0, nll, steps=4, lr=1e-3, hvp="fd_central", backend=backend)
+    g = torch.autograd.grad(mk.sum() + lk.sum(), [mu0, lv0])
+    assert all(torch.isfinite(t).all() for t in g)
+
+
+# ------------------------------------------------------------------------- compile, threads
+def test_ops_trace_under_torch_compile_fullgraph():
+    if not HAVE_CPP:
+        pytest.skip("compiled kernels not built")
+    st_ = _state((5, 4), torch.float32)
+
+    def f(mu, lv, eps, gz, en):
+        out = sf.ops.forward_step(mu, lv, torch.zeros_like(mu), torch.zeros_like(mu), eps, gz, en, scale=0.2,
+                                  kl_weight=1.0, lr_mu=1.0, lr_logvar=1.0, momentum=0.5, max_grad_norm=1.0)
+        return out[0] * 2 + out[4]
+
+    args = (st_["mu"], st_["logvar"], st_["eps"], st_["grad_z"], st_["eps_next"])
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    assert torch.allclose(compiled(*args), f(*args))
+
+
+def test_model_calling_refine_compiles_with_one_graph_break():
+    torch.manual_seed(0)
+    enc = torch.nn.Linear(6, 8)
+    dec = MLPDecoder(4, hidden=8, vocab=5, length=3)
+    x_feat, x = torch.randn(10, 6), torch.randint(0, 5, (10, 3))
+    noise = torch.randn(3, 10, 4)
+
+    def step(x_feat):
+        mu, lv = enc(x_feat).chunk(2, dim=1)
+        mk, lk = sf.refine(mu, lv, lambda z: dec.nll(x, z), dec.parameters(), steps=3, noise=noise)
+        return (dec.nll(x, mk) + 0.5 * (mk ** 2 + lk.exp() - lk).sum(1)).mean()
+
+    explanation = torch._dynamo.explain(step)(x_feat)
+    # at most one break, at refine (it differentiates the decoder inside; newer torch calls it opaquely)
+    assert explanation.graph_break_count <= 1, explanation.break_reasons
+    params = [*enc.parameters(), *dec.parameters()]
+    ref = torch.autograd.grad(step(x_feat), params)
+    out = torch.autograd.grad(torch.compile(step, backend="aot_eager")(x_feat), params)
+    assert max_rel_err(out, ref)[0] < 1e-6
+
+
+def test_refine_from_two_threads_on_different_models():
+    def problem(seed):
+        g = torch.Generator().manual_seed(seed)
+        dec = MLPDecoder(4, hidden=8, vocab=5, length=3).double()
+        with torch.no_grad():
+            for p in dec.parameters():
+                p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64))
+        x = torch.randint(0, 5, (6, 3), generator=g)
+        return dec, x, torch.randn(6, 4, generator=g, dtype=torch.float64), torch.randn(8, 6, 4, generator=g,
+                                                                                         dtype=torch.float64)
+
+    def run(dec, x, mu, noise, hvp):
+        mu = mu.clone().requires_grad_(True)
+        mk, lk = sf.refine(mu, torch.zeros_like(mu), lambda z: dec.nll(x, z), dec.parameters(), steps=8, noise=noise,
+                           hvp=hvp)
+        return torch.autograd.grad(mk.sum() + lk.sum(), [mu, *dec.parameters()])
+
+    problems = [problem(s) for s in (1, 2)]
+    expected = [run(*pr, hvp) for pr, hvp in zip(problems, ("fd_forward", "fd_central"))]
+    results, errors = [None, None], []
+
+    def worker(i, hvp):
+        try:
+            for _ in range(5):
+                results[i] = run(*problems[i], hvp)
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(i, hvp)) for i, hvp in enumerate(("fd_forward", "fd_central"))]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not errors, errors
+    for got, want in zip(results, expected):
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
