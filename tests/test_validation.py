@@ -59,3 +59,22 @@ def test_auto_backend_falls_back_with_one_warning(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert ops.get_backend("auto", "cpu").name == "torch"  # no second warning
+
+
+def test_model_entry_points_reject_bad_inputs():
+    from savae_fast.models import ImageVAE, TextVAE
+
+    text = TextVAE(10, latent_dim=2, embed_dim=4, hidden_dim=4)
+    with pytest.raises(ValueError, match="'x' must be a \\[batch, length\\] integer"):
+        text.nll(torch.randn(3, 5), torch.randn(3, 2))
+    with pytest.raises(ValueError, match="outside \\[0, 10\\)"):
+        text.encode(torch.full((3, 5), 12))
+    with pytest.raises(ValueError, match="'z' must be a float \\[3, 2\\]"):
+        text.nll(torch.randint(0, 10, (3, 5)), torch.randn(3, 3))
+    with pytest.raises(ValueError, match="at least 2 tokens"):
+        text.nll(torch.randint(0, 10, (3, 1)), torch.randn(3, 2))
+    image = ImageVAE(latent_dim=2, image_size=8, enc_channels=4, dec_channels=4, kernels=(3,))
+    with pytest.raises(ValueError, match="\\[batch, 1, 8, 8\\]"):
+        image.nll(torch.rand(2, 1, 7, 7), torch.randn(2, 2))
+    with pytest.raises(ValueError, match="'z' is required"):
+        image.nll(torch.rand(2, 1, 8, 8))

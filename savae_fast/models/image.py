@@ -11,6 +11,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
+def check_images(name: str, x: Tensor, image_size: int) -> None:
+    if not isinstance(x, Tensor) or x.dim() != 4 or x.shape[1] != 1 or x.shape[2:] != (image_size, image_size):
+        raise ValueError(f"{name}: argument 'x' must be a [batch, 1, {image_size}, {image_size}] tensor, got "
+                         f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
+    if not x.is_floating_point():
+        raise ValueError(f"{name}: argument 'x' must be a floating-point tensor of 0/1 pixels, got {x.dtype}")
+
+
 class ResidualBlock(nn.Module):
     def __init__(self, c_in: int, c_out: int, stride: int):
         super().__init__()
@@ -34,8 +42,10 @@ class ResidualEncoder(nn.Module):
             c_in, size = channels, (size + stride - 1) // stride
         self.blocks = nn.Sequential(*blocks)
         self.to_params = nn.Linear(channels * size * size, 2 * latent_dim)
+        self.image_size = image_size
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        check_images("ResidualEncoder", x, self.image_size)
         mu, logvar = self.to_params(self.blocks(x).flatten(1)).chunk(2, dim=1)
         return mu, logvar
 
@@ -100,10 +110,12 @@ class GatedPixelCNNDecoder(nn.Module):
         self.out = nn.Sequential(nn.ReLU(), nn.Conv2d(channels, channels, 1), nn.ReLU(), nn.Conv2d(channels, 1, 1))
 
     def logits(self, x: Tensor, z: Tensor | None) -> Tensor:
+        from savae_fast.models.text import check_latent
+
+        check_images("GatedPixelCNNDecoder", x, self.image_size)
+        check_latent("GatedPixelCNNDecoder", z, x.shape[0], self.latent_dim)
         cond = None
         if self.to_cond is not None:
-            if z is None:
-                raise ValueError("GatedPixelCNNDecoder: argument 'z' is required when latent_dim > 0")
             cond = self.to_cond(z.to(x.dtype)).view(-1, self.cond_channels, self.image_size, self.image_size)
         v = h = x
         for layer in self.layers:

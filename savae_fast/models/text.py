@@ -12,6 +12,28 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
+def check_tokens(name: str, x: Tensor, vocab_size: int) -> None:
+    if not isinstance(x, Tensor) or x.dim() != 2 or x.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"{name}: argument 'x' must be a [batch, length] integer tensor of token ids, got "
+                         f"{type(x).__name__ if not isinstance(x, Tensor) else (tuple(x.shape), x.dtype)}")
+    if x.shape[1] < 2:
+        raise ValueError(f"{name}: argument 'x' needs at least 2 tokens per sentence (<s> ... </s>), got {x.shape[1]}")
+    # range check on CPU only: on a GPU it would be a host sync in every decoder call
+    # of the refinement loop (the loaders build ids from the vocabulary)
+    if x.device.type == "cpu" and x.numel() and (int(x.min()) < 0 or int(x.max()) >= vocab_size):
+        raise ValueError(f"{name}: argument 'x' has token ids outside [0, {vocab_size})")
+
+
+def check_latent(name: str, z: Tensor | None, batch: int, latent_dim: int) -> None:
+    if latent_dim == 0:
+        return
+    if z is None:
+        raise ValueError(f"{name}: argument 'z' is required when latent_dim > 0")
+    if not isinstance(z, Tensor) or z.shape != (batch, latent_dim) or not z.is_floating_point():
+        raise ValueError(f"{name}: argument 'z' must be a float [{batch}, {latent_dim}] tensor, got "
+                         f"{tuple(z.shape) if isinstance(z, Tensor) else type(z).__name__}")
+
+
 class LSTMDecoder(nn.Module):
     """p(x | z): LSTM language model with z concatenated to every input and
     z -> initial hidden state (Kim et al. 2018); ``latent_dim=0`` gives the
@@ -29,12 +51,12 @@ class LSTMDecoder(nn.Module):
 
     def logits(self, x: Tensor, z: Tensor | None) -> Tensor:
         """Next-token logits ``[B, T-1, V]``."""
+        check_tokens("LSTMDecoder", x, self.vocab_size)
+        check_latent("LSTMDecoder", z, x.shape[0], self.latent_dim)
         inputs = self.dropout(self.embed(x[:, :-1]))
         batch, steps, _ = inputs.shape
         hidden = inputs.new_zeros(1, batch, self.rnn.hidden_size)
         if self.latent_dim > 0:
-            if z is None:
-                raise ValueError("LSTMDecoder: argument 'z' is required when latent_dim > 0")
             inputs = torch.cat([inputs, z.to(inputs.dtype).unsqueeze(1).expand(batch, steps, z.shape[1])], dim=2)
             hidden = self.latent_to_hidden(z.to(inputs.dtype)).unsqueeze(0)
         output, _ = self.rnn(inputs, (hidden, torch.zeros_like(hidden)))
@@ -59,12 +81,13 @@ class LSTMEncoder(nn.Module):
     def __init__(self, vocab_size: int, latent_dim: int, embed_dim: int = 512, hidden_dim: int = 1024,
                  pad_index: int = 0):
         super().__init__()
-        self.pad_index = pad_index
+        self.pad_index, self.vocab_size = pad_index, vocab_size
         self.embed = nn.Embedding(vocab_size, embed_dim)
         self.rnn = nn.LSTM(embed_dim, hidden_dim, batch_first=True)
         self.to_params = nn.Linear(hidden_dim, 2 * latent_dim)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        check_tokens("LSTMEncoder", x, self.vocab_size)
         lengths = (x != self.pad_index).sum(dim=1).clamp_min(1)
         packed = nn.utils.rnn.pack_padded_sequence(self.embed(x), lengths.cpu(), batch_first=True,
                                                    enforce_sorted=False)
