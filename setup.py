@@ -96,7 +96,8 @@ def _extensions():
             + ("torch is a CPU-only build" if torch.version.cuda is None else "nvcc not found (set CUDA_HOME)")
         )
 
-    sources = [os.path.join("csrc", "ops.cpp"), os.path.join("csrc", "cpu", "refine_cpu.cpp")]
+    sources = [os.path.join("csrc", "ops.cpp"), os.path.join("csrc", "cpu", "refine_cpu.cpp"),
+               os.path.join("csrc", "cpu", "kernels_avx2.cpp")]
     include_dirs = [CSRC]
     define_macros = []
     extra = {"cxx": cxx_flags}

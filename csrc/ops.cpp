@@ -7,6 +7,8 @@
 #include <torch/csrc/utils/pybind.h>  // at::Tensor <-> torch.Tensor casters
 #include <torch/library.h>
 
+#include "cpu/kernels.h"
+
 #include <optional>
 #include <string>
 #include <tuple>
@@ -149,6 +151,7 @@ pybind11::dict build_info() {
   info["cuda_archs"] = std::string(SAVAE_FAST_CUDA_ARCHS);
 #endif
   info["compiler"] = std::string(__VERSION__);
+  info["cpu_vector_kernels"] = savae_fast::cpu::vector_kernels_compiled();
   return info;
 }
 
@@ -157,5 +160,9 @@ pybind11::dict build_info() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "Compiled kernels of savae_fast (operators are registered under torch.ops.savae_fast)";
   m.def("build_info", &build_info, "How this extension was built.");
+  m.def("cpu_vector_kernels", &savae_fast::cpu::vector_kernels_enabled,
+        "Whether the CPU operators use their AVX2 (vectorised) build.");
+  m.def("set_cpu_vector_kernels", &savae_fast::cpu::set_vector_kernels, py::arg("enabled"),
+        "Use the AVX2 (True) or the portable (False) build of the CPU loops.");
   bind_unboxed(m);
 }

@@ -31,6 +31,21 @@ enum FdMode : int {
   kCentral = 2,  // two points, z +- r_b u_b, per-example r_b
 };
 
+// exp and expm1 of one element. A struct (not free functions) so that a
+// vector type can specialise it: the CPU kernels instantiate the formulas
+// below on at::vec::Vectorized<T> as well as on T.
+template <typename T>
+struct Elementwise {
+  static SAVAE_HD T exp(T x) {
+    using std::exp;
+    return exp(x);
+  }
+  static SAVAE_HD T expm1(T x) {
+    using std::expm1;
+    return expm1(x);
+  }
+};
+
 // sigma = exp(lv / 2) and exp(lv) - 1, both accurate over the whole range:
 // with em = expm1(lv / 2), exp(lv) - 1 = em (sigma + 1) has no cancellation near
 // lv = 0 (unlike sigma^2 - 1), and sigma from exp keeps full relative precision
@@ -43,17 +58,14 @@ struct GaussTerms {
 
 template <typename T>
 SAVAE_HD GaussTerms<T> gauss_terms(T logvar) {
-  using std::exp;
-  using std::expm1;
   const T half = T(0.5) * logvar;
-  const T sigma = exp(half);
-  return {sigma, expm1(half) * (sigma + T(1))};
+  const T sigma = Elementwise<T>::exp(half);
+  return {sigma, Elementwise<T>::expm1(half) * (sigma + T(1))};
 }
 
 template <typename T>
 SAVAE_HD T sigma_of(T logvar) {
-  using std::exp;
-  return exp(T(0.5) * logvar);
+  return Elementwise<T>::exp(T(0.5) * logvar);
 }
 
 // Reparameterised sample z = mu + sigma * eps.

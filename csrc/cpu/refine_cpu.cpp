@@ -1,19 +1,25 @@
-// CPU kernels of the savae_fast:: operators.
+// CPU registrations of the savae_fast:: operators: argument checks, output
+// allocation, threading and the scalar per-tensor / per-row work; the loops
+// are those of kernels.h, in their AVX2 build (kernels_avx2.cpp) when the CPU
+// supports it, else their portable build (instantiated here).
 //
-// Rows (examples) are split across threads with at::parallel_for; the inner
-// loop over the latent dimension is a plain contiguous loop the compiler can
-// vectorise. Whole-tensor reductions (clip norms, clip-Jacobian dot products)
-// are accumulated per row in double and summed serially, so results do not
-// depend on the number of threads.
+// Rows (examples) are split across threads with at::parallel_for; whole-tensor
+// reductions (clip norms, clip-Jacobian dot products) are summed per row and
+// then over rows in order, so results do not depend on the number of threads.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <atomic>
 #include <cmath>
+#include <cstdlib>
+#include <string>
+#include <utility>
 #include <vector>
 
 #include "../op_common.h"
 #include "../savae_math.h"
+#include "kernels.h"
 
 namespace savae_fast {
 namespace {
@@ -26,19 +32,59 @@ inline int64_t row_grain(int64_t cols) {
   return std::max<int64_t>(1, kElementsPerTask / std::max<int64_t>(1, cols));
 }
 
+// ------------------------------------------------------------ kernel choice
+bool cpu_has_avx2() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+  return false;
+#endif
+}
+
+std::atomic<bool>& vector_flag() {
+  static std::atomic<bool> flag{[] {
+    const char* env = std::getenv("SAVAE_FAST_CPU_VECTOR");
+    return cpu_has_avx2() && cpu::avx2_table_float() != nullptr && !(env && std::string(env) == "0");
+  }()};
+  return flag;
+}
+
+template <typename T>
+const cpu::KernelTable<T>& kernels();
+
+template <>
+const cpu::KernelTable<float>& kernels<float>() {
+  static const cpu::KernelTable<float> portable = cpu::Loops<float, float>::table();
+  return vector_flag().load() ? *cpu::avx2_table_float() : portable;
+}
+
+template <>
+const cpu::KernelTable<double>& kernels<double>() {
+  static const cpu::KernelTable<double> portable = cpu::Loops<double, double>::table();
+  return vector_flag().load() ? *cpu::avx2_table_double() : portable;
+}
+
+// Sum of per-row partials in row order: independent of the number of threads.
+std::pair<double, double> ordered_sum(const std::vector<double>& part, int64_t rows) {
+  double a = 0, b = 0;
+  for (int64_t r = 0; r < rows; ++r) {
+    a += part[2 * r];
+    b += part[2 * r + 1];
+  }
+  return {a, b};
+}
+
 // ---------------------------------------------------------------- sample
 at::Tensor sample_cpu(const at::Tensor& mu, const at::Tensor& logvar, const at::Tensor& eps) {
   auto m = check_matrices("sample", {{"mu", &mu}, {"logvar", &logvar}, {"eps", &eps}});
   at::Tensor z = at::empty_like(m[0]);
   const int64_t n = m[0].numel();
   AT_DISPATCH_FLOATING_TYPES(m.dtype(), "savae_fast::sample", [&] {
-    const scalar_t* __restrict__ pm = m[0].data_ptr<scalar_t>();
-    const scalar_t* __restrict__ pl = m[1].data_ptr<scalar_t>();
-    const scalar_t* __restrict__ pe = m[2].data_ptr<scalar_t>();
-    scalar_t* __restrict__ pz = z.data_ptr<scalar_t>();
-    at::parallel_for(0, n, 1 << 14, [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i) pz[i] = math::sample(pm[i], math::sigma_of(pl[i]), pe[i]);
-    });
+    using T = scalar_t;
+    const auto& k = kernels<T>();
+    const T *pm = m[0].data_ptr<T>(), *pl = m[1].data_ptr<T>(), *pe = m[2].data_ptr<T>();
+    T* pz = z.data_ptr<T>();
+    at::parallel_for(0, n, 1 << 14, [&](int64_t i0, int64_t i1) { k.sample(pm, pl, pe, pz, i0, i1); });
   });
   return z;
 }
@@ -67,58 +113,27 @@ forward_step_cpu(const at::Tensor& mu, const at::Tensor& logvar, const at::Tenso
 
   AT_DISPATCH_FLOATING_TYPES(m.dtype(), "savae_fast::forward_step", [&] {
     using T = scalar_t;
-    const T* __restrict__ x_mu = m[0].data_ptr<T>();
-    const T* __restrict__ x_lv = m[1].data_ptr<T>();
-    const T* __restrict__ x_pm = m[2].data_ptr<T>();
-    const T* __restrict__ x_pl = m[3].data_ptr<T>();
-    const T* __restrict__ x_e = m[4].data_ptr<T>();
-    const T* __restrict__ x_gz = m[5].data_ptr<T>();
-    const T* __restrict__ x_en = has_next ? en.data_ptr<T>() : nullptr;
-    const T s = T(scale), beta = T(kl_weight);
+    const auto& k = kernels<T>();
+    const T *x_mu = m[0].data_ptr<T>(), *x_lv = m[1].data_ptr<T>(), *x_pm = m[2].data_ptr<T>(),
+            *x_pl = m[3].data_ptr<T>(), *x_e = m[4].data_ptr<T>(), *x_gz = m[5].data_ptr<T>();
+    const T* x_en = has_next ? en.data_ptr<T>() : nullptr;
+    T *o_mu = mu_n.data_ptr<T>(), *o_lv = lv_n.data_ptr<T>(), *o_pm = pm_n.data_ptr<T>(), *o_pl = pl_n.data_ptr<T>();
+    T* o_z = has_next ? z_n.data_ptr<T>() : nullptr;
 
-    T* __restrict__ o_mu = mu_n.data_ptr<T>();
-    T* __restrict__ o_lv = lv_n.data_ptr<T>();
-    T* __restrict__ o_pm = pm_n.data_ptr<T>();
-    T* __restrict__ o_pl = pl_n.data_ptr<T>();
-    T* __restrict__ o_z = has_next ? z_n.data_ptr<T>() : nullptr;
-
-    // Pass 1: g_mu, g_logvar (kept in the momentum outputs until pass 2) and
-    // their squared norms, per row, then summed in order.
+    // Pass 1: g_mu, g_logvar (kept in the momentum outputs until pass 2) and their
+    // squared norms per row; pass 2: clipped momentum step and the next sample.
     std::vector<double> part(2 * B);
     at::parallel_for(0, B, row_grain(D), [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b) {
-        double sm = 0, sl = 0;
-        for (int64_t i = b * D; i < (b + 1) * D; ++i) {
-          T gm, gl;
-          math::elbo_grad(x_gz[i], x_mu[i], math::gauss_terms(x_lv[i]), x_e[i], s, beta, &gm, &gl);
-          o_pm[i] = gm;
-          o_pl[i] = gl;
-          sm += double(gm) * double(gm);
-          sl += double(gl) * double(gl);
-        }
-        part[2 * b] = sm;
-        part[2 * b + 1] = sl;
-      }
+      k.grad_sq_rows(x_gz, x_mu, x_lv, x_e, T(scale), T(kl_weight), o_pm, o_pl, part.data(), b0, b1, D);
     });
-    double sm = 0, sl = 0;
-    for (int64_t b = 0; b < B; ++b) {
-      sm += part[2 * b];
-      sl += part[2 * b + 1];
-    }
+    const auto [sm, sl] = ordered_sum(part, B);
     const T n_mu = T(std::sqrt(sm)), n_lv = T(std::sqrt(sl));
     norms.data_ptr<T>()[0] = n_mu;
     norms.data_ptr<T>()[1] = n_lv;
-    const T c_mu = math::clip_coef(n_mu, T(max_grad_norm));
-    const T c_lv = math::clip_coef(n_lv, T(max_grad_norm));
-
-    // Pass 2: clipped momentum step and the next sample.
-    const T a_mu = T(lr_mu), a_lv = T(lr_logvar), mom = T(momentum);
+    const T c_mu = math::clip_coef(n_mu, T(max_grad_norm)), c_lv = math::clip_coef(n_lv, T(max_grad_norm));
     at::parallel_for(0, B * D, 1 << 14, [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i) {
-        math::momentum_step(x_mu[i], x_pm[i], o_pm[i], c_mu, a_mu, mom, &o_mu[i], &o_pm[i]);
-        math::momentum_step(x_lv[i], x_pl[i], o_pl[i], c_lv, a_lv, mom, &o_lv[i], &o_pl[i]);
-        if (o_z) o_z[i] = math::sample(o_mu[i], math::sigma_of(o_lv[i]), x_en[i]);
-      }
+      k.forward_update(x_mu, x_lv, x_pm, x_pl, x_en, c_mu, c_lv, T(lr_mu), T(lr_logvar), T(momentum), o_mu, o_lv,
+                       o_pm, o_pl, o_z, i0, i1);
     });
   });
   return {mu_n, lv_n, pm_n, pl_n, z_n, norms};
@@ -154,94 +169,44 @@ reverse_direction_cpu(const at::Tensor& lbar_mu, const at::Tensor& lbar_logvar,
 
   AT_DISPATCH_FLOATING_TYPES(m.dtype(), "savae_fast::reverse_direction", [&] {
     using T = scalar_t;
-    const T* __restrict__ x_lbm = m[0].data_ptr<T>();
-    const T* __restrict__ x_lbl = m[1].data_ptr<T>();
-    const T* __restrict__ x_pbm = m[2].data_ptr<T>();
-    const T* __restrict__ x_pbl = m[3].data_ptr<T>();
-    const T* __restrict__ x_mu = m[4].data_ptr<T>();
-    const T* __restrict__ x_lv = m[5].data_ptr<T>();
-    const T* __restrict__ x_e = m[6].data_ptr<T>();
-    const T* __restrict__ x_gz = m[7].data_ptr<T>();
-    T* __restrict__ o_pbm = pbm_n.data_ptr<T>();
-    T* __restrict__ o_pbl = pbl_n.data_ptr<T>();
-    T* __restrict__ o_vm = v_mu.data_ptr<T>();
-    T* __restrict__ o_vl = v_lv.data_ptr<T>();
-    T* __restrict__ o_u = u.data_ptr<T>();
-    T* __restrict__ o_z = z_eval.data_ptr<T>();
-    T* __restrict__ o_w = row_weight.data_ptr<T>();
-    const T s = T(scale), beta = T(kl_weight), M = T(max_grad_norm);
-    const T a_mu = T(lr_mu), a_lv = T(lr_logvar);
+    const auto& k = kernels<T>();
+    const T *x_lbm = m[0].data_ptr<T>(), *x_lbl = m[1].data_ptr<T>(), *x_pbm = m[2].data_ptr<T>(),
+            *x_pbl = m[3].data_ptr<T>(), *x_mu = m[4].data_ptr<T>(), *x_lv = m[5].data_ptr<T>(),
+            *x_e = m[6].data_ptr<T>(), *x_gz = m[7].data_ptr<T>();
+    T *o_pbm = pbm_n.data_ptr<T>(), *o_pbl = pbl_n.data_ptr<T>(), *o_vm = v_mu.data_ptr<T>(),
+      *o_vl = v_lv.data_ptr<T>(), *o_u = u.data_ptr<T>(), *o_z = z_eval.data_ptr<T>(), *o_w = row_weight.data_ptr<T>();
+    const T M = T(max_grad_norm);
     const T n_mu = norms.data_ptr<T>()[0], n_lv = norms.data_ptr<T>()[1];
     const T c_mu = math::clip_coef(n_mu, M), c_lv = math::clip_coef(n_lv, M);
-    const bool clip_mu = c_mu < T(1), clip_lv = c_lv < T(1);
+    const bool clipped = c_mu < T(1) || c_lv < T(1);
 
     // Pass 1: pbar += lr * lbar, and (only where clipping was active) the dot
     // products g . pbar the clip Jacobian needs.
     std::vector<double> part(2 * B, 0.0);
     at::parallel_for(0, B, row_grain(D), [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b) {
-        double dm = 0, dl = 0;
-        for (int64_t i = b * D; i < (b + 1) * D; ++i) {
-          const T pm = x_pbm[i] + a_mu * x_lbm[i];
-          const T pl = x_pbl[i] + a_lv * x_lbl[i];
-          o_pbm[i] = pm;
-          o_pbl[i] = pl;
-          if (clip_mu || clip_lv) {
-            T gm, gl;
-            math::elbo_grad(x_gz[i], x_mu[i], math::gauss_terms(x_lv[i]), x_e[i], s, beta, &gm, &gl);
-            dm += double(gm) * double(pm);
-            dl += double(gl) * double(pl);
-          }
-        }
-        part[2 * b] = dm;
-        part[2 * b + 1] = dl;
-      }
+      k.reverse_dots_rows(x_lbm, x_lbl, x_pbm, x_pbl, x_gz, x_mu, x_lv, x_e, T(scale), T(kl_weight), T(lr_mu),
+                          T(lr_logvar), clipped, o_pbm, o_pbl, part.data(), b0, b1, D);
     });
-    double dm = 0, dl = 0;
-    for (int64_t b = 0; b < B; ++b) {
-      dm += part[2 * b];
-      dl += part[2 * b + 1];
-    }
-    const T k_mu = math::clip_jacobian_kappa(n_mu, M, T(dm));
-    const T k_lv = math::clip_jacobian_kappa(n_lv, M, T(dl));
+    const auto [dm, dl] = ordered_sum(part, B);
+    const T k_mu = math::clip_jacobian_kappa(n_mu, M, T(dm)), k_lv = math::clip_jacobian_kappa(n_lv, M, T(dl));
 
     // Pass 2 (row-wise): v = J pbar, u, and the evaluation points.
-    const T h = T(fd_step);
+    std::vector<double> uu(B), zz(B);
+    const T z_step = fd_mode == FdMode::kForward ? T(fd_step) : T(0);
     at::parallel_for(0, B, row_grain(D), [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b) {
-        double uu = 0, zz = 0;
-        for (int64_t i = b * D; i < (b + 1) * D; ++i) {
-          const math::GaussTerms<T> q = math::gauss_terms(x_lv[i]);
-          T vm = c_mu * o_pbm[i], vl = c_lv * o_pbl[i];
-          if (clip_mu || clip_lv) {
-            T gm, gl;
-            math::elbo_grad(x_gz[i], x_mu[i], q, x_e[i], s, beta, &gm, &gl);
-            vm -= k_mu * gm;
-            vl -= k_lv * gl;
-          }
-          o_vm[i] = vm;
-          o_vl[i] = vl;
-          const T ui = math::z_direction(vm, vl, q.sigma, x_e[i]);
-          const T zi = math::sample(x_mu[i], q.sigma, x_e[i]);
-          o_u[i] = ui;
-          o_z[i] = zi;
-          uu += double(ui) * double(ui);
-          zz += double(zi) * double(zi);
-        }
-        T r = h, w = T(1);
-        if (fd_mode == FdMode::kCentral)
-          math::central_step(T(std::sqrt(zz)), T(std::sqrt(uu)), h, &r, &w);
-        o_w[b] = w;
-        if (fd_mode == FdMode::kExact) continue;
-        T* __restrict__ z_plus = o_z;
-        T* __restrict__ z_minus = o_z + B * D;
-        for (int64_t i = b * D; i < (b + 1) * D; ++i) {
-          const T zi = z_plus[i], du = r * o_u[i];
-          z_plus[i] = zi + du;
-          if (fd_mode == FdMode::kCentral) z_minus[i] = zi - du;
-        }
-      }
+      k.reverse_rows(o_pbm, o_pbl, x_gz, x_mu, x_lv, x_e, T(scale), T(kl_weight), c_mu, c_lv, k_mu, k_lv, clipped,
+                     z_step, o_vm, o_vl, o_u, o_z, uu.data(), zz.data(), b0, b1, D);
     });
+    if (fd_mode == FdMode::kCentral) {
+      std::vector<T> r(B);
+      for (int64_t b = 0; b < B; ++b)
+        math::central_step(T(std::sqrt(zz[b])), T(std::sqrt(uu[b])), T(fd_step), &r[b], &o_w[b]);
+      at::parallel_for(0, B, row_grain(D), [&](int64_t b0, int64_t b1) {
+        k.central_points(o_u, r.data(), o_z, o_z + B * D, b0, b1, D);
+      });
+    } else {
+      for (int64_t b = 0; b < B; ++b) o_w[b] = T(1);
+    }
   });
   return {pbm_n, pbl_n, v_mu, v_lv, u, z_eval, row_weight};
 }
@@ -269,32 +234,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> reverse_update_cpu(
   const int64_t n = m[0].numel();
   AT_DISPATCH_FLOATING_TYPES(m.dtype(), "savae_fast::reverse_update", [&] {
     using T = scalar_t;
-    const T* __restrict__ x_lbm = m[0].data_ptr<T>();
-    const T* __restrict__ x_lbl = m[1].data_ptr<T>();
-    const T* __restrict__ x_pbm = m[2].data_ptr<T>();
-    const T* __restrict__ x_pbl = m[3].data_ptr<T>();
-    const T* __restrict__ x_vm = m[4].data_ptr<T>();
-    const T* __restrict__ x_vl = m[5].data_ptr<T>();
-    const T* __restrict__ x_lv = m[6].data_ptr<T>();
-    const T* __restrict__ x_e = m[7].data_ptr<T>();
-    const T* __restrict__ x_gz = m[8].data_ptr<T>();
-    const T* __restrict__ x_a = m[9].data_ptr<T>();
-    const T* __restrict__ x_b = has_b ? hb.data_ptr<T>() : nullptr;
-    T* __restrict__ o_lbm = lbm_n.data_ptr<T>();
-    T* __restrict__ o_lbl = lbl_n.data_ptr<T>();
-    T* __restrict__ o_pbm = pbm_n.data_ptr<T>();
-    T* __restrict__ o_pbl = pbl_n.data_ptr<T>();
-    const T q = T(hvp_scale), s = T(scale), beta = T(kl_weight), mom = T(momentum);
+    const auto& k = kernels<T>();
+    const T* x[10];
+    for (int i = 0; i < 10; ++i) x[i] = m[i].data_ptr<T>();
+    const T* x_b = has_b ? hb.data_ptr<T>() : nullptr;
+    T *o_lbm = lbm_n.data_ptr<T>(), *o_lbl = lbl_n.data_ptr<T>(), *o_pbm = pbm_n.data_ptr<T>(),
+      *o_pbl = pbl_n.data_ptr<T>();
     at::parallel_for(0, n, 1 << 14, [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i) {
-        const T hzz = math::difference_quotient(x_a[i], x_b ? x_b[i] : T(0), q);
-        T hm, hl;
-        math::gaussian_hvp(hzz, x_vm[i], x_vl[i], x_gz[i], math::gauss_terms(x_lv[i]), x_e[i], s, beta, &hm, &hl);
-        o_lbm[i] = x_lbm[i] - hm;
-        o_lbl[i] = x_lbl[i] - hl;
-        o_pbm[i] = mom * x_pbm[i];
-        o_pbl[i] = mom * x_pbl[i];
-      }
+      k.reverse_update(x[0], x[1], x[2], x[3], x[4], x[5], x[6], x[7], x[8], x[9], x_b, T(hvp_scale), T(scale),
+                       T(kl_weight), T(momentum), o_lbm, o_lbl, o_pbm, o_pbl, i0, i1);
     });
   });
   return {lbm_n, lbl_n, pbm_n, pbl_n};
@@ -359,6 +307,16 @@ void compensated_accumulate_cpu(at::TensorList total, at::TensorList comp,
 }
 
 }  // namespace
+
+namespace cpu {
+bool vector_kernels_enabled() { return vector_flag().load(); }
+bool vector_kernels_compiled() { return cpu_has_avx2() && avx2_table_float() != nullptr; }
+void set_vector_kernels(bool enabled) {
+  TORCH_CHECK(!enabled || vector_kernels_compiled(),
+              "savae_fast: the vectorised CPU kernels need AVX2+FMA (and a GCC x86-64 build)");
+  vector_flag().store(enabled);
+}
+}  // namespace cpu
 
 TORCH_LIBRARY_IMPL(savae_fast, CPU, m) {
   m.impl("sample", &sample_cpu);
