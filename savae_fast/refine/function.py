@@ -73,6 +73,8 @@ class _Tape:
     # float32 or float64 (2 |theta| values, as accurate as a float64 sum).
     param_grad_sum: list | None
     param_grad_comp: list | None
+    # parameters in float16/bfloat16: their gradients are cast to the float32 buffers
+    cast_param_grads: bool = False
 
 
 def _accumulation_dtype(p: Tensor) -> torch.dtype:
@@ -94,9 +96,15 @@ def _zero_nonfinite(t: Tensor | None) -> Tensor | None:
 
 
 def _all_finite(*tensors) -> bool:
-    """One host read for all the tensors."""
-    flags = [torch.isfinite(t).all() for t in tensors if t is not None]
-    return bool(torch.stack(flags).all()) if flags else True
+    """One host read for all the tensors. A sum is non-finite when any term is, so one
+    reduction per tensor screens them; only a failed screen (or a sum of finite terms
+    that overflowed) pays for the exact element-wise test."""
+    tensors = [t for t in tensors if t is not None]
+    if not tensors:
+        return True
+    if bool(torch.isfinite(torch.stack([t.sum(dtype=torch.float64) for t in tensors])).all()):
+        return True
+    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
 
 
 def _first_bad_step(tape: "_Tape") -> str:
@@ -187,7 +195,8 @@ def run_forward(cfg: RefineConfig, be: Backend, nll_fn: Callable, mu: Tensor, lo
         sums = [torch.zeros_like(p, dtype=_accumulation_dtype(p), memory_format=torch.contiguous_format)
                 for p in params] if acc_params else None
         comps = [torch.zeros_like(t) for t in sums] if acc_params else None
-        tape = _Tape([], [], [], [], [], sums, comps)
+        tape = _Tape([], [], [], [], [], sums, comps,
+                     acc_params and any(b.dtype != p.dtype for b, p in zip(sums, params)))
     p_mu = torch.zeros_like(mu)
     p_logvar = torch.zeros_like(logvar)
     eps = noise.unbind(0)
@@ -203,7 +212,8 @@ def run_forward(cfg: RefineConfig, be: Backend, nll_fn: Callable, mu: Tensor, lo
             param_grads = [_zero_nonfinite(g) for g in param_grads]
         if acc_params:
             be.compensated_accumulate_(tape.param_grad_sum, tape.param_grad_comp,
-                                       _as_accumulated(param_grads, tape.param_grad_sum))
+                                       _as_accumulated(param_grads, tape.param_grad_sum)
+                                       if tape.cast_param_grads else param_grads)
         mu_n, logvar_n, p_mu, p_logvar, z, norms = be.forward_step(
             mu, logvar, p_mu, p_logvar, eps[k], grad_z, eps[k + 1] if k + 1 < steps else None, cfg.scale,
             cfg.kl_weight, cfg.lr_mu, cfg.lr_logvar, cfg.momentum, cfg.max_grad_norm)
@@ -295,7 +305,7 @@ def _reverse_pass(cfg: RefineConfig, be: Backend, nll_fn: Callable, noise: Tenso
     pbar_mu = torch.zeros_like(lbar_mu)
     pbar_logvar = torch.zeros_like(lbar_logvar)
     eps = noise.unbind(0)
-    bad_steps = []  # raise mode: per reverse step, whether the decoder's second-order terms were non-finite
+    step_sums = []  # raise mode: per reverse step, a sum of the decoder's second-order terms
     caller_rng = RngState(lbar_mu.device) if cfg.preserve_rng_state else None
     try:
         for k in reversed(range(cfg.steps)):
@@ -311,7 +321,8 @@ def _reverse_pass(cfg: RefineConfig, be: Backend, nll_fn: Callable, noise: Tenso
                 if cfg.on_nonfinite == "zero":
                     g_theta = [_zero_nonfinite(g) for g in g_theta]
                 if theta_acc is not None:
-                    be.compensated_accumulate_(theta_acc, theta_comp, _as_accumulated(g_theta, theta_acc))
+                    be.compensated_accumulate_(theta_acc, theta_comp, _as_accumulated(g_theta, theta_acc)
+                                               if tape.cast_param_grads else g_theta)
                 hvp_b, hvp_scale = gz_k, 1.0 / cfg.fd_eps
             elif mode == FD_CENTRAL:
                 replay()
@@ -336,8 +347,9 @@ def _reverse_pass(cfg: RefineConfig, be: Backend, nll_fn: Callable, noise: Tenso
                 hvp_a = torch.where(ok, hvp_a, 0.0)
                 hvp_b = None if hvp_b is None else torch.where(ok, hvp_b, 0.0)
             elif cfg.on_nonfinite == "raise":
-                bad_steps.append(~torch.isfinite(hvp_a).all() if hvp_b is None else
-                                 ~(torch.isfinite(hvp_a).all() & torch.isfinite(hvp_b).all()))
+                # Screened only if the result is not finite. fd_forward's hvp_b is the
+                # forward's dNLL/dz, finite once the forward's check passed.
+                step_sums.append(hvp_a.sum() if hvp_b is None or mode == FD_FORWARD else hvp_a.sum() + hvp_b.sum())
             lbar_mu, lbar_logvar, pbar_mu, pbar_logvar = be.reverse_update(
                 lbar_mu, lbar_logvar, pbar_mu, pbar_logvar, v_mu, v_logvar, logvar_k, eps_k, gz_k, hvp_a, hvp_b,
                 hvp_scale, s, cfg.kl_weight, cfg.momentum)
@@ -360,7 +372,8 @@ def _reverse_pass(cfg: RefineConfig, be: Backend, nll_fn: Callable, noise: Tenso
         lbar_mu, lbar_logvar = _zero_nonfinite(lbar_mu), _zero_nonfinite(lbar_logvar)
         theta_bar = [_zero_nonfinite(t) for t in theta_bar]
     elif cfg.on_nonfinite == "raise" and not _all_finite(lbar_mu, lbar_logvar, *theta_bar):
-        steps = [k for k, bad in zip(reversed(range(cfg.steps)), bad_steps) if bool(bad)]
+        finite = torch.isfinite(torch.stack(step_sums)).tolist() if step_sums else []
+        steps = [k for k, ok in zip(reversed(range(cfg.steps)), finite) if not ok]
         if steps:
             raise nonfinite_error(f"the decoder's second-order terms at inner step {max(steps)} are not finite "
                                   "(in the backward pass)")
