@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import savae_fast as sf
-from savae_fast.models import LSTMDecoder
+from savae_fast.models import GatedPixelCNNDecoder, LSTMDecoder
 from savae_fast.reference import gaussian_kl, unrolled
 
 
@@ -35,12 +35,16 @@ def make_decoder(kind: str, latent_dim: int, dropout: float = 0.0) -> nn.Module:
         return MLPDecoder(latent_dim, dropout=dropout)
     if kind == "lstm":
         return LSTMDecoder(vocab_size=11, latent_dim=latent_dim, embed_dim=8, hidden_dim=16, dropout=dropout)
+    if kind == "pixelcnn":
+        return GatedPixelCNNDecoder(latent_dim, image_size=6, channels=6, kernels=(5, 3), cond_channels=2)
     raise ValueError(kind)
 
 
 def make_tokens(kind: str, batch: int) -> torch.Tensor:
     if kind == "mlp":
         return torch.randint(0, 9, (batch, 6))
+    if kind == "pixelcnn":
+        return (torch.rand(batch, 1, 6, 6) < 0.4).double()
     x = torch.randint(1, 11, (batch, 7))  # no padding (index 0) in the tests
     return x
 
@@ -53,10 +57,11 @@ class Problem:
     logvar0: torch.Tensor
     noise: torch.Tensor
     final_eps: torch.Tensor
+    unused: frozenset = frozenset()  # names of parameters the NLL does not depend on
 
     @property
     def params(self):
-        return list(self.decoder.parameters())
+        return [q for n, q in self.decoder.named_parameters() if n not in self.unused]
 
     def nll_fn(self, z):
         return self.decoder.nll(self.x, z)
@@ -68,16 +73,24 @@ class Problem:
 
     def to(self, dtype) -> "Problem":
         dec = copy.deepcopy(self.decoder).to(dtype)
-        return Problem(dec, self.x, self.mu0.detach().to(dtype), self.logvar0.detach().to(dtype),
-                       self.noise.to(dtype), self.final_eps.to(dtype))
+        x = self.x.to(dtype) if self.x.is_floating_point() else self.x
+        return Problem(dec, x, self.mu0.detach().to(dtype), self.logvar0.detach().to(dtype),
+                       self.noise.to(dtype), self.final_eps.to(dtype), self.unused)
 
 
 def make_problem(kind: str, dtype=torch.float64, batch: int = 32, latent: int = 8, steps: int = 10,
                  dropout: float = 0.0) -> Problem:
     dec = make_decoder(kind, latent, dropout).to(dtype)
+    x = make_tokens(kind, batch)
+    x = x.to(dtype) if x.is_floating_point() else x
+    # parameters the NLL does not reach (a PixelCNN's last vertical stack) get no gradient
+    z = torch.zeros(batch, latent, dtype=dtype, requires_grad=True)
+    names, tensors = zip(*dec.named_parameters())
+    grads = torch.autograd.grad(dec.nll(x, z).sum(), tensors, allow_unused=True)
     return Problem(
         decoder=dec,
-        x=make_tokens(kind, batch),
+        x=x,
+        unused=frozenset(n for n, g in zip(names, grads) if g is None),
         mu0=0.5 * torch.randn(batch, latent, dtype=dtype),
         logvar0=0.3 * torch.randn(batch, latent, dtype=dtype),
         noise=torch.randn(steps, batch, latent, dtype=dtype),

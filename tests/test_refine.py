@@ -26,7 +26,7 @@ def _clip_setting(p, clip):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("clip", ["off", "on"])
-@pytest.mark.parametrize("kind", ["mlp", "lstm"])
+@pytest.mark.parametrize("kind", ["mlp", "lstm", "pixelcnn"])
 @pytest.mark.parametrize(
     "hvp,dtype",
     [("fd_central", torch.float64), ("fd_central", torch.float32), ("fd_forward", torch.float32),

@@ -93,13 +93,29 @@ class GatedLayer(nn.Module):
         return self._gate(v_feat), h_out
 
 
+# The output head's activation. SA-VAE differentiates the decoder's gradient w.r.t. z
+# by finite differences; a piecewise-linear ReLU makes that gradient jump wherever a
+# unit changes sign, so difference quotients at any practical step disagree with the
+# (almost-everywhere) Hessian by far more than rounding. GELU keeps the decoder smooth.
+ACTIVATIONS = {"gelu": nn.GELU, "softplus": nn.Softplus, "elu": nn.ELU, "relu": nn.ReLU}
+
+
+def _activation(owner: str, name: str):
+    if name not in ACTIVATIONS:
+        raise ValueError(f"{owner}: 'activation' must be one of {sorted(ACTIVATIONS)}, got {name!r}")
+    return ACTIVATIONS[name]
+
+
 class GatedPixelCNNDecoder(nn.Module):
     """p(x | z): gated PixelCNN over binary pixels, conditioned on z through a linear map
-    to ``cond_channels`` extra feature maps; ``latent_dim=0`` gives the plain PixelCNN."""
+    to ``cond_channels`` extra feature maps; ``latent_dim=0`` gives the plain PixelCNN.
+    ``activation`` is the output head's non-linearity (smooth by default: see ACTIVATIONS)."""
 
     def __init__(self, latent_dim: int, image_size: int = 28, channels: int = 32,
-                 kernels: tuple = (9, 9, 9, 7, 7, 7, 5, 5, 5, 3, 3, 3), cond_channels: int = 4):
+                 kernels: tuple = (9, 9, 9, 7, 7, 7, 5, 5, 5, 3, 3, 3), cond_channels: int = 4,
+                 activation: str = "gelu"):
         super().__init__()
+        act = _activation("GatedPixelCNNDecoder", activation)
         self.latent_dim, self.image_size = latent_dim, image_size
         self.cond_channels = cond_channels if latent_dim > 0 else 0
         self.to_cond = nn.Linear(latent_dim, self.cond_channels * image_size * image_size) if latent_dim else None
@@ -107,7 +123,7 @@ class GatedPixelCNNDecoder(nn.Module):
             GatedLayer(1 if i == 0 else channels, channels, k, mask_a=(i == 0), cond_channels=self.cond_channels)
             for i, k in enumerate(kernels)
         )
-        self.out = nn.Sequential(nn.ReLU(), nn.Conv2d(channels, channels, 1), nn.ReLU(), nn.Conv2d(channels, 1, 1))
+        self.out = nn.Sequential(act(), nn.Conv2d(channels, channels, 1), act(), nn.Conv2d(channels, 1, 1))
 
     def logits(self, x: Tensor, z: Tensor | None) -> Tensor:
         from savae_fast.models.text import check_latent
@@ -134,11 +150,12 @@ class GatedPixelCNNDecoder(nn.Module):
 class ImageVAE(nn.Module):
     def __init__(self, latent_dim: int = 32, image_size: int = 28, enc_channels: int = 64, enc_layers: int = 3,
                  dec_channels: int = 32, kernels: tuple = (9, 9, 9, 7, 7, 7, 5, 5, 5, 3, 3, 3),
-                 cond_channels: int = 4):
+                 cond_channels: int = 4, activation: str = "gelu"):
         super().__init__()
         self.latent_dim = latent_dim
         self.encoder = ResidualEncoder(latent_dim, image_size, enc_channels, enc_layers) if latent_dim else None
-        self.decoder = GatedPixelCNNDecoder(latent_dim, image_size, dec_channels, tuple(kernels), cond_channels)
+        self.decoder = GatedPixelCNNDecoder(latent_dim, image_size, dec_channels, tuple(kernels), cond_channels,
+                                            activation)
 
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
         if self.encoder is None:
