@@ -14,11 +14,12 @@ import time
 import torch
 
 from benchmarks import harness
+from benchmarks.accuracy import accuracy_table, bench_accuracy
 from benchmarks.configs import CONFIGS
 from benchmarks.op_level import QUICK_SIZES, SIZES, bench_ops, ops_table
 from benchmarks.refinement import bench_memory, bench_scaling_batch, bench_scaling_k, bench_step, step_table
 
-SECTIONS = ("ops", "step", "scaling", "memory")
+SECTIONS = ("ops", "step", "accuracy", "scaling", "memory")
 
 
 def plot_scaling(scaling: dict, path: str) -> str:
@@ -73,15 +74,22 @@ def main(argv=None) -> int:
         if quick:
             names = ["small_lstm"]
         else:
-            names = ["small_lstm", "synthetic_lstm"] + (["yahoo_lstm"] if dev == "cuda" else [])
+            names = ["small_lstm", "synthetic_lstm", "pixelcnn_small", "yahoo_lstm", "pixelcnn_omniglot"]
         for name in names:
             cfg = CONFIGS[name]
             if dev not in cfg.devices:
                 continue
-            r = bench_step(cfg, dev, rounds=5 if quick else 20, include_slow=not quick)
+            rounds = 5 if quick else 20
+            r = bench_step(cfg, dev, rounds=min(rounds, cfg.max_rounds or rounds), include_slow=not quick)
             results["step"].append(r)
             report += [f"## SA-VAE training step: {name} (B={cfg.batch}, D={cfg.latent}, K={cfg.steps}, "
                        f"{r['decoder_params']:,} decoder parameters)", step_table(r), ""]
+    if "accuracy" in sections:
+        shapes = ((32, 20),) if quick else ((8, 10), (32, 20))
+        acc = bench_accuracy(dev, "small_lstm", shapes=shapes, seeds=2 if quick else 5)
+        results["accuracy"] = acc
+        report += [f"## Gradient relative error vs float64 unrolled autograd, small_lstm decoder "
+                   f"(worst of {acc['rows'][0]['seeds']} random problems)", accuracy_table(acc), ""]
     if "scaling" in sections:
         cfg = CONFIGS["small_lstm"]
         ks = (1, 5, 10) if quick else (1, 5, 10, 20, 40)

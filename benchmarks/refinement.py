@@ -68,13 +68,19 @@ def relative_error(grads, ref) -> float:
     return float(num / den)
 
 
-def gradient_errors(p: Problem, methods: dict[str, Callable]) -> dict[str, float]:
-    """Relative error of all gradients (mu0, logvar0, params together) vs float64 unrolled."""
+def as_float64(p: Problem) -> Problem:
+    """The same problem (decoder weights, data, draws) in float64."""
     q = make_problem(p.config, str(p.mu0.device), dtype=torch.float64, steps=p.noise.shape[0],
                      batch=p.mu0.shape[0])
     q.decoder.load_state_dict({k: v.double() for k, v in p.decoder.state_dict().items()})
     q.mu0, q.logvar0, q.noise, q.final_eps = (t.double() for t in (p.mu0, p.logvar0, p.noise, p.final_eps))
-    exact = training_step(unrolled, q)
+    q.x = p.x.double() if p.x.is_floating_point() else p.x
+    return q
+
+
+def gradient_errors(p: Problem, methods: dict[str, Callable]) -> dict[str, float]:
+    """Relative error of all gradients (mu0, logvar0, params together) vs float64 unrolled."""
+    exact = training_step(unrolled, as_float64(p))
     out = {}
     for name, method in methods.items():
         try:

@@ -1,0 +1,45 @@
+"""Gradient accuracy of every method against exact float64 unrolled autograd, over
+batch sizes, step counts and random problems (the worst case is what users hit)."""
+
+from __future__ import annotations
+
+import torch
+
+from benchmarks import harness
+from benchmarks.configs import CONFIGS, make_problem
+from benchmarks.refinement import METHODS, as_float64, relative_error, training_step
+from savae_fast.reference import unrolled
+
+ACCURACY_METHODS = ("refine fd_forward", "refine fd_central", "refine exact", "optim_n2n (authors)")
+
+
+def bench_accuracy(device: str, config: str = "small_lstm", shapes=((8, 10), (32, 20)), seeds: int = 5,
+                   dtypes=(torch.float32, torch.float64)) -> dict:
+    cfg = CONFIGS[config]
+    methods = [m for m in ACCURACY_METHODS if not (m == "refine exact" and device == "cuda")]
+    rows = []
+    for batch, steps in shapes:
+        errors = {(m, dt): [] for m in methods for dt in dtypes}
+        for seed in range(seeds):
+            p32 = make_problem(cfg, device, seed=seed, batch=batch, steps=steps)
+            q = as_float64(p32)
+            exact = training_step(unrolled, q)
+            for dt in dtypes:
+                p = p32 if dt == torch.float32 else q
+                for m in methods:
+                    errors[(m, dt)].append(relative_error(training_step(METHODS[m], p), exact))
+        for (m, dt), errs in errors.items():
+            rows.append({"method": m, "dtype": str(dt).replace("torch.", ""), "batch": batch, "steps": steps,
+                         "worst": max(errs), "median": sorted(errs)[len(errs) // 2], "seeds": seeds})
+    return {"config": config, "device": device, "rows": rows}
+
+
+def accuracy_table(result: dict) -> str:
+    shapes = sorted({(r["batch"], r["steps"]) for r in result["rows"]})
+    table = {}
+    for r in result["rows"]:
+        table.setdefault((r["method"], r["dtype"]), {})[(r["batch"], r["steps"])] = r["worst"]
+    rows = [{"method": m, "dtype": dt, **{f"B={b}, K={k}": v.get((b, k)) for b, k in shapes}}
+            for (m, dt), v in table.items()]
+    return harness.markdown_table(rows, [("method", "method", ""), ("dtype", "dtype", "")]
+                                  + [(f"B = {b}, K = {k}", f"B={b}, K={k}", "{:.1e}") for b, k in shapes])

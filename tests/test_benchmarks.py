@@ -1,0 +1,34 @@
+"""The benchmark suite runs (smoke test: one pass of each case, no timing claims)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(args, **kw):
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    out = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, env=env, **kw)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out
+
+
+@pytest.mark.slow
+def test_pytest_benchmark_cases_run(tmp_path):
+    pytest.importorskip("pytest_benchmark")
+    _run(["-m", "pytest", "benchmarks/test_bench.py", "-q", "--benchmark-disable", "-p", "no:cacheprovider",
+          "--rootdir", ROOT])
+
+
+@pytest.mark.slow
+def test_benchmark_cli_writes_results(tmp_path):
+    _run(["-m", "benchmarks", "--quick", "--only", "ops", "--no-compile", "--out", str(tmp_path)])
+    files = sorted(os.listdir(tmp_path))
+    assert any(f.endswith(".json") for f in files) and any(f.endswith(".md") for f in files), files
+    data = json.load(open(tmp_path / next(f for f in files if f.endswith(".json"))))
+    assert data["machine"]["torch"] and data["commit"] and data["ops"]["rows"]
+    assert all(r["median_us"] > 0 for r in data["ops"]["rows"])
