@@ -171,10 +171,20 @@ def bench_scaling_batch(cfg: DecoderConfig, device: str, batches: tuple, rounds:
 # ----------------------------------------------------------------------------------- memory
 
 _MEMORY_CHILD = r"""
-import json, resource, sys, torch
+import json, sys, torch
 sys.path.insert(0, sys.argv[1])
 from benchmarks.configs import CONFIGS, make_problem
 from benchmarks.refinement import METHODS, decoder_floor, training_step
+def rss_hwm():
+    # VmHWM: this process's own peak resident set. (getrusage's ru_maxrss would also
+    # count the parent's resident set at fork time, which exec records as ours.)
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmHWM:"))
+    except OSError:  # not Linux: ru_maxrss (kilobytes on Linux/BSD, bytes on macOS)
+        import resource
+        r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return r if sys.platform == "darwin" else r * 1024
 cfg = CONFIGS[sys.argv[2]].with_(steps=int(sys.argv[4]))
 device = sys.argv[5]
 p = make_problem(cfg, device)
@@ -182,17 +192,18 @@ if device == "cuda":
     torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
 else:
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    base = rss_hwm()
 if sys.argv[3] == "floor":
+    # A plain training step of the same decoder: the final ELBO pass's gradients (held,
+    # as p.grad would be) plus the (2K + 1) decoder passes with theirs.
+    held = training_step(lambda *a, **k: (a[0] * 1, a[1] * 1), p)
     decoder_floor(p)
-    p.decoder.zero_grad()
-    training_step(lambda *a, **k: (a[0] * 1, a[1] * 1), p)  # final ELBO pass, no refinement
 else:
     training_step(METHODS[sys.argv[3]], p)
 if device == "cuda":
     torch.cuda.synchronize(); peak = torch.cuda.max_memory_allocated()
 else:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = rss_hwm()
 print(json.dumps({"peak_bytes": peak, "base_bytes": base, "params": p.num_params()}))
 """
 
@@ -201,7 +212,9 @@ def peak_memory(cfg_name: str, method: str, steps: int, device: str) -> dict:
     """Peak memory of one training step in a fresh process (CUDA allocator maximum, or the
     resident-set high-water mark on CPU)."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    # Large blocks always mmap-ed (glibc): freed memory leaves the resident set at once, so
+    # the high-water mark counts live tensors, not allocator fragmentation.
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), MALLOC_MMAP_THRESHOLD_="131072")
     out = subprocess.run([sys.executable, "-c", _MEMORY_CHILD, root, cfg_name, method, str(steps), device],
                          capture_output=True, text=True, env=env)
     if out.returncode != 0:

@@ -214,6 +214,7 @@ def run_forward(cfg: RefineConfig, be: Backend, nll_fn: Callable, mu: Tensor, lo
             be.compensated_accumulate_(tape.param_grad_sum, tape.param_grad_comp,
                                        _as_accumulated(param_grads, tape.param_grad_sum)
                                        if tape.cast_param_grads else param_grads)
+        param_grads = None  # not alive during the next decoder pass
         mu_n, logvar_n, p_mu, p_logvar, z, norms = be.forward_step(
             mu, logvar, p_mu, p_logvar, eps[k], grad_z, eps[k + 1] if k + 1 < steps else None, cfg.scale,
             cfg.kl_weight, cfg.lr_mu, cfg.lr_logvar, cfg.momentum, cfg.max_grad_norm)
@@ -323,6 +324,7 @@ def _reverse_pass(cfg: RefineConfig, be: Backend, nll_fn: Callable, noise: Tenso
                 if theta_acc is not None:
                     be.compensated_accumulate_(theta_acc, theta_comp, _as_accumulated(g_theta, theta_acc)
                                                if tape.cast_param_grads else g_theta)
+                g_theta = None  # not alive during the next decoder pass
                 hvp_b, hvp_scale = gz_k, 1.0 / cfg.fd_eps
             elif mode == FD_CENTRAL:
                 replay()
@@ -333,6 +335,7 @@ def _reverse_pass(cfg: RefineConfig, be: Backend, nll_fn: Callable, noise: Tenso
                     if gp is not None:
                         d = gp.sub_(gm)
                         tb.sub_(_zero_nonfinite(d) if cfg.on_nonfinite == "zero" else d, alpha=s)
+                g_plus = g_minus = d = gp = gm = None  # not alive during the next decoder pass
                 hvp_scale = 1.0
             else:
                 replay()
@@ -340,6 +343,7 @@ def _reverse_pass(cfg: RefineConfig, be: Backend, nll_fn: Callable, noise: Tenso
                 for tb, g in zip(theta_bar, g_mixed):
                     if g is not None:
                         tb.sub_(_zero_nonfinite(g) if cfg.on_nonfinite == "zero" else g, alpha=s)
+                g_mixed = g = None
                 hvp_b, hvp_scale = None, 1.0
 
             if cfg.on_nonfinite == "zero":  # a non-finite second-order term contributes nothing
@@ -361,7 +365,7 @@ def _reverse_pass(cfg: RefineConfig, be: Backend, nll_fn: Callable, noise: Tenso
         theta_bar = []
         if theta_acc is not None:  # in place: the sum buffers become the returned gradients
             torch._foreach_add_(theta_acc, theta_comp)
-            tape.param_grad_comp = None
+            tape.param_grad_comp = theta_comp = None  # freed before the caller sums gradients
             coef = out_scale * (-s / cfg.fd_eps)
             for t in theta_acc:
                 t.mul_(coef.to(t.dtype))
