@@ -111,7 +111,7 @@ def main(argv=None) -> int:
         results["memory"] = mem
         report += [f"## Peak memory, {mem['rows'][0]['params']:,}-parameter LSTM decoder "
                    f"({'CUDA allocator maximum' if dev == 'cuda' else 'resident-set high-water mark'}, "
-                   "beyond a run of the decoder floor)", memory_table(mem), ""]
+                   "beyond a plain training step of the decoder)", memory_table(mem), ""]
 
     results["seconds"] = time.time() - start
     path = harness.write_results(results, args.out)
