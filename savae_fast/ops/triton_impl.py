@@ -78,6 +78,16 @@ if triton is not None:
         return g_mu, g_lv
 
     @triton.jit
+    def _load_elbo_grad(mu_ptr, lv_ptr, eps_ptr, gz_ptr, offs, m, scale, kl_weight):
+        # one block of the state -> its ELBO gradient (zero in masked-out lanes)
+        mu = tl.load(mu_ptr + offs, mask=m, other=0.0)
+        lv = tl.load(lv_ptr + offs, mask=m, other=0.0)
+        eps = tl.load(eps_ptr + offs, mask=m, other=0.0)
+        gz = tl.load(gz_ptr + offs, mask=m, other=0.0)
+        sigma, em = _gauss_terms(lv)
+        return _elbo_grad(gz, mu, sigma, em, eps, scale, kl_weight)
+
+    @triton.jit
     def _clip_coef(norm, max_norm, HAS_CLIP: tl.constexpr):
         if HAS_CLIP:
             return tl.minimum(max_norm / (norm + 1e-6), 1.0)
@@ -109,12 +119,7 @@ if triton is not None:
         for start in range(pid * BLOCK, n, nprog * BLOCK):
             offs = start + tl.arange(0, BLOCK)
             m = offs < n
-            mu = tl.load(mu_ptr + offs, mask=m, other=0.0)
-            lv = tl.load(lv_ptr + offs, mask=m, other=0.0)
-            eps = tl.load(eps_ptr + offs, mask=m, other=0.0)
-            gz = tl.load(gz_ptr + offs, mask=m, other=0.0)
-            sigma, em = _gauss_terms(lv)
-            g_mu, g_lv = _elbo_grad(gz, mu, sigma, em, eps, scale, kl_weight)
+            g_mu, g_lv = _load_elbo_grad(mu_ptr, lv_ptr, eps_ptr, gz_ptr, offs, m, scale, kl_weight)
             acc_mu += tl.where(m, g_mu * g_mu, 0.0)
             acc_lv += tl.where(m, g_lv * g_lv, 0.0)
         tl.store(partial_ptr + pid * 2, tl.sum(acc_mu, axis=0))
@@ -170,12 +175,7 @@ if triton is not None:
             tl.store(o_pbm_ptr + offs, pm, mask=m)
             tl.store(o_pbl_ptr + offs, pl, mask=m)
             if HAS_CLIP:
-                mu = tl.load(mu_ptr + offs, mask=m, other=0.0)
-                lv = tl.load(lv_ptr + offs, mask=m, other=0.0)
-                eps = tl.load(eps_ptr + offs, mask=m, other=0.0)
-                gz = tl.load(gz_ptr + offs, mask=m, other=0.0)
-                sigma, em = _gauss_terms(lv)
-                g_mu, g_lv = _elbo_grad(gz, mu, sigma, em, eps, scale, kl_weight)
+                g_mu, g_lv = _load_elbo_grad(mu_ptr, lv_ptr, eps_ptr, gz_ptr, offs, m, scale, kl_weight)
                 acc_mu += tl.where(m, g_mu * pm, 0.0)
                 acc_lv += tl.where(m, g_lv * pl, 0.0)
         tl.store(partial_ptr + pid * 2, tl.sum(acc_mu, axis=0))

@@ -76,16 +76,15 @@ class _Tape:
     # parameters in float16/bfloat16: their gradients are cast to the float32 buffers
     cast_param_grads: bool = False
 
+    def accumulate_param_grads(self, be: Backend, grads) -> None:
+        """param_grad_sum + param_grad_comp += grads (compensated); None entries skipped."""
+        if self.cast_param_grads:
+            grads = [None if g is None else g.to(b.dtype) for g, b in zip(grads, self.param_grad_sum)]
+        be.compensated_accumulate_(self.param_grad_sum, self.param_grad_comp, grads)
+
 
 def _accumulation_dtype(p: Tensor) -> torch.dtype:
     return p.dtype if p.dtype in (torch.float32, torch.float64) else torch.float32
-
-
-def _as_accumulated(grads, buffers):
-    """Cast gradients to their buffers' dtype (only low-precision parameters need it)."""
-    if all(g is None or g.dtype == b.dtype for g, b in zip(grads, buffers)):
-        return grads
-    return [None if g is None else g.to(b.dtype) for g, b in zip(grads, buffers)]
 
 
 NONFINITE_MODES = ("raise", "zero", "ignore")
@@ -211,9 +210,7 @@ def run_forward(cfg: RefineConfig, be: Backend, nll_fn: Callable, mu: Tensor, lo
             grad_z = _zero_nonfinite(grad_z)
             param_grads = [_zero_nonfinite(g) for g in param_grads]
         if acc_params:
-            be.compensated_accumulate_(tape.param_grad_sum, tape.param_grad_comp,
-                                       _as_accumulated(param_grads, tape.param_grad_sum)
-                                       if tape.cast_param_grads else param_grads)
+            tape.accumulate_param_grads(be, param_grads)
         param_grads = None  # not alive during the next decoder pass
         mu_n, logvar_n, p_mu, p_logvar, z, norms = be.forward_step(
             mu, logvar, p_mu, p_logvar, eps[k], grad_z, eps[k + 1] if k + 1 < steps else None, cfg.scale,
@@ -322,8 +319,7 @@ def _reverse_pass(cfg: RefineConfig, be: Backend, nll_fn: Callable, noise: Tenso
                 if cfg.on_nonfinite == "zero":
                     g_theta = [_zero_nonfinite(g) for g in g_theta]
                 if theta_acc is not None:
-                    be.compensated_accumulate_(theta_acc, theta_comp, _as_accumulated(g_theta, theta_acc)
-                                               if tape.cast_param_grads else g_theta)
+                    tape.accumulate_param_grads(be, g_theta)
                 g_theta = None  # not alive during the next decoder pass
                 hvp_b, hvp_scale = gz_k, 1.0 / cfg.fd_eps
             elif mode == FD_CENTRAL:
