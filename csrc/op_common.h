@@ -94,26 +94,19 @@ inline void check_fd_mode(const char* op, int64_t mode) {
               ": argument 'fd_mode' must be 0 (exact), 1 (forward) or 2 (central), got ", mode);
 }
 
-// compensated_accumulate_: lists of equal length; total[i] and compensation[i]
-// contiguous and alike; values[i] (when given) of total[i]'s shape, dtype and device.
-inline void check_accumulate_lists(at::TensorList total, at::TensorList comp,
-                                   const c10::List<std::optional<at::Tensor>>& values) {
-  const char* op = "compensated_accumulate_";
-  TORCH_CHECK(total.size() == comp.size() && total.size() == values.size(), "savae_fast::", op,
-              ": arguments 'total', 'compensation' and 'values' must have the same length, got ",
-              total.size(), ", ", comp.size(), ", ", values.size());
+// accumulate_: lists of equal length; total[i] floating point and contiguous;
+// values[i] (when given) of total[i]'s shape, dtype and device.
+inline void check_accumulate_lists(at::TensorList total, const c10::List<std::optional<at::Tensor>>& values) {
+  const char* op = "accumulate_";
+  TORCH_CHECK(total.size() == values.size(), "savae_fast::", op,
+              ": arguments 'total' and 'values' must have the same length, got ", total.size(), " and ",
+              values.size());
   for (size_t i = 0; i < total.size(); ++i) {
     const at::Tensor& t = total[i];
-    const at::Tensor& c = comp[i];
-    TORCH_CHECK(t.defined() && c.defined(), "savae_fast::", op, ": 'total'[", i, "] or 'compensation'[", i,
-                "] is undefined");
+    TORCH_CHECK(t.defined(), "savae_fast::", op, ": 'total'[", i, "] is undefined");
     TORCH_CHECK(t.is_floating_point(), "savae_fast::", op, ": 'total'[", i, "] must be floating point, got ",
                 t.scalar_type());
-    TORCH_CHECK(t.is_contiguous() && c.is_contiguous(), "savae_fast::", op, ": 'total'[", i,
-                "] and 'compensation'[", i, "] must be contiguous (they are written in place)");
-    TORCH_CHECK(c.sizes() == t.sizes() && c.scalar_type() == t.scalar_type() && c.device() == t.device(),
-                "savae_fast::", op, ": 'compensation'[", i, "] must match 'total'[", i, "] (shape ", t.sizes(),
-                ", ", t.scalar_type(), ", ", t.device(), ")");
+    TORCH_CHECK(t.is_contiguous(), "savae_fast::", op, ": 'total'[", i, "] must be contiguous (it is written in place)");
     const std::optional<at::Tensor> v = values.get(i);
     if (!v.has_value() || !v->defined()) continue;
     TORCH_CHECK(v->sizes() == t.sizes() && v->scalar_type() == t.scalar_type() && v->device() == t.device(),

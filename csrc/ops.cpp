@@ -50,13 +50,11 @@ TORCH_LIBRARY(savae_fast, m) {
       "Tensor grad_z, Tensor hvp_a, Tensor? hvp_b, float hvp_scale, float scale, "
       "float kl_weight, float momentum) -> (Tensor, Tensor, Tensor, Tensor)");
 
-  // In place, for every i with values[i] given: total[i] += values[i], with the
-  // rounding error added to compensation[i] (compensated summation; the sum is
-  // total + compensation).
-  // Used to sum the decoder's parameter gradients over the K steps in one
-  // float32 buffer pair, as accurately as in float64.
-  m.def(
-      "compensated_accumulate_(Tensor(a!)[] total, Tensor(b!)[] compensation, Tensor?[] values) -> ()");
+  // In place, for every i with values[i] given: total[i] += values[i].
+  // Sums the decoder's parameter gradients over the refinement steps: one call
+  // (one parallel region on CPU, ATen's multi-tensor kernel on CUDA) for all
+  // parameters instead of one dispatch per parameter.
+  m.def("accumulate_(Tensor(a!)[] total, Tensor?[] values) -> ()");
 }
 
 namespace {
@@ -128,14 +126,14 @@ void bind_unboxed(py::module_& m) {
       },
       py::call_guard<py::gil_scoped_release>());
   f.def(
-      "compensated_accumulate_",
-      [](std::vector<Tensor> total, std::vector<Tensor> comp, const std::vector<std::optional<Tensor>>& values) {
-        static auto op = typed_op<void(at::TensorList, at::TensorList,
-                                       const c10::List<std::optional<Tensor>>&)>("savae_fast::compensated_accumulate_");
+      "accumulate_",
+      [](std::vector<Tensor> total, const std::vector<std::optional<Tensor>>& values) {
+        static auto op =
+            typed_op<void(at::TensorList, const c10::List<std::optional<Tensor>>&)>("savae_fast::accumulate_");
         c10::List<std::optional<Tensor>> vals;
         vals.reserve(values.size());
         for (const auto& v : values) vals.push_back(v);
-        op.call(total, comp, vals);
+        op.call(total, vals);
       },
       py::call_guard<py::gil_scoped_release>());
 }

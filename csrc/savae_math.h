@@ -146,26 +146,6 @@ SAVAE_HD void gaussian_hvp(T hzz_u, T v_mu, T v_logvar, T g_z, GaussTerms<T> q, 
                         T(0.5) * kl_weight * (q.expm1_lv + T(1)) * v_logvar);
 }
 
-// Compensated summation step (Neumaier's variant of Kahan's): total += value,
-// with the rounding error of that addition, which is exact in floating point,
-// accumulated in comp; the true running sum is total + comp. Unlike plain
-// Kahan it stays exact when |value| > |total|. Keeps a float32 sum of many
-// large, mostly cancelling terms as accurate as a float64 one. Must not be
-// compiled with reassociating fast-math.
-template <typename T>
-SAVAE_HD void compensated_add(T* total, T* comp, T value) {
-  using std::fabs;
-  const T s = *total;
-  const T t = s + value;
-  // (larger - t) + smaller is exact; written with value selects so that
-  // compilers turn it into branch-free (vectorisable) blends.
-  const bool s_larger = fabs(s) >= fabs(value);
-  const T larger = s_larger ? s : value;
-  const T smaller = s_larger ? value : s;
-  *comp += (larger - t) + smaller;
-  *total = t;
-}
-
 // Difference quotient: (a - b) * inv_step (b = 0 for the exact mode).
 template <typename T>
 SAVAE_HD T difference_quotient(T a, T b, T inv_step) {

@@ -8,7 +8,7 @@ import savae_fast as sf
 from savae_fast.ops import torch_impl
 from savae_fast.ops.constants import FD_CENTRAL, FD_EXACT, FD_FORWARD
 from helpers import make_problem, max_rel_err, refine_grads, reference_grads
-from test_ops import (TOL, _accumulate_case, _assert_outputs_close, forward_step_args, reverse_direction_args,
+from test_ops import (TOL, _assert_outputs_close, forward_step_args, reverse_direction_args,
                       reverse_update_args, _state)
 
 pytestmark = [
@@ -58,18 +58,6 @@ def test_reverse_direction(shape, dtype, clip, fd_mode):
 def test_reverse_update(shape, dtype, with_b):
     args = reverse_update_args(shape, dtype, with_b, device=DEVICE)
     _assert_outputs_close(_triton().reverse_update(*args), torch_impl.reverse_update(*args), dtype)
-
-
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_compensated_accumulate(dtype):
-    total, comp, values = _accumulate_case(dtype)
-    total, comp = [t.to(DEVICE) for t in total], [c.to(DEVICE) for c in comp]
-    values = [None if v is None else v.to(DEVICE) for v in values]
-    t2, c2 = [t.clone() for t in total], [c.clone() for c in comp]
-    _triton().compensated_accumulate_(total, comp, values)
-    torch_impl.compensated_accumulate_(t2, c2, values)
-    for a, b in zip(total + comp, t2 + c2):
-        assert (a - b).abs().max() <= TOL[dtype] * max(1.0, b.abs().max().item())
 
 
 def test_large_tensor_uses_several_reduction_programs():

@@ -248,11 +248,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> reverse_update_cpu(
   return {lbm_n, lbl_n, pbm_n, pbl_n};
 }
 
-// ------------------------------------------------- compensated_accumulate_
+// ------------------------------------------------------------ accumulate_
 // Plain functions with restrict-qualified parameters (not a lambda capture) so
-// that the compiler vectorises the loop (the selects in compensated_add become
-// blends); float/double are compiled for AVX2 and baseline x86-64 and picked at
-// load time, as ATen's own kernels are (memory-bound: wider vectors matter).
+// that the compiler vectorises the loop; float/double are compiled for AVX2 and
+// baseline x86-64 and picked at load time, as ATen's own kernels are
+// (memory-bound: wider vectors matter).
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define SAVAE_CPU_CLONES __attribute__((target_clones("avx2", "default")))
 #else
@@ -260,25 +260,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> reverse_update_cpu(
 #endif
 
 template <typename T>
-void compensated_accumulate_kernel(T* __restrict__ total, T* __restrict__ comp, const T* __restrict__ value,
-                                   int64_t n) {
-  for (int64_t j = 0; j < n; ++j) math::compensated_add(&total[j], &comp[j], value[j]);
+void accumulate_kernel(T* __restrict__ total, const T* __restrict__ value, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) total[j] += value[j];
 }
 
-SAVAE_CPU_CLONES void compensated_accumulate_kernel(float* __restrict__ total, float* __restrict__ comp,
-                                                    const float* __restrict__ value, int64_t n) {
-  for (int64_t j = 0; j < n; ++j) math::compensated_add(&total[j], &comp[j], value[j]);
+SAVAE_CPU_CLONES void accumulate_kernel(float* __restrict__ total, const float* __restrict__ value, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) total[j] += value[j];
 }
 
-SAVAE_CPU_CLONES void compensated_accumulate_kernel(double* __restrict__ total, double* __restrict__ comp,
-                                                    const double* __restrict__ value, int64_t n) {
-  for (int64_t j = 0; j < n; ++j) math::compensated_add(&total[j], &comp[j], value[j]);
+SAVAE_CPU_CLONES void accumulate_kernel(double* __restrict__ total, const double* __restrict__ value, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) total[j] += value[j];
 }
 
-void compensated_accumulate_cpu(at::TensorList total, at::TensorList comp,
-                                const c10::List<std::optional<at::Tensor>>& values) {
-  check_accumulate_lists(total, comp, values);
-  // All tensors in one parallel region: fixed-size chunks of every tensor.
+void accumulate_cpu(at::TensorList total, const c10::List<std::optional<at::Tensor>>& values) {
+  check_accumulate_lists(total, values);
+  // All tensors in one parallel region (fixed-size chunks of every tensor): one
+  // call per refinement step instead of one dispatch per parameter tensor.
   struct Chunk {
     size_t tensor;
     int64_t begin, end;
@@ -297,10 +294,9 @@ void compensated_accumulate_cpu(at::TensorList total, at::TensorList comp,
     for (int64_t k = c0; k < c1; ++k) {
       const Chunk& ch = chunks[k];
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, total[ch.tensor].scalar_type(),
-                                      "savae_fast::compensated_accumulate_", [&] {
-        compensated_accumulate_kernel(total[ch.tensor].data_ptr<scalar_t>() + ch.begin,
-                                      comp[ch.tensor].data_ptr<scalar_t>() + ch.begin,
-                                      vals[ch.tensor].data_ptr<scalar_t>() + ch.begin, ch.end - ch.begin);
+                                      "savae_fast::accumulate_", [&] {
+        accumulate_kernel(total[ch.tensor].data_ptr<scalar_t>() + ch.begin,
+                          vals[ch.tensor].data_ptr<scalar_t>() + ch.begin, ch.end - ch.begin);
       });
     }
   });
@@ -323,7 +319,7 @@ TORCH_LIBRARY_IMPL(savae_fast, CPU, m) {
   m.impl("forward_step", &forward_step_cpu);
   m.impl("reverse_direction", &reverse_direction_cpu);
   m.impl("reverse_update", &reverse_update_cpu);
-  m.impl("compensated_accumulate_", &compensated_accumulate_cpu);
+  m.impl("accumulate_", &accumulate_cpu);
 }
 
 }  // namespace savae_fast

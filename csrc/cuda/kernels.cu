@@ -238,13 +238,6 @@ __global__ void reverse_update_kernel(const T* __restrict__ lbm, const T* __rest
   }
 }
 
-template <typename T>
-__global__ void compensated_add_kernel(T* __restrict__ total, T* __restrict__ comp, const T* __restrict__ value,
-                                       int64_t n) {
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
-    m::compensated_add(&total[i], &comp[i], value[i]);
-}
-
 }  // namespace
 
 // ---------------------------------------------------------------- launchers
@@ -294,11 +287,6 @@ void launch_reverse_update(const T* lbar_mu, const T* lbar_logvar, const T* pbar
       lbar_logvar_out, pbar_mu_out, pbar_logvar_out, n, hvp_scale, scale, kl_weight, momentum);
 }
 
-template <typename T>
-void launch_compensated_add(T* total, T* comp, const T* value, int64_t n, cudaStream_t stream) {
-  compensated_add_kernel<T><<<blocks_for(n, kMaxGridStrideBlocks), kThreads, 0, stream>>>(total, comp, value, n);
-}
-
 #define SAVAE_INSTANTIATE(T)                                                                                      \
   template void launch_sample<T>(const T*, const T*, const T*, T*, int64_t, cudaStream_t);                      \
   template void launch_forward_step<T>(const T*, const T*, const T*, const T*, const T*, const T*, const T*, T*, \
@@ -308,8 +296,7 @@ void launch_compensated_add(T* total, T* comp, const T* value, int64_t n, cudaSt
                                             int64_t, int64_t, T, T, T, T, T, int, T, cudaStream_t);             \
   template void launch_reverse_update<T>(const T*, const T*, const T*, const T*, const T*, const T*, const T*,   \
                                          const T*, const T*, const T*, const T*, T*, T*, T*, T*, int64_t, T, T, \
-                                         T, T, cudaStream_t);                                                    \
-  template void launch_compensated_add<T>(T*, T*, const T*, int64_t, cudaStream_t);
+                                         T, T, cudaStream_t);
 
 SAVAE_INSTANTIATE(float)
 SAVAE_INSTANTIATE(double)

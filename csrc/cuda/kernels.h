@@ -36,8 +36,5 @@ void launch_reverse_update(const T* lbar_mu, const T* lbar_logvar, const T* pbar
                            T* pbar_logvar_out, int64_t n, T hvp_scale, T scale, T kl_weight, T momentum,
                            cudaStream_t stream);
 
-template <typename T>
-void launch_compensated_add(T* total, T* comp, const T* value, int64_t n, cudaStream_t stream);
-
 }  // namespace cuda
 }  // namespace savae_fast

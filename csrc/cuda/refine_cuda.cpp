@@ -4,6 +4,7 @@
 // the device.
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/_foreach_add.h>
 #include <ATen/ops/empty_like.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -144,25 +145,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> reverse_update_cuda(
   return {lbm_n, lbl_n, pbm_n, pbl_n};
 }
 
-void compensated_accumulate_cuda(at::TensorList total, at::TensorList comp,
-                                 const c10::List<std::optional<at::Tensor>>& values) {
-  check_accumulate_lists(total, comp, values);
+void accumulate_cuda(at::TensorList total, const c10::List<std::optional<at::Tensor>>& values) {
+  check_accumulate_lists(total, values);
+  std::vector<at::Tensor> dst, src;
   for (size_t i = 0; i < total.size(); ++i) {
     const std::optional<at::Tensor> v = values.get(i);
     if (!v.has_value() || !v->defined()) continue;
-    at::Tensor t = total[i], c = comp[i];
-    TORCH_CHECK(t.is_cuda(), "savae_fast::compensated_accumulate_: CUDA kernel called with tensors on ", t.device());
-    TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble,
-                "savae_fast::compensated_accumulate_: CUDA kernel supports float32/float64 buffers, got ",
-                t.scalar_type());
-    const at::Tensor value = v->contiguous();
-    const c10::cuda::CUDAGuard guard(t.device());
-    AT_DISPATCH_FLOATING_TYPES(t.scalar_type(), "savae_fast::compensated_accumulate_", [&] {
-      cuda::launch_compensated_add<scalar_t>(t.data_ptr<scalar_t>(), c.data_ptr<scalar_t>(),
-                                             value.data_ptr<scalar_t>(), t.numel(), c10::cuda::getCurrentCUDAStream());
-    });
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    TORCH_CHECK(total[i].is_cuda(), "savae_fast::accumulate_: CUDA kernel called with 'total'[", i, "] on ",
+                total[i].device());
+    dst.push_back(total[i]);
+    src.push_back(*v);
   }
+  if (dst.empty()) return;
+  const c10::cuda::CUDAGuard guard(dst[0].device());
+  // ATen's multi-tensor kernel: a few launches for all parameters.
+  at::_foreach_add_(dst, src);
 }
 
 }  // namespace
@@ -172,7 +169,7 @@ TORCH_LIBRARY_IMPL(savae_fast, CUDA, m) {
   m.impl("forward_step", &forward_step_cuda);
   m.impl("reverse_direction", &reverse_direction_cuda);
   m.impl("reverse_update", &reverse_update_cuda);
-  m.impl("compensated_accumulate_", &compensated_accumulate_cuda);
+  m.impl("accumulate_", &accumulate_cuda);
 }
 
 }  // namespace savae_fast

@@ -41,7 +41,7 @@ __all__ = [
     "forward_step",
     "reverse_direction",
     "reverse_update",
-    "compensated_accumulate_",
+    "accumulate_",
     "available",
     "build_info",
     "extension_loaded",
@@ -62,7 +62,7 @@ class Backend(NamedTuple):
     forward_step: Callable
     reverse_direction: Callable
     reverse_update: Callable
-    compensated_accumulate_: Callable
+    accumulate_: Callable
 
 
 TORCH_BACKEND = Backend(
@@ -71,7 +71,7 @@ TORCH_BACKEND = Backend(
     torch_impl.forward_step,
     torch_impl.reverse_direction,
     torch_impl.reverse_update,
-    torch_impl.compensated_accumulate_,
+    torch_impl.accumulate_,
 )
 
 
@@ -232,18 +232,20 @@ def reverse_update(lbar_mu, lbar_logvar, pbar_mu, pbar_logvar, v_mu, v_logvar, l
         float(hvp_scale), float(scale), float(kl_weight), float(momentum))
 
 
-def compensated_accumulate_(total, compensation, values, *, backend: str = "auto") -> None:
-    """In place, for each i with ``values[i]`` not None: ``total[i] += values[i]`` with the
-    rounding error added to ``compensation[i]`` (the sum is ``total + compensation``)."""
-    total, compensation, values = list(total), list(compensation), list(values)
-    if not (len(total) == len(compensation) == len(values)):
-        raise ValueError("compensated_accumulate_: 'total', 'compensation' and 'values' must have the same length")
-    for i, (t, c, v) in enumerate(zip(total, compensation, values)):
-        if c.shape != t.shape or c.dtype != t.dtype or c.device != t.device:
-            raise ValueError(f"compensated_accumulate_: 'compensation'[{i}] must match 'total'[{i}]")
-        if v is not None and (v.shape != t.shape or v.dtype != t.dtype or v.device != t.device):
-            raise ValueError(f"compensated_accumulate_: 'values'[{i}] must match 'total'[{i}] "
+def accumulate_(total, values, *, backend: str = "auto") -> None:
+    """In place, for each i with ``values[i]`` not None: ``total[i] += values[i]``
+    (one call for a list of tensors, e.g. all the parameter gradients of a model)."""
+    total, values = list(total), list(values)
+    if len(total) != len(values):
+        raise ValueError(f"accumulate_: 'total' and 'values' must have the same length, got {len(total)} and "
+                         f"{len(values)}")
+    for i, (t, v) in enumerate(zip(total, values)):
+        if not isinstance(t, Tensor) or not t.is_floating_point():
+            raise TypeError(f"accumulate_: 'total'[{i}] must be a floating-point Tensor")
+        if v is not None and (not isinstance(v, Tensor) or v.shape != t.shape or v.dtype != t.dtype
+                              or v.device != t.device):
+            raise ValueError(f"accumulate_: 'values'[{i}] must match 'total'[{i}] "
                              f"(shape {tuple(t.shape)}, {t.dtype}, {t.device})")
     if not total:
         return
-    get_backend(backend, total[0].device, traceable=True).compensated_accumulate_(total, compensation, values)
+    get_backend(backend, total[0].device, traceable=True).accumulate_(total, values)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-OP_NAMES = ("sample", "forward_step", "reverse_direction", "reverse_update", "compensated_accumulate_")
+OP_NAMES = ("sample", "forward_step", "reverse_direction", "reverse_update", "accumulate_")
 
 try:  # importing _C registers the savae_fast:: operators and their CPU/CUDA kernels
     from savae_fast import _C  # type: ignore[attr-defined]

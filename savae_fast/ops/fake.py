@@ -38,6 +38,6 @@ def _reverse_update_fake(lbar_mu, lbar_logvar, pbar_mu, pbar_logvar, v_mu, v_log
             torch.empty_like(lbar_mu))
 
 
-@torch.library.register_fake("savae_fast::compensated_accumulate_")
-def _compensated_accumulate_fake(total, compensation, values):
+@torch.library.register_fake("savae_fast::accumulate_")
+def _accumulate_fake(total, values):
     return None

@@ -111,12 +111,8 @@ def reverse_update(lbar_mu, lbar_logvar, pbar_mu, pbar_logvar, v_mu, v_logvar, l
     return lbar_mu - hv_mu, lbar_logvar - hv_logvar, momentum * pbar_mu, momentum * pbar_logvar
 
 
-def compensated_accumulate_(total, compensation, values) -> None:
-    """In place compensated sum (Neumaier): total[i] += values[i], the rounding error
-    of that addition added to compensation[i]; the sum is total + compensation."""
-    for t, c, v in zip(total, compensation, values):
-        if v is None:
-            continue
-        new_t = t + v
-        c.add_(torch.where(t.abs() >= v.abs(), (t - new_t) + v, (v - new_t) + t))
-        t.copy_(new_t)
+def accumulate_(total, values) -> None:
+    """In place total[i] += values[i] for the values given (one fused call for the list)."""
+    pairs = [(t, v) for t, v in zip(total, values) if v is not None]
+    if pairs:
+        torch._foreach_add_([t for t, _ in pairs], [v for _, v in pairs])

@@ -29,6 +29,7 @@ except ImportError as exc:  # pragma: no cover - triton ships with CUDA builds o
     triton = None
     _TRITON_ERROR = exc
 
+from savae_fast.ops import torch_impl
 from savae_fast.ops.constants import CLIP_EPS, FD_CENTRAL, FD_FORWARD
 
 BLOCK = 1024  # elements per program of the elementwise kernels
@@ -271,19 +272,6 @@ if triton is not None:
         tl.store(o_pbm_ptr + offs, momentum * tl.load(pbm_ptr + offs, mask=m), mask=m)
         tl.store(o_pbl_ptr + offs, momentum * tl.load(pbl_ptr + offs, mask=m), mask=m)
 
-    @triton.jit
-    def _compensated_add_kernel(t_ptr, c_ptr, v_ptr, n, BLOCK: tl.constexpr):
-        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        m = offs < n
-        s = tl.load(t_ptr + offs, mask=m)
-        v = tl.load(v_ptr + offs, mask=m)
-        t = s + v
-        s_larger = tl.abs(s) >= tl.abs(v)
-        larger = tl.where(s_larger, s, v)
-        smaller = tl.where(s_larger, v, s)
-        tl.store(c_ptr + offs, tl.load(c_ptr + offs, mask=m) + ((larger - t) + smaller), mask=m)
-        tl.store(t_ptr + offs, t, mask=m)
-
 
 def _require(t: torch.Tensor, name: str) -> torch.Tensor:
     if t.dtype not in (torch.float32, torch.float64):
@@ -369,11 +357,5 @@ def reverse_update(lbar_mu, lbar_logvar, pbar_mu, pbar_logvar, v_mu, v_logvar, l
     return tuple(outs)
 
 
-def compensated_accumulate_(total, compensation, values) -> None:
-    for t, c, v in zip(total, compensation, values):
-        if v is None:
-            continue
-        if t.dtype not in (torch.float32, torch.float64) or not (t.is_contiguous() and c.is_contiguous()):
-            raise TypeError("triton backend: compensated_accumulate_ needs contiguous float32/float64 buffers")
-        n = t.numel()
-        _compensated_add_kernel[_grid(n)](t, c, v.contiguous(), n, BLOCK=BLOCK)
+# A sum over a list of tensors: ATen's multi-tensor CUDA kernel already fuses it.
+accumulate_ = torch_impl.accumulate_

@@ -213,7 +213,7 @@ def refine(
             a positive number: the per-example weight s of the inner loss.
         hvp: how the backward gets the decoder's second-order terms:
             "fd_forward" (default; 2K+1 decoder passes per training step, one
-            parameter-sized float64 buffer), "fd_central" (3K+1 passes, most
+            parameter-sized buffer), "fd_central" (3K+1 passes, most
             accurate finite difference, no parameter-sized state) or "exact"
             (double backward; the decoder must be twice differentiable).
         fd_eps: finite-difference step. Default: by ``hvp`` and the decoder's
