@@ -318,7 +318,9 @@ def _reverse_pass(cfg: RefineConfig, be: Backend, nll_fn: Callable, noise: Tenso
     pbar_mu = torch.zeros_like(lbar_mu)
     pbar_logvar = torch.zeros_like(lbar_logvar)
     eps = noise.unbind(0)
-    step_sums = []  # raise mode: per reverse step, a sum of the decoder's second-order terms
+    # raise mode: the decoder's second-order terms of every reverse step, kept (K x [B, D],
+    # like the tape) and looked at only if the result is not finite, to name the step
+    step_terms = []
     caller_rng = RngState(lbar_mu.device) if cfg.preserve_rng_state else None
     try:
         for k in reversed(range(cfg.steps)):
@@ -361,9 +363,8 @@ def _reverse_pass(cfg: RefineConfig, be: Backend, nll_fn: Callable, noise: Tenso
                 hvp_a = torch.where(ok, hvp_a, 0.0)
                 hvp_b = None if hvp_b is None else torch.where(ok, hvp_b, 0.0)
             elif cfg.on_nonfinite == "raise":
-                # Screened only if the result is not finite. fd_forward's hvp_b is the
-                # forward's dNLL/dz, finite once the forward's check passed.
-                step_sums.append(hvp_a.sum() if hvp_b is None or mode == FD_FORWARD else hvp_a.sum() + hvp_b.sum())
+                # fd_forward's hvp_b is the forward's dNLL/dz, finite once the forward's check passed.
+                step_terms.append((hvp_a,) if hvp_b is None or mode == FD_FORWARD else (hvp_a, hvp_b))
             lbar_mu, lbar_logvar, pbar_mu, pbar_logvar = be.reverse_update(
                 lbar_mu, lbar_logvar, pbar_mu, pbar_logvar, v_mu, v_logvar, logvar_k, eps_k, gz_k, hvp_a, hvp_b,
                 hvp_scale, s, cfg.kl_weight, cfg.momentum)
@@ -386,8 +387,7 @@ def _reverse_pass(cfg: RefineConfig, be: Backend, nll_fn: Callable, noise: Tenso
         lbar_mu, lbar_logvar = _zero_nonfinite(lbar_mu), _zero_nonfinite(lbar_logvar)
         theta_bar = [_zero_nonfinite(t) for t in theta_bar]
     elif cfg.on_nonfinite == "raise" and not _all_finite(lbar_mu, lbar_logvar, *theta_bar):
-        finite = torch.isfinite(torch.stack(step_sums)).tolist() if step_sums else []
-        steps = [k for k, ok in zip(reversed(range(cfg.steps)), finite) if not ok]
+        steps = [k for k, terms in zip(reversed(range(cfg.steps)), step_terms) if not _all_finite(*terms)]
         if steps:
             raise nonfinite_error(f"the decoder's second-order terms at inner step {max(steps)} are not finite "
                                   "(in the backward pass)")
