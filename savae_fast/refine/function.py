@@ -378,11 +378,11 @@ def _reverse_pass(cfg: RefineConfig, be: Backend, nll_fn: Callable, noise: Tenso
             coef = out_scale * (-s / cfg.fd_eps)
             for t in theta_acc:
                 t.mul_(coef.to(t.dtype))
-            theta_bar = [t if t.dtype == p.dtype else t.to(p.dtype) for t, p in zip(theta_acc, params)]
+            theta_bar = theta_acc
         lbar_mu = lbar_mu * out_scale
         lbar_logvar = lbar_logvar * out_scale
-    else:
-        theta_bar = [t if t.dtype == p.dtype else t.to(p.dtype) for t, p in zip(theta_bar, params)]
+    # float32 buffers of float16/bfloat16 parameters back to the parameters' dtype
+    theta_bar = [t if t.dtype == p.dtype else t.to(p.dtype) for t, p in zip(theta_bar, params)]
     if cfg.on_nonfinite == "zero":
         lbar_mu, lbar_logvar = _zero_nonfinite(lbar_mu), _zero_nonfinite(lbar_logvar)
         theta_bar = [_zero_nonfinite(t) for t in theta_bar]
