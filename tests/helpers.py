@@ -71,11 +71,16 @@ class Problem:
         z = mu_k + torch.exp(0.5 * logvar_k) * self.final_eps.to(mu_k.dtype)
         return (self.decoder.nll(self.x, z) + gaussian_kl(mu_k, logvar_k)).mean()
 
-    def to(self, dtype) -> "Problem":
-        dec = copy.deepcopy(self.decoder).to(dtype)
-        x = self.x.to(dtype) if self.x.is_floating_point() else self.x
-        return Problem(dec, x, self.mu0.detach().to(dtype), self.logvar0.detach().to(dtype),
-                       self.noise.to(dtype), self.final_eps.to(dtype), self.unused)
+    def to(self, dtype=None, device=None) -> "Problem":
+        dtype = dtype or self.mu0.dtype
+        dec = copy.deepcopy(self.decoder).to(dtype=dtype, device=device)
+        x = (self.x.to(dtype) if self.x.is_floating_point() else self.x).to(device)
+
+        def move(t):
+            return t.detach().to(dtype=dtype, device=device)
+
+        return Problem(dec, x, move(self.mu0), move(self.logvar0), move(self.noise), move(self.final_eps),
+                       self.unused)
 
 
 def make_problem(kind: str, dtype=torch.float64, batch: int = 32, latent: int = 8, steps: int = 10,
@@ -140,8 +145,8 @@ def _objective(p: Problem, objective, mu_k, lv_k):
         return p.elbo_loss(mu_k, lv_k)
     # a fixed random linear functional of lambda_K: the refinement path only
     gen = torch.Generator().manual_seed(1234)
-    w1 = torch.randn(mu_k.shape, generator=gen).to(mu_k.dtype)
-    w2 = torch.randn(mu_k.shape, generator=gen).to(mu_k.dtype)
+    w1 = torch.randn(mu_k.shape, generator=gen).to(mu_k)
+    w2 = torch.randn(mu_k.shape, generator=gen).to(mu_k)
     return (w1 * mu_k).sum() + (w2 * lv_k).sum()
 
 

@@ -83,3 +83,69 @@ def test_refine_with_triton_backend_matches_unrolled(hvp, dtype, tol, seed):
     _, ref = reference_grads(p, max_grad_norm=max_norm)
     worst, errs = max_rel_err(grads, ref)
     assert worst <= tol, f"seed={seed} {errs}"
+
+
+def _compiled_launch_signature(kernel, args, kwargs):
+    """The argument types Triton's compiled (GPU) launcher gives a launch of ``kernel``: the
+    interpreter passes Python floats through untyped, so it cannot show a float32 scalar."""
+    from triton.backends.compiler import BaseBackend
+    from triton.runtime.jit import JITFunction, create_function_from_signature
+
+    jit = JITFunction(kernel.fn)
+    binder = create_function_from_signature(jit.signature, jit.params, BaseBackend)
+    _, specialization, _ = binder(*args, **kwargs)
+    return dict(zip(jit.arg_names, (spec[0] for spec in specialization)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_float_arguments_reach_kernels_at_full_precision(dtype, monkeypatch):
+    """Every float argument of every kernel is typed float64 by the compiled launcher (and
+    converted to the tensors' dtype in the kernel): typed float32, fd_step = 5e-6 or a
+    scale of 1/3 lose half their digits in float64 kernels."""
+    triton_impl = _triton()
+    launches = []
+
+    class Recorder:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launches.append((self.kernel, args, kwargs))
+                return self.kernel[grid](*args, **kwargs)
+            return launch
+
+    for name in dir(triton_impl):
+        if name.endswith("_kernel"):
+            monkeypatch.setattr(triton_impl, name, Recorder(getattr(triton_impl, name)))
+    shape = (3, 5)
+    triton_impl.forward_step(*forward_step_args(shape, dtype, "active", device=DEVICE))
+    for mode in (FD_EXACT, FD_FORWARD, FD_CENTRAL):
+        triton_impl.reverse_direction(*reverse_direction_args(shape, dtype, "active", mode, device=DEVICE))
+    for with_b in (True, False):
+        triton_impl.reverse_update(*reverse_update_args(shape, dtype, with_b, device=DEVICE))
+    assert {k.fn.__name__ for k, _, _ in launches} >= {"_grad_norm_partials_kernel", "_forward_update_kernel",
+                                                      "_reverse_dots_kernel", "_reverse_rows_kernel",
+                                                      "_reverse_update_kernel"}
+    for kernel, args, kwargs in launches:
+        types = _compiled_launch_signature(kernel, args, kwargs)
+        floats = {name: t for name, t in types.items() if t in ("fp16", "bf16", "fp32", "fp64")}
+        assert floats and all(t == "fp64" for t in floats.values()), (kernel.fn.__name__, floats)
+
+
+@pytest.mark.parametrize("hvp", ["fd_central", "fd_forward", "exact"])
+def test_float64_refine_with_triton_is_as_accurate_as_cpp(hvp, seed):
+    """float64 through the Triton kernels is as accurate as through the compiled kernels,
+    with hyper-parameters float32 cannot represent (scale 1/3, fd_eps, clip norm, lr,
+    momentum): float32-typed scalars gave 1e-7 instead of 1e-12 with fd_central."""
+    if not sf.ops.available(DEVICE):
+        pytest.skip("compiled kernels not built for this device")
+    p = make_problem("mlp", torch.float64, batch=3, latent=5, steps=4).to(device=DEVICE)
+    kw = dict(hvp=hvp, max_grad_norm=0.3, lr=(0.7, 0.3), momentum=0.45)
+    _, ref = reference_grads(p, **kw)
+    _, tri = refine_grads(p, backend="triton", **kw)
+    _, cpp = refine_grads(p, backend="cpp", **kw)
+    err_tri, err_cpp = max_rel_err(tri, ref)[0], max_rel_err(cpp, ref)[0]
+    assert err_tri <= 3 * err_cpp + 1e-12, f"seed={seed} triton {err_tri:.2e} vs cpp {err_cpp:.2e}"
+    if hvp != "fd_forward":  # fd_forward's float64 error is its difference quotient's (~1e-9)
+        assert err_tri <= 1e-10, f"seed={seed} {err_tri:.2e}"

@@ -54,6 +54,17 @@ def usable(device: torch.device | None = None) -> bool:
 
 
 if triton is not None:
+    # Globals a kernel reads must be constexpr.
+    _CLIP_EPS = tl.constexpr(CLIP_EPS)
+    _FD_FORWARD = tl.constexpr(FD_FORWARD)
+    _FD_CENTRAL = tl.constexpr(FD_CENTRAL)
+
+    @triton.jit
+    def _typed(x, like_ptr):
+        # Float arguments are declared float64 (a Python float would be passed as
+        # float32 and lose half its digits in float64 kernels); compute in the
+        # tensors' dtype (float64 -> float32 rounds as Python's float -> float32 would).
+        return tl.full((), x, like_ptr.dtype.element_ty)
 
     @triton.jit
     def _expm1(x):
@@ -91,7 +102,7 @@ if triton is not None:
     @triton.jit
     def _clip_coef(norm, max_norm, HAS_CLIP: tl.constexpr):
         if HAS_CLIP:
-            return tl.minimum(max_norm / (norm + 1e-6), 1.0)
+            return tl.minimum(max_norm / (norm + tl.full((), _CLIP_EPS, norm.dtype)), 1.0)
         else:
             return norm * 0.0 + 1.0
 
@@ -111,8 +122,9 @@ if triton is not None:
         tl.store(z_ptr + offs, z, mask=m)
 
     @triton.jit
-    def _grad_norm_partials_kernel(mu_ptr, lv_ptr, eps_ptr, gz_ptr, partial_ptr, n, scale, kl_weight,
-                                   BLOCK: tl.constexpr):
+    def _grad_norm_partials_kernel(mu_ptr, lv_ptr, eps_ptr, gz_ptr, partial_ptr, n, scale: tl.float64,
+                                   kl_weight: tl.float64, BLOCK: tl.constexpr):
+        scale, kl_weight = _typed(scale, mu_ptr), _typed(kl_weight, mu_ptr)
         pid = tl.program_id(0)
         nprog = tl.num_programs(0)
         acc_mu = tl.zeros((BLOCK,), dtype=mu_ptr.dtype.element_ty)
@@ -129,9 +141,12 @@ if triton is not None:
     @triton.jit
     def _forward_update_kernel(mu_ptr, lv_ptr, pm_ptr, pl_ptr, eps_ptr, gz_ptr, en_ptr,
                                o_mu_ptr, o_lv_ptr, o_pm_ptr, o_pl_ptr, o_z_ptr, norms_ptr, partial_ptr,
-                               n, num_partials, scale, kl_weight, lr_mu, lr_lv, momentum, max_norm,
+                               n, num_partials, scale: tl.float64, kl_weight: tl.float64, lr_mu: tl.float64,
+                               lr_lv: tl.float64, momentum: tl.float64, max_norm: tl.float64,
                                HAS_NEXT: tl.constexpr, HAS_CLIP: tl.constexpr, BLOCK: tl.constexpr,
                                MAXP: tl.constexpr):
+        scale, kl_weight, max_norm = _typed(scale, mu_ptr), _typed(kl_weight, mu_ptr), _typed(max_norm, mu_ptr)
+        lr_mu, lr_lv, momentum = _typed(lr_mu, mu_ptr), _typed(lr_lv, mu_ptr), _typed(momentum, mu_ptr)
         pid = tl.program_id(0)
         n_mu = tl.sqrt(_reduce_partials(partial_ptr, num_partials, 0, MAXP))
         n_lv = tl.sqrt(_reduce_partials(partial_ptr, num_partials, 1, MAXP))
@@ -162,8 +177,10 @@ if triton is not None:
 
     @triton.jit
     def _reverse_dots_kernel(lbm_ptr, lbl_ptr, pbm_ptr, pbl_ptr, mu_ptr, lv_ptr, eps_ptr, gz_ptr,
-                             o_pbm_ptr, o_pbl_ptr, partial_ptr, n, scale, kl_weight, lr_mu, lr_lv,
-                             HAS_CLIP: tl.constexpr, BLOCK: tl.constexpr):
+                             o_pbm_ptr, o_pbl_ptr, partial_ptr, n, scale: tl.float64, kl_weight: tl.float64,
+                             lr_mu: tl.float64, lr_lv: tl.float64, HAS_CLIP: tl.constexpr, BLOCK: tl.constexpr):
+        scale, kl_weight = _typed(scale, mu_ptr), _typed(kl_weight, mu_ptr)
+        lr_mu, lr_lv = _typed(lr_mu, mu_ptr), _typed(lr_lv, mu_ptr)
         pid = tl.program_id(0)
         nprog = tl.num_programs(0)
         acc_mu = tl.zeros((BLOCK,), dtype=mu_ptr.dtype.element_ty)
@@ -185,9 +202,11 @@ if triton is not None:
     @triton.jit
     def _reverse_rows_kernel(pbm_ptr, pbl_ptr, mu_ptr, lv_ptr, eps_ptr, gz_ptr, norms_ptr, partial_ptr,
                              o_vm_ptr, o_vl_ptr, o_u_ptr, o_z_ptr, o_w_ptr,
-                             n_rows, n_cols, num_partials, scale, kl_weight, max_norm, fd_step,
-                             FD_MODE: tl.constexpr, HAS_CLIP: tl.constexpr, ROWS: tl.constexpr,
-                             BLOCK_D: tl.constexpr, MAXP: tl.constexpr):
+                             n_rows, n_cols, num_partials, scale: tl.float64, kl_weight: tl.float64,
+                             max_norm: tl.float64, fd_step: tl.float64, FD_MODE: tl.constexpr, HAS_CLIP: tl.constexpr,
+                             ROWS: tl.constexpr, BLOCK_D: tl.constexpr, MAXP: tl.constexpr):
+        scale, kl_weight = _typed(scale, mu_ptr), _typed(kl_weight, mu_ptr)
+        max_norm, fd_step = _typed(max_norm, mu_ptr), _typed(fd_step, mu_ptr)
         pid = tl.program_id(0)
         n_mu = tl.load(norms_ptr)
         n_lv = tl.load(norms_ptr + 1)
@@ -198,8 +217,8 @@ if triton is not None:
         if HAS_CLIP:
             dot_mu = _reduce_partials(partial_ptr, num_partials, 0, MAXP)
             dot_lv = _reduce_partials(partial_ptr, num_partials, 1, MAXP)
-            np_mu = n_mu + 1e-6
-            np_lv = n_lv + 1e-6
+            np_mu = n_mu + tl.full((), _CLIP_EPS, n_mu.dtype)
+            np_lv = n_lv + tl.full((), _CLIP_EPS, n_lv.dtype)
             k_mu = tl.where(c_mu < 1.0, max_norm * dot_mu / (n_mu * np_mu * np_mu), 0.0)
             k_lv = tl.where(c_lv < 1.0, max_norm * dot_lv / (n_lv * np_lv * np_lv), 0.0)
         rows = pid * ROWS + tl.arange(0, ROWS)
@@ -226,14 +245,14 @@ if triton is not None:
             tl.store(o_vm_ptr + offs, vm, mask=m)
             tl.store(o_vl_ptr + offs, vl, mask=m)
             tl.store(o_u_ptr + offs, u, mask=m)
-            if FD_MODE == 1:
+            if FD_MODE == _FD_FORWARD:
                 tl.store(o_z_ptr + offs, z + fd_step * u, mask=m)
             else:
                 tl.store(o_z_ptr + offs, z, mask=m)
             uu += tl.sum(tl.where(m, u * u, 0.0), axis=1)
             zz += tl.sum(tl.where(m, z * z, 0.0), axis=1)
         w = tl.zeros_like(uu) + 1.0
-        if FD_MODE == 2:
+        if FD_MODE == _FD_CENTRAL:
             u_norm = tl.sqrt(uu)
             nonzero = u_norm > 0.0
             r = tl.where(nonzero, fd_step * (1.0 + tl.sqrt(zz)) / tl.where(nonzero, u_norm, 1.0), 0.0)
@@ -251,8 +270,11 @@ if triton is not None:
 
     @triton.jit
     def _reverse_update_kernel(lbm_ptr, lbl_ptr, pbm_ptr, pbl_ptr, vm_ptr, vl_ptr, lv_ptr, eps_ptr, gz_ptr,
-                               a_ptr, b_ptr, o_lbm_ptr, o_lbl_ptr, o_pbm_ptr, o_pbl_ptr, n, hvp_scale, scale,
-                               kl_weight, momentum, HAS_B: tl.constexpr, BLOCK: tl.constexpr):
+                               a_ptr, b_ptr, o_lbm_ptr, o_lbl_ptr, o_pbm_ptr, o_pbl_ptr, n, hvp_scale: tl.float64,
+                               scale: tl.float64, kl_weight: tl.float64, momentum: tl.float64, HAS_B: tl.constexpr,
+                               BLOCK: tl.constexpr):
+        hvp_scale, scale = _typed(hvp_scale, lv_ptr), _typed(scale, lv_ptr)
+        kl_weight, momentum = _typed(kl_weight, lv_ptr), _typed(momentum, lv_ptr)
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         m = offs < n
         hzz = tl.load(a_ptr + offs, mask=m)
