@@ -30,6 +30,86 @@ class MLPDecoder(nn.Module):
             -1, self.length).sum(1)
 
 
+# ----------------------------------------------------------------------------- TF32 emulation
+# A GPU computing a float32 matmul in TF32 rounds both inputs to a 10-bit mantissa
+# and accumulates in float32, in the forward and in the backward pass. These decoders
+# do the same on CPU while the CPU's own TF32 setting,
+# torch.backends.mkldnn.matmul.fp32_precision, is "tf32", so that refine's
+# precision detection, its TF32 steps and fp32_precision="ieee" can be tested here.
+
+
+def cpu_tf32_enabled() -> bool:
+    return getattr(torch.backends.mkldnn.matmul, "fp32_precision", "none") == "tf32"
+
+
+def round_to_tf32(x: torch.Tensor) -> torch.Tensor:
+    """Round float32 values to TF32 (10 explicit mantissa bits), to nearest, ties to even."""
+    bits = x.contiguous().view(torch.int32)
+    bits = (bits + 0xFFF + ((bits >> 13) & 1)) & ~0x1FFF
+    return bits.view(torch.float32)
+
+
+class _Tf32Matmul(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, a, b):
+        ctx.save_for_backward(a, b)
+        return round_to_tf32(a) @ round_to_tf32(b)
+
+    @staticmethod
+    def backward(ctx, grad):
+        a, b = ctx.saved_tensors
+        return tf32_matmul(grad, b.transpose(-1, -2)), tf32_matmul(a.transpose(-1, -2), grad)
+
+
+def tf32_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b as a TF32 GPU computes it (float32 under the CPU TF32 setting), differentiable
+    (twice: the backward is made of the same products)."""
+    if a.dtype != torch.float32 or not cpu_tf32_enabled():
+        return a @ b
+    return _Tf32Matmul.apply(a, b)
+
+
+class Tf32MLPDecoder(MLPDecoder):
+    def nll(self, x, z):
+        h = torch.tanh(tf32_matmul(z, self.l1.weight.t()) + self.l1.bias)
+        logits = (tf32_matmul(self.drop(h), self.l2.weight.t()) + self.l2.bias).view(-1, self.length, self.vocab)
+        return F.cross_entropy(logits.reshape(-1, self.vocab), x.reshape(-1), reduction="none").view(
+            -1, self.length).sum(1)
+
+
+class Tf32LSTMDecoder(nn.Module):
+    """The bundled LSTMDecoder's model (z concatenated to every input and mapped to the initial
+    hidden state) with an LSTM cell written out, its products in TF32 (as cuDNN's)."""
+
+    def __init__(self, vocab_size: int, latent_dim: int, embed_dim: int, hidden_dim: int, init_scale: float | None = None):
+        super().__init__()
+        self.embed = nn.Embedding(vocab_size, embed_dim)
+        self.w_ih = nn.Parameter(torch.empty(embed_dim + latent_dim, 4 * hidden_dim))
+        self.w_hh = nn.Parameter(torch.empty(hidden_dim, 4 * hidden_dim))
+        self.bias = nn.Parameter(torch.empty(4 * hidden_dim))
+        self.latent_to_hidden = nn.Linear(latent_dim, hidden_dim)
+        self.out = nn.Linear(hidden_dim, vocab_size)
+        a = init_scale if init_scale is not None else hidden_dim ** -0.5
+        for p in self.parameters():
+            nn.init.uniform_(p, -a, a)
+
+    def nll(self, x, z):
+        inputs = self.embed(x[:, :-1])
+        batch, steps, _ = inputs.shape
+        inputs = torch.cat([inputs, z.unsqueeze(1).expand(batch, steps, z.shape[1])], dim=2)
+        h = torch.tanh(tf32_matmul(z, self.latent_to_hidden.weight.t()) + self.latent_to_hidden.bias)
+        c = torch.zeros_like(h)
+        pre = tf32_matmul(inputs, self.w_ih) + self.bias
+        nll = 0
+        for t in range(steps):
+            i, f, g, o = (pre[:, t] + tf32_matmul(h, self.w_hh)).chunk(4, dim=1)
+            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+            h = torch.sigmoid(o) * torch.tanh(c)
+            logits = tf32_matmul(h, self.out.weight.t()) + self.out.bias
+            nll = nll + F.cross_entropy(logits, x[:, t + 1], reduction="none")
+        return nll
+
+
 def make_decoder(kind: str, latent_dim: int, dropout: float = 0.0) -> nn.Module:
     if kind == "mlp":
         return MLPDecoder(latent_dim, dropout=dropout)
@@ -37,11 +117,15 @@ def make_decoder(kind: str, latent_dim: int, dropout: float = 0.0) -> nn.Module:
         return LSTMDecoder(vocab_size=11, latent_dim=latent_dim, embed_dim=8, hidden_dim=16, dropout=dropout)
     if kind == "pixelcnn":
         return GatedPixelCNNDecoder(latent_dim, image_size=6, channels=6, kernels=(5, 3), cond_channels=2)
+    if kind == "tf32_mlp":
+        return Tf32MLPDecoder(latent_dim, dropout=dropout)
+    if kind == "tf32_lstm":
+        return Tf32LSTMDecoder(vocab_size=11, latent_dim=latent_dim, embed_dim=8, hidden_dim=16)
     raise ValueError(kind)
 
 
 def make_tokens(kind: str, batch: int) -> torch.Tensor:
-    if kind == "mlp":
+    if kind in ("mlp", "tf32_mlp"):
         return torch.randint(0, 9, (batch, 6))
     if kind == "pixelcnn":
         return (torch.rand(batch, 1, 6, 6) < 0.4).double()

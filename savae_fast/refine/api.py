@@ -12,41 +12,36 @@ from torch import Tensor
 from savae_fast.ops import get_backend
 from savae_fast.ops.constants import BACKENDS
 from savae_fast.refine.function import NONFINITE_MODES, HVP_MODES, RefineConfig, RefineFunction, run_forward
+from savae_fast.refine.precision import TF32, decoder_precision, reduced_fp32_settings, warn_reduced_precision
 
-# Default finite-difference step per (hvp mode, dtype): where the truncation
-# error (grows with the step) meets the rounding error (grows as its inverse),
-# chosen by sweeps on MLP and LSTM decoders (B 8-32, K 10-20; see README,
+# Default finite-difference step per (hvp mode, decoder precision): where the
+# truncation error (grows with the step) meets the rounding error (grows as its
+# inverse), chosen by sweeps on MLP and LSTM decoders (B 8-32, K 10-20; see README,
 # "Accuracy"). fd_forward: perturbation size of the normalised direction;
 # fd_central: per-example relative perturbation r_b |u_b| = eps (1 + |z_b|).
-# A decoder evaluated in bfloat16/float16 (autocast) rounds its gradients far
-# more coarsely, so the steps are larger: measured on an LSTM decoder under
-# bfloat16 autocast (relative error ~1e-3 central, ~7e-3 forward); float16
-# steps are scaled from bfloat16 by the precision ratio (not measured: CPU
+# A decoder that computes in lower precision rounds its gradients more coarsely, so
+# the steps are larger: bfloat16 measured on an LSTM decoder under bfloat16 autocast
+# (relative error ~1e-3 central, ~7e-3 forward); TF32 (float32 decoders on GPUs with
+# cuDNN/cuBLAS TF32, the cuDNN default) measured with MLP and LSTM decoders whose
+# products are rounded to TF32 as a GPU does (B 32, K 20; error of the refinement
+# path alone, worst of 4 draws: fd_forward 5e-2 -> 6e-2, where the float32 step gives
+# 10-40x more; fd_central 5e-2 -> 5e-3, 9-17x less than with the float32 step);
+# float16 steps are scaled from bfloat16 by the precision ratio (not measured: CPU
 # LSTMs do not run in float16).
 DEFAULT_FD_EPS = {
     ("fd_forward", torch.float32): 1e-3,
     ("fd_forward", torch.float64): 3e-8,
+    ("fd_forward", TF32): 5e-2,
     ("fd_forward", torch.bfloat16): 1e-1,
     ("fd_forward", torch.float16): 3e-2,
     ("fd_central", torch.float32): 2e-3,
     ("fd_central", torch.float64): 5e-6,
+    ("fd_central", TF32): 5e-2,
     ("fd_central", torch.bfloat16): 1e-1,
     ("fd_central", torch.float16): 5e-2,
 }
 
-
-def decoder_precision(mu: Tensor) -> torch.dtype:
-    """The precision the decoder computes in: the autocast dtype when refine is
-    called inside an autocast region for mu's device, else mu's dtype."""
-    device_type = mu.device.type
-    try:
-        if torch.is_autocast_enabled(device_type):
-            low = torch.get_autocast_dtype(device_type)
-            if low in (torch.bfloat16, torch.float16):
-                return low
-    except (RuntimeError, TypeError):  # device type without autocast support
-        pass
-    return mu.dtype
+FP32_PRECISIONS = ("inherit", "ieee")
 
 
 def _real(name: str, value, *, low=None, low_open=False, high=None, high_open=False) -> float:
@@ -101,7 +96,8 @@ def _collect_params(params) -> tuple[Tensor, ...]:
 
 
 def make_config(mu: Tensor, *, steps, lr, momentum, max_grad_norm, kl_weight, reduction, hvp, fd_eps,
-                preserve_rng_state, process_group=None, on_nonfinite="raise") -> RefineConfig:
+                preserve_rng_state, process_group=None, on_nonfinite="raise",
+                fp32_precision="inherit") -> RefineConfig:
     """Validate the hyper-parameters of a refine call (errors name the argument)."""
     from savae_fast.refine.distributed import global_batch as _global_batch, world_size
 
@@ -131,8 +127,10 @@ def make_config(mu: Tensor, *, steps, lr, momentum, max_grad_norm, kl_weight, re
         scale = _real("reduction", reduction, low=0.0, low_open=True)
     if hvp not in HVP_MODES:
         raise ValueError(f"refine: argument 'hvp' must be one of {tuple(HVP_MODES)}, got {hvp!r}")
+    if fp32_precision not in FP32_PRECISIONS:
+        raise ValueError(f"refine: argument 'fp32_precision' must be one of {FP32_PRECISIONS}, got {fp32_precision!r}")
     if fd_eps is None:
-        fd_eps = DEFAULT_FD_EPS.get((hvp, decoder_precision(mu)), 0.0)
+        fd_eps = DEFAULT_FD_EPS.get((hvp, decoder_precision(mu, full_fp32=fp32_precision == "ieee")), 0.0)
     else:
         fd_eps = _real("fd_eps", fd_eps, low=0.0, low_open=True)
     if not isinstance(preserve_rng_state, bool):
@@ -142,7 +140,8 @@ def make_config(mu: Tensor, *, steps, lr, momentum, max_grad_norm, kl_weight, re
     return RefineConfig(
         steps=int(steps), lr_mu=lr_mu, lr_logvar=lr_logvar, momentum=momentum, max_grad_norm=max_grad_norm,
         kl_weight=kl_weight, scale=scale, hvp=hvp, fd_eps=fd_eps, preserve_rng_state=preserve_rng_state,
-        process_group=process_group, global_batch=global_batch, on_nonfinite=on_nonfinite)
+        process_group=process_group, global_batch=global_batch, on_nonfinite=on_nonfinite,
+        full_fp32=fp32_precision == "ieee")
 
 
 def _check_noise(noise, steps: int, mu: Tensor) -> Tensor:
@@ -184,6 +183,7 @@ def refine(
     preserve_rng_state: bool = True,
     process_group=None,
     on_nonfinite: str = "raise",
+    fp32_precision: str = "inherit",
 ) -> tuple[Tensor, Tensor]:
     """Refine Gaussian variational parameters by K steps of SVI, differentiably.
 
@@ -237,6 +237,12 @@ def refine(
             host read at the end of the forward and of the backward); "zero": treat
             non-finite decoder derivatives as zero; "ignore": no checks (needed for
             CUDA-graph capture).
+        fp32_precision: "inherit" (default): the decoder computes as PyTorch's settings say;
+            a float32 decoder on a GPU then uses TF32 in cuDNN (its default) and maybe
+            cuBLAS, which limits the gradient's accuracy to ~1e-3 (the difference steps are
+            chosen for it, and refine warns once). "ieee": refine's own decoder
+            evaluations run in full float32 (TF32 switched off around them and restored
+            after; the settings are process-wide while refine runs).
 
     Returns:
         ``(mu_K, logvar_K)``.
@@ -248,7 +254,11 @@ def refine(
     cfg = make_config(mu, steps=steps, lr=lr, momentum=momentum, max_grad_norm=max_grad_norm,
                       kl_weight=kl_weight, reduction=reduction, hvp=hvp, fd_eps=fd_eps,
                       preserve_rng_state=preserve_rng_state, process_group=process_group,
-                      on_nonfinite=on_nonfinite)
+                      on_nonfinite=on_nonfinite, fp32_precision=fp32_precision)
+    if mu.dtype == torch.float32 and not cfg.full_fp32:
+        reduced = reduced_fp32_settings(mu.device.type)
+        if reduced:
+            warn_reduced_precision(mu.device.type, reduced)
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"refine: argument 'backend' must be one of {BACKENDS}, got {backend!r}")
     if cfg.steps == 0:

@@ -23,6 +23,7 @@ from the decoder, by
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -33,6 +34,7 @@ from torch.autograd.function import once_differentiable
 
 from savae_fast.ops import Backend
 from savae_fast.ops.constants import FD_CENTRAL, FD_EXACT, FD_FORWARD
+from savae_fast.refine.precision import full_fp32
 from savae_fast.refine.rng import RngState
 
 HVP_MODES = {"fd_forward": FD_FORWARD, "fd_central": FD_CENTRAL, "exact": FD_EXACT}
@@ -55,6 +57,7 @@ class RefineConfig:
     process_group: object = None  # data parallel: batch-coupled reductions summed over its processes
     global_batch: int = 0  # examples over all processes (0: this batch only)
     on_nonfinite: str = "raise"  # "raise" | "zero" | "ignore"
+    full_fp32: bool = False  # decoder evaluations with TF32 switched off (fp32_precision="ieee")
 
     @property
     def fd_mode(self) -> int:
@@ -193,9 +196,20 @@ def decoder_hvp(nll_fn: Callable, z: Tensor, u: Tensor, params: Sequence[Tensor]
     return hzz_u, list(grads[1:])
 
 
+def decoder_precision_scope(cfg: RefineConfig, device: torch.device):
+    """Where refine's decoder evaluations run: in full float32 for fp32_precision="ieee"."""
+    return full_fp32(device.type) if cfg.full_fp32 else contextlib.nullcontext()
+
+
 def run_forward(cfg: RefineConfig, be: Backend, nll_fn: Callable, mu: Tensor, logvar: Tensor,
                 noise: Tensor, params: Sequence[Tensor], record: bool):
     """K inner steps; returns (mu_K, logvar_K, tape or None)."""
+    with decoder_precision_scope(cfg, mu.device):
+        return _run_forward(cfg, be, nll_fn, mu, logvar, noise, params, record)
+
+
+def _run_forward(cfg: RefineConfig, be: Backend, nll_fn: Callable, mu: Tensor, logvar: Tensor,
+                 noise: Tensor, params: Sequence[Tensor], record: bool):
     steps = cfg.steps
     acc_params = record and cfg.hvp == "fd_forward" and len(params) > 0
     tape = None
@@ -267,7 +281,8 @@ class RefineFunction(torch.autograd.Function):
         lbar_logvar = grad_logvar.contiguous() if grad_logvar is not None else torch.zeros_like(ref)
         lbar_mu, lbar_logvar = lbar_mu.to(ref.dtype), lbar_logvar.to(ref.dtype)
 
-        grad_params = _reverse_pass(cfg, be, nll_fn, noise, tape, params, lbar_mu, lbar_logvar)
+        with decoder_precision_scope(cfg, ref.device):
+            grad_params = _reverse_pass(cfg, be, nll_fn, noise, tape, params, lbar_mu, lbar_logvar)
         lbar_mu, lbar_logvar, theta_bar = grad_params
         it = iter(theta_bar)
         out_params = [next(it) if needs else None for needs in ctx.param_requires_grad]
