@@ -10,6 +10,10 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# cuBLAS is deterministic under torch.use_deterministic_algorithms(True) only with a fixed
+# workspace configuration, read when cuBLAS starts (tests/test_randomness.py).
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
 sys.path.insert(0, os.path.dirname(__file__))  # tests/helpers.py
 
 # Fresh random inputs in every test; the seed is printed on failure and can be

@@ -43,10 +43,24 @@ def test_without_replay_the_difference_quotient_is_noise():
     assert max_rel_err(ours, ref)[0] > 1e-2
 
 
+DEVICES = ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
+
+
+@pytest.fixture
+def deterministic_algorithms():
+    """torch.use_deterministic_algorithms(True) for the test (on CUDA the decoder's own ops,
+    e.g. the embedding backward, use atomics otherwise; our kernels have none)."""
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    yield
+    torch.use_deterministic_algorithms(before)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("hvp", ["fd_central", "fd_forward", "exact"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_same_seed_bit_identical(hvp, dtype):
-    p = make_problem("lstm", dtype, batch=8, latent=4, steps=6, dropout=0.5)
+def test_same_seed_bit_identical(hvp, dtype, device, deterministic_algorithms):
+    p = make_problem("lstm", dtype, batch=8, latent=4, steps=6, dropout=0.5).to(device=device)
     p.decoder.train()
 
     def run():

@@ -9,11 +9,13 @@ does, and what the tests compare :func:`savae_fast.refine` against.
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, Iterable
 
 import torch
 from torch import Tensor
 
+from savae_fast.refine.cudnn import TwiceDifferentiable
 from savae_fast.refine.api import _check_noise, _check_state, _collect_params, make_config
 
 
@@ -49,6 +51,7 @@ def unrolled(
     if cfg.steps == 0:
         return mu, logvar
     noise = _check_noise(noise, cfg.steps, mu)
+    evaluations = TwiceDifferentiable(mu.device)  # cuDNN RNNs have no double backward
     with torch.enable_grad():
         # The inner gradient needs a graph through lambda even when the caller's
         # mu/logvar do not require grad (the decoder parameters still do).
@@ -60,7 +63,7 @@ def unrolled(
         p_logvar = torch.zeros_like(logvar)
         for k in range(cfg.steps):
             z = mu + torch.exp(0.5 * logvar) * noise[k]
-            nll = nll_fn(z)
+            nll = evaluations.evaluate(functools.partial(nll_fn, z))
             loss = cfg.scale * (nll + cfg.kl_weight * gaussian_kl(mu, logvar)).sum()
             g_mu, g_logvar = torch.autograd.grad(loss, (mu, logvar), create_graph=True)
             if cfg.max_grad_norm > 0:

@@ -24,6 +24,7 @@ from the decoder, by
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -34,6 +35,7 @@ from torch.autograd.function import once_differentiable
 
 from savae_fast.ops import Backend
 from savae_fast.ops.constants import FD_CENTRAL, FD_EXACT, FD_FORWARD
+from savae_fast.refine.cudnn import TwiceDifferentiable, has_once_differentiable
 from savae_fast.refine.precision import full_fp32
 from savae_fast.refine.rng import RngState
 
@@ -165,27 +167,28 @@ def decoder_grads(nll_fn: Callable, z: Tensor, params: Sequence[Tensor], weight:
     return grad_z, list(grads[1:])
 
 
-def decoder_hvp(nll_fn: Callable, z: Tensor, u: Tensor, params: Sequence[Tensor]):
-    """Exact (Hzz u, d/dtheta (g_z . u)) by double backward through the decoder."""
+def decoder_hvp(nll_fn: Callable, z: Tensor, u: Tensor, params: Sequence[Tensor], evaluations: TwiceDifferentiable):
+    """Exact (Hzz u, d/dtheta (g_z . u)) by double backward through the decoder
+    (``evaluations`` runs the decoder without cuDNN where its RNNs would forbid that)."""
     batch = z.shape[0]
     with torch.enable_grad():
         z = z.detach().requires_grad_(True)
-        nll = nll_fn(z)
+        nll = evaluations.evaluate(functools.partial(nll_fn, z))
         _check_nll(nll, batch)
         if not nll.requires_grad:
             return torch.zeros_like(z), [None] * len(params)
         advice = ("Use hvp='fd_central' or hvp='fd_forward', or make the decoder twice differentiable "
-                  "(cuDNN RNNs and once_differentiable functions are not)")
+                  "(once_differentiable functions are not; cuDNN RNNs are run without cuDNN for this)")
         try:
             (grad_z,) = torch.autograd.grad(nll.sum(), z, create_graph=True, allow_unused=True)
             if grad_z is None:  # the decoder ignores z: no second-order terms
                 return torch.zeros_like(z), [None] * len(params)
-            if not grad_z.requires_grad:
+            if not grad_z.requires_grad or has_once_differentiable(grad_z):
                 # Either the NLL is linear in z with no trainable parameters, or the
                 # backward is not differentiable; autograd cannot tell them apart, and
                 # returning zeros for the second case would be a silent wrong answer.
                 raise RuntimeError("the decoder's gradient w.r.t. z has no autograd graph under "
-                                   "create_graph=True")
+                                   "create_graph=True, or went through a once_differentiable backward")
             grads = torch.autograd.grad(grad_z, (z, *params), grad_outputs=u, allow_unused=True)
         except RuntimeError as exc:
             raise RuntimeError(
@@ -337,6 +340,7 @@ def _reverse_pass(cfg: RefineConfig, be: Backend, nll_fn: Callable, noise: Tenso
     # like the tape) and looked at only if the result is not finite, to name the step
     step_terms = []
     caller_rng = RngState(lbar_mu.device) if cfg.preserve_rng_state else None
+    evaluations = TwiceDifferentiable(lbar_mu.device) if mode == FD_EXACT else None
     try:
         for k in reversed(range(cfg.steps)):
             mu_k, logvar_k, eps_k, gz_k = tape.mu[k], tape.logvar[k], eps[k], tape.grad_z[k]
@@ -368,7 +372,7 @@ def _reverse_pass(cfg: RefineConfig, be: Backend, nll_fn: Callable, noise: Tenso
                 hvp_scale = 1.0
             else:
                 replay()
-                hvp_a, g_mixed = decoder_hvp(nll_fn, z_eval[0], u, params)
+                hvp_a, g_mixed = decoder_hvp(nll_fn, z_eval[0], u, params, evaluations)
                 _add_param_grads(theta_bar, g_mixed, -s, cfg.on_nonfinite == "zero")
                 g_mixed = None
                 hvp_b, hvp_scale = None, 1.0
