@@ -61,6 +61,7 @@ def _assert_as_accurate_as_formula(fused, formula, args, dtype, scales=None):
         assert err_fused <= max(TOL[dtype], 8 * err_formula), (i, err_fused, err_formula)
 
 
+@settings(deadline=None)  # a correctness property: no per-example time limit (slow under sanitizers)
 @given(op_inputs)
 def test_property_fused_ops_match_formula(p):
     torch.manual_seed(p["seed"])
