@@ -82,8 +82,9 @@ def main(argv=None) -> int:
             rounds = 5 if quick else 20
             r = bench_step(cfg, dev, rounds=min(rounds, cfg.max_rounds or rounds), include_slow=not quick)
             results["step"].append(r)
+            errors_on = "" if r["error_batch"] == cfg.batch else f"; errors on the first {r['error_batch']} examples"
             report += [f"## SA-VAE training step: {name} (B={cfg.batch}, D={cfg.latent}, K={cfg.steps}, "
-                       f"{r['decoder_params']:,} decoder parameters)", step_table(r), ""]
+                       f"{r['decoder_params']:,} decoder parameters{errors_on})", step_table(r), ""]
     if "accuracy" in sections:
         shapes = ((32, 20),) if quick else ((8, 10), (32, 20))
         acc = bench_accuracy(dev, "small_lstm", shapes=shapes, seeds=2 if quick else 5)

@@ -1,24 +1,47 @@
 #!/usr/bin/env bash
-# GPU verification in one go: build the CUDA extension, run the test suite on the
-# GPU (CUDA and Triton backends), then the benchmark suite on the device, and keep
-# the logs and result files. Usage (on a machine with a CUDA GPU and torch installed):
-#   OUT=/some/dir bash benchmarks/gpu_check.sh [--quick]
-# Results: $OUT/build.log, $OUT/pytest.log, $OUT/nvidia-smi.txt, $OUT/benchmarks/*.{json,md,png}
+# GPU verification in one go, sized for a short lease (about 6 minutes on an H100):
+# build the CUDA extension for the local GPU, run the whole test suite on it in parallel
+# (CUDA and Triton paths for real), then a quick benchmark on the device.
+#   OUT=/some/dir bash benchmarks/gpu_check.sh            # quick benchmark
+#   OUT=/some/dir bash benchmarks/gpu_check.sh --full     # the full suite instead (at most ~10 min)
+# Results, flat in $OUT: env.txt (device, versions, commit, commands), build.log, pytest.log
+# (with --durations), benchmarks.log and the benchmark's results .json/.md/.png.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results/gpu_check}
 mkdir -p "$OUT"
-nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || true
-git rev-parse --short HEAD > "$OUT/commit.txt" 2>/dev/null || true
+PY=${PYTHON:-python3}
+bench_args=(--quick)
+[ "${1:-}" = "--full" ] && bench_args=()
 
-export FORCE_CUDA=1 MAX_JOBS=${MAX_JOBS:-8}
-export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$(python -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")}
-python -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1 || { tail -50 "$OUT/build.log"; exit 1; }
-python -c "import savae_fast as sf, torch; print(sf.ops.build_info(), torch.cuda.get_device_name())" | tee -a "$OUT/build.log"
+export FORCE_CUDA=1 MAX_JOBS=${MAX_JOBS:-16}
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$("$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")}
+export CUBLAS_WORKSPACE_CONFIG=${CUBLAS_WORKSPACE_CONFIG:-:4096:8}
+{
+  echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+  echo "commit: $(git rev-parse HEAD 2>/dev/null || echo unknown)$(git diff --quiet 2>/dev/null || echo ' (modified)')"
+  echo "command: bash benchmarks/gpu_check.sh $*"
+  "$PY" -c "import sys, torch; print('python', sys.version.split()[0]); print('torch', torch.__version__, 'cuda', torch.version.cuda); print('device', torch.cuda.get_device_name()); import triton; print('triton', triton.__version__)"
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null
+} > "$OUT/env.txt" 2>&1
+cat "$OUT/env.txt"
 
-# The whole suite: on a GPU machine the CUDA and Triton paths run for real (not interpreted).
-python -m pytest -q -x -p no:cacheprovider 2>&1 | tee "$OUT/pytest.log" | tail -5
-status=${PIPESTATUS[0]}
+t0=$(date +%s)
+"$PY" -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1 || { tail -50 "$OUT/build.log"; exit 1; }
+"$PY" -c "import savae_fast as sf; print('build', sf.ops.build_info())" | tee -a "$OUT/build.log" "$OUT/env.txt"
+echo "build: $(( $(date +%s) - t0 )) s"
 
-python -m benchmarks --device cuda --out "$OUT/benchmarks" "$@" 2>&1 | tee "$OUT/benchmarks.log" | tail -40
+# The whole suite on the GPU machine's cores; per-test time limit against hangs.
+t0=$(date +%s)
+"$PY" -m pytest -q -p no:cacheprovider -n auto --timeout 300 --durations 25 -rfE > "$OUT/pytest.log" 2>&1
+status=$?
+tail -40 "$OUT/pytest.log"
+echo "tests: $(( $(date +%s) - t0 )) s, exit $status" | tee -a "$OUT/env.txt"
+
+t0=$(date +%s)
+"$PY" -m benchmarks --device cuda --out "$OUT" "${bench_args[@]}" > "$OUT/benchmarks.log" 2>&1
+bench_status=$?
+tail -60 "$OUT/benchmarks.log"
+echo "benchmarks: $(( $(date +%s) - t0 )) s, exit $bench_status" | tee -a "$OUT/env.txt"
+[ "$status" -eq 0 ] && exit "$bench_status"
 exit "$status"

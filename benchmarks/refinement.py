@@ -23,9 +23,9 @@ from benchmarks import harness
 from benchmarks.configs import CONFIGS, DecoderConfig, Problem, make_problem
 
 
-def _refine(hvp: str, backend: str = "auto") -> Callable:
+def _refine(hvp: str, backend: str = "auto", **options) -> Callable:
     def run(*args, **kw):
-        return sf.refine(*args, hvp=hvp, backend=backend, **kw)
+        return sf.refine(*args, hvp=hvp, backend=backend, **options, **kw)
 
     return run
 
@@ -38,6 +38,18 @@ METHODS: dict[str, Callable] = {
     "optim_n2n (authors)": optim_n2n,
     "unrolled (autograd)": unrolled,
 }
+
+# On GPUs a float32 decoder computes in TF32 by default (cuDNN): refine's evaluations in
+# full float32 are an option, measured next to the default.
+CUDA_METHODS: dict[str, Callable] = {
+    "refine fd_forward, fp32_precision='ieee'": _refine("fd_forward", fp32_precision="ieee"),
+    "refine fd_central, fp32_precision='ieee'": _refine("fd_central", fp32_precision="ieee"),
+}
+
+# Float64 unrolled autograd on a GPU (the accuracy reference) is slow for large decoders
+# (over 400 s for the Omniglot PixelCNN at B 32): there the errors are measured on the
+# first examples of the batch (same decoder, draws and steps).
+CUDA_REFERENCE_BATCH = 8
 
 
 def training_step(method: Callable, p: Problem, steps: int | None = None):
@@ -78,6 +90,16 @@ def as_float64(p: Problem) -> Problem:
     return q
 
 
+def first_examples(p: Problem, batch: int) -> Problem:
+    """The problem restricted to its first ``batch`` examples."""
+    if p.mu0.shape[0] <= batch:
+        return p
+    q = copy.copy(p)
+    q.x, q.mu0, q.logvar0, q.final_eps = p.x[:batch], p.mu0[:batch], p.logvar0[:batch], p.final_eps[:batch]
+    q.noise = p.noise[:, :batch]
+    return q
+
+
 def gradient_errors(p: Problem, methods: dict[str, Callable]) -> dict[str, float]:
     """Relative error of all gradients (mu0, logvar0, params together) vs float64 unrolled."""
     exact = training_step(unrolled, as_float64(p))
@@ -93,8 +115,8 @@ def gradient_errors(p: Problem, methods: dict[str, Callable]) -> dict[str, float
 
 def applicable_methods(p: Problem, device: str, include_slow: bool = True) -> dict[str, Callable]:
     methods = dict(METHODS)
-    if device == "cuda" and p.config.kind == "lstm":
-        methods.pop("refine exact")  # cuDNN LSTM has no double backward
+    if device == "cuda":
+        methods.update(CUDA_METHODS)
     if not include_slow:
         for name in ("unrolled (autograd)", "refine exact"):
             methods.pop(name, None)
@@ -108,7 +130,8 @@ def bench_step(cfg: DecoderConfig, device: str, rounds: int, include_slow: bool 
     candidates = {"decoder floor (2K+1 passes)": lambda: decoder_floor(p)}
     candidates.update({name: (lambda m=m: training_step(m, p)) for name, m in methods.items()})
     times = harness.interleaved(candidates, rounds, device)
-    errors = gradient_errors(p, methods)
+    error_batch = CUDA_REFERENCE_BATCH if device == "cuda" else cfg.batch
+    errors = gradient_errors(first_examples(p, error_batch), methods)
     floor_name = "decoder floor (2K+1 passes)"
     rows = []
     for name, samples in times.items():
@@ -119,7 +142,8 @@ def bench_step(cfg: DecoderConfig, device: str, rounds: int, include_slow: bool 
             row["grad_rel_error"] = errors.get(name)
         rows.append(row)
     return {"config": cfg.name, "device": device, "batch": cfg.batch, "latent": cfg.latent, "steps": cfg.steps,
-            "decoder_params": p.num_params(), "rounds": rounds, "rows": rows}
+            "error_batch": min(error_batch, cfg.batch), "decoder_params": p.num_params(), "rounds": rounds,
+            "rows": rows}
 
 
 def step_table(result: dict) -> str:

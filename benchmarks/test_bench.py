@@ -46,8 +46,6 @@ def test_decoder_floor(benchmark, small_lstm):
 @pytest.mark.benchmark(group="training step: small_lstm (B=32, D=16, K=20)")
 @pytest.mark.parametrize("method", STEP_METHODS)
 def test_training_step(benchmark, small_lstm, method):
-    if method == "refine exact" and DEVICE == "cuda":
-        pytest.skip("cuDNN LSTM has no double backward")
     grads = benchmark(lambda: (training_step(METHODS[method], small_lstm), _sync())[0])
     assert len(grads) == 2 + len(small_lstm.params)
     assert all(torch.isfinite(g).all() for g in grads)

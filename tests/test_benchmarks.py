@@ -11,7 +11,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _run(args, **kw):
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    # CPU: these are smoke tests of the harness (benchmarks/gpu_check.sh runs the GPU suite)
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), SAVAE_BENCH_DEVICE="cpu")
     out = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, env=env, **kw)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return out
@@ -26,7 +27,7 @@ def test_pytest_benchmark_cases_run(tmp_path):
 
 @pytest.mark.slow
 def test_benchmark_cli_writes_results(tmp_path):
-    _run(["-m", "benchmarks", "--quick", "--only", "ops", "--no-compile", "--out", str(tmp_path)])
+    _run(["-m", "benchmarks", "--quick", "--only", "ops", "--no-compile", "--device", "cpu", "--out", str(tmp_path)])
     files = sorted(os.listdir(tmp_path))
     assert any(f.endswith(".json") for f in files) and any(f.endswith(".md") for f in files), files
     data = json.load(open(tmp_path / next(f for f in files if f.endswith(".json"))))
