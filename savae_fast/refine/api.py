@@ -239,8 +239,9 @@ def refine(
             CUDA-graph capture).
         fp32_precision: "inherit" (default): the decoder computes as PyTorch's settings say;
             a float32 decoder on a GPU then uses TF32 in cuDNN (its default) and maybe
-            cuBLAS, which limits the gradient's accuracy to ~1e-3 (the difference steps are
-            chosen for it, and refine warns once). "ieee": refine's own decoder
+            cuBLAS, which limits the relative accuracy of the gradient through the
+            refinement to about 5e-2 (fd_forward), 5e-3 (fd_central) or 1e-3 (exact); the
+            difference steps are chosen for it, and refine warns once. "ieee": refine's own decoder
             evaluations run in full float32 (TF32 switched off around them and restored
             after; the settings are process-wide while refine runs).
 

@@ -20,16 +20,12 @@ from torch import Tensor
 # Precision keys of the default finite-difference steps (refine.api.DEFAULT_FD_EPS).
 TF32 = "tf32"
 
-# Settings (torch >= 2.9: torch.backends.<...>.fp32_precision) per device type, each
-# with the parents it inherits from while set to "none"; the first flag tells
-# whether the backend is in use at all.
+# The settings (torch >= 2.9: torch.backends.<leaf>.fp32_precision) per device type,
+# each with its parent: the backend's own switch (cudnn.enabled, mkldnn.enabled) and
+# the setting a leaf inherits while it is "none" (then the root, torch.backends).
 _SETTINGS = {
-    "cuda": (("cuda.matmul", None, ("cuda.matmul",)),
-             ("cudnn.conv", "cudnn", ("cudnn.conv", "cudnn")),
-             ("cudnn.rnn", "cudnn", ("cudnn.rnn", "cudnn"))),
-    "cpu": (("mkldnn.matmul", "mkldnn", ("mkldnn.matmul", "mkldnn")),
-            ("mkldnn.conv", "mkldnn", ("mkldnn.conv", "mkldnn")),
-            ("mkldnn.rnn", "mkldnn", ("mkldnn.rnn", "mkldnn"))),
+    "cuda": (("cuda.matmul", None), ("cudnn.conv", "cudnn"), ("cudnn.rnn", "cudnn")),
+    "cpu": (("mkldnn.matmul", "mkldnn"), ("mkldnn.conv", "mkldnn"), ("mkldnn.rnn", "mkldnn")),
 }
 
 
@@ -46,9 +42,9 @@ def _has_fp32_precision_api() -> bool:
     return isinstance(getattr(torch.backends, "fp32_precision", None), str)
 
 
-def _resolved(chain: tuple[str, ...]) -> str:
+def _resolved(leaf: str, parent: str | None) -> str:
     """The precision of a setting: the first of it and its parents that is not "none"."""
-    for path in (*chain, ""):
+    for path in (leaf, parent, None):
         obj = _backend(path) if path else torch.backends
         value = getattr(obj, "fp32_precision", "none") if obj is not None else "none"
         if value != "none":
@@ -61,10 +57,10 @@ def reduced_fp32_settings(device_type: str) -> dict[str, str]:
     compute at reduced precision, as {setting: "tf32" | "bf16"} (empty: full float32)."""
     out = {}
     if _has_fp32_precision_api():
-        for leaf, enabled_by, chain in _SETTINGS.get(device_type, ()):
-            if _backend(leaf) is None or (enabled_by and not getattr(_backend(enabled_by), "enabled", True)):
+        for leaf, parent in _SETTINGS.get(device_type, ()):
+            if _backend(leaf) is None or (parent and not getattr(_backend(parent), "enabled", True)):
                 continue
-            value = _resolved(chain)
+            value = _resolved(leaf, parent)
             if value != "ieee":
                 out[f"torch.backends.{leaf}.fp32_precision"] = value
         return out
@@ -106,9 +102,9 @@ def full_fp32(device_type: str):
     saved = []
     try:
         if _has_fp32_precision_api():
-            for leaf, _, chain in _SETTINGS.get(device_type, ()):
+            for leaf, parent in _SETTINGS.get(device_type, ()):
                 obj = _backend(leaf)
-                if obj is not None and _resolved(chain) != "ieee":
+                if obj is not None and _resolved(leaf, parent) != "ieee":
                     saved.append((obj, "fp32_precision", obj.fp32_precision))
                     obj.fp32_precision = "ieee"
         elif device_type == "cuda":
