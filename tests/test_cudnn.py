@@ -7,7 +7,6 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-import savae_fast as sf
 from helpers import MLPDecoder, Problem, max_rel_err, refine_grads, reference_grads
 from savae_fast.refine import cudnn
 
@@ -148,4 +147,3 @@ def test_bundled_lstm_decoder_on_cuda(hvp, seed):
     _, ref = reference_grads(p)
     worst, errs = max_rel_err(ours, ref)
     assert worst <= {"exact": 1e-10, "fd_central": 1e-7}[hvp], f"seed={seed} {errs}"
-    assert sf.ops.available("cuda") or True
