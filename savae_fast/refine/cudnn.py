@@ -70,11 +70,21 @@ class TwiceDifferentiable:
     random-number state replayed) when its graph has a cuDNN RNN, and every later
     evaluation then runs without cuDNN directly."""
 
-    __slots__ = ("device", "without_cudnn")
+    __slots__ = ("device", "without_cudnn", "checked_once_differentiable")
 
     def __init__(self, device: torch.device):
         self.device = device
         self.without_cudnn = False
+        self.checked_once_differentiable = False
+
+    def went_through_once_differentiable(self, grad: Tensor) -> bool:
+        """has_once_differentiable for the first evaluation of the call only: the decoder is
+        the same in every evaluation, and the graph walk is Python work per node."""
+        if self.checked_once_differentiable:
+            return False
+        found = has_once_differentiable(grad)
+        self.checked_once_differentiable = not found
+        return found
 
     def evaluate(self, fn: Callable[[], Tensor]) -> Tensor:
         if self.without_cudnn:

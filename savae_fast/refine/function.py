@@ -35,7 +35,7 @@ from torch.autograd.function import once_differentiable
 
 from savae_fast.ops import Backend
 from savae_fast.ops.constants import FD_CENTRAL, FD_EXACT, FD_FORWARD
-from savae_fast.refine.cudnn import TwiceDifferentiable, has_once_differentiable
+from savae_fast.refine.cudnn import TwiceDifferentiable
 from savae_fast.refine.precision import full_fp32
 from savae_fast.refine.rng import RngState
 
@@ -183,7 +183,7 @@ def decoder_hvp(nll_fn: Callable, z: Tensor, u: Tensor, params: Sequence[Tensor]
             (grad_z,) = torch.autograd.grad(nll.sum(), z, create_graph=True, allow_unused=True)
             if grad_z is None:  # the decoder ignores z: no second-order terms
                 return torch.zeros_like(z), [None] * len(params)
-            if not grad_z.requires_grad or has_once_differentiable(grad_z):
+            if not grad_z.requires_grad or evaluations.went_through_once_differentiable(grad_z):
                 # Either the NLL is linear in z with no trainable parameters, or the
                 # backward is not differentiable; autograd cannot tell them apart, and
                 # returning zeros for the second case would be a silent wrong answer.
