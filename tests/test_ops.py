@@ -107,6 +107,20 @@ def _assert_outputs_close(out, ref, dtype, scales=None):
         assert err <= TOL[dtype], f"output {i}: error {err:.2e}"
 
 
+def assert_reverse_direction_close(out, ref, args, dtype):
+    """reverse_direction's outputs against the formula's. Row weights 1 / (2 r_b) =
+    |u_b| / (2 h (1 + |z_b|)) live on the 1 / (2 h) scale. With a single element and the
+    clip active, J v = c v 1e-6 / (n + 1e-6) cancels below float32 rounding: the sign of
+    the direction u is rounding noise, and the central points z + r u, z - r u may come out
+    in either order (about 3% of draws), so they are compared as a pair."""
+    fd_mode, max_norm, norms = args[14], args[13], args[8]
+    out, ref = list(out), list(ref)
+    if (fd_mode == FD_CENTRAL and dtype == torch.float32 and args[4].numel() == 1
+            and 0 < max_norm < norms.max().item()):
+        out[5], ref[5] = out[5].sort(dim=0).values, ref[5].sort(dim=0).values
+    _assert_outputs_close(out, ref, dtype, scales={6: 0.5 / args[15]} if fd_mode == FD_CENTRAL else None)
+
+
 def _compiled(name):
     return getattr(torch.ops.savae_fast, name).default
 
@@ -143,8 +157,7 @@ def test_reverse_direction(shape, dtype, clip, fd_mode):
     args = reverse_direction_args(shape, dtype, clip, fd_mode)
     out = _compiled("reverse_direction")(*args)
     ref = torch_impl.reverse_direction(*args)
-    # row weights 1 / (2 r_b) = |u_b| / (2 h (1 + |z_b|)) live on the 1 / (2 h) scale
-    _assert_outputs_close(out, ref, dtype, scales={6: 0.5 / args[-1]} if fd_mode == FD_CENTRAL else None)
+    assert_reverse_direction_close(out, ref, args, dtype)
     if fd_mode == FD_CENTRAL and shape[0] > 1 and clip != "active":
         # a zero direction gives weight 0 and z+ = z- (with the clip active, J couples the
         # examples and example 0 gets a direction from the others)

@@ -8,8 +8,8 @@ import savae_fast as sf
 from savae_fast.ops import torch_impl
 from savae_fast.ops.constants import FD_CENTRAL, FD_EXACT, FD_FORWARD
 from helpers import make_problem, max_rel_err, refine_grads, reference_grads
-from test_ops import (TOL, _assert_outputs_close, forward_step_args, reverse_direction_args,
-                      reverse_update_args, _state)
+from test_ops import (TOL, _assert_outputs_close, assert_reverse_direction_close, forward_step_args,
+                      reverse_direction_args, reverse_update_args, _state)
 
 pytestmark = [
     pytest.mark.triton,
@@ -48,8 +48,8 @@ def test_forward_step(shape, dtype, clip, with_next):
 @pytest.mark.parametrize("shape", SHAPES)
 def test_reverse_direction(shape, dtype, clip, fd_mode):
     args = reverse_direction_args(shape, dtype, clip, fd_mode, device=DEVICE)
-    _assert_outputs_close(_triton().reverse_direction(*args), torch_impl.reverse_direction(*args), dtype,
-                          scales={6: 0.5 / args[-1]} if fd_mode == FD_CENTRAL else None)
+    assert_reverse_direction_close(_triton().reverse_direction(*args), torch_impl.reverse_direction(*args), args,
+                                   dtype)
 
 
 @pytest.mark.parametrize("with_b", [True, False])
