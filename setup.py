@@ -9,6 +9,11 @@ Environment switches:
   MAX_JOBS                parallel compile jobs (ninja).
   SAVAE_FAST_DEBUG=1      -O0 -g builds.
 Metadata lives in pyproject.toml.
+
+The extension uses only the LibTorch stable ABI, built for TORCH_TARGET (the
+oldest torch it supports), and the Python limited API: the one wheel loads
+under every torch >= TORCH_TARGET and every CPython >= 3.10, whichever torch
+it was compiled against (pip's isolated build environment included).
 """
 
 from __future__ import annotations
@@ -23,11 +28,10 @@ from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 CSRC = os.path.join(ROOT, "csrc")
-
+TORCH_TARGET = (2, 11)  # keep in step with pyproject.toml's torch requirement
 
 def _flag(name: str) -> bool:
     return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
-
 
 def _nvidia_wheel_dirs() -> tuple[list[str], list[str]]:
     """CUDA headers/libraries shipped as pip wheels (nvidia/cu13, nvidia/cu12, ...).
@@ -43,7 +47,6 @@ def _nvidia_wheel_dirs() -> tuple[list[str], list[str]]:
             if os.path.isdir(os.path.join(root, "lib")):
                 libs.append(os.path.join(root, "lib"))
     return includes, libs
-
 
 def _locate_cuda_home() -> None:
     """Point CUDA_HOME at a real toolkit root before torch.utils.cpp_extension reads it.
@@ -65,7 +68,6 @@ def _locate_cuda_home() -> None:
             os.environ["CUDA_HOME"] = root
             return
 
-
 def _extensions():
     if _flag("SAVAE_FAST_SKIP_EXT"):
         return [], {}
@@ -76,7 +78,17 @@ def _extensions():
 
     debug = _flag("SAVAE_FAST_DEBUG")
     opt = ["-O0", "-g"] if debug else ["-O3"]
-    cxx_flags = opt + ["-fvisibility=hidden"]  # the C++ standard is the one torch sets
+
+    built_against = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2])
+    if built_against < TORCH_TARGET:
+        raise RuntimeError(
+            f"savae_fast needs torch >= {TORCH_TARGET[0]}.{TORCH_TARGET[1]} to build (stable ABI target), "
+            f"found {torch.__version__}"
+        )
+    target = f"0x{TORCH_TARGET[0]:02x}{TORCH_TARGET[1]:02x}000000000000"
+    # Newer headers cannot leak newer APIs in: every stable-ABI call is checked against the target.
+    abi_flags = [f"-DTORCH_TARGET_VERSION={target}"]
+    cxx_flags = opt + ["-fvisibility=hidden"] + abi_flags
 
     cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu"))) + sorted(
         glob.glob(os.path.join("csrc", "cuda", "*.cpp"))
@@ -114,7 +126,7 @@ def _extensions():
             ("SAVAE_FAST_CUDA_ARCHS", '"' + os.environ["TORCH_CUDA_ARCH_LIST"] + '"'),
         ]
         nvcc_threads = os.environ.get("NVCC_THREADS", "2")
-        extra["nvcc"] = opt + ["-lineinfo", f"--threads={nvcc_threads}"]
+        extra["nvcc"] = opt + ["-lineinfo", f"--threads={nvcc_threads}"] + abi_flags
         ext_cls = CUDAExtension
     else:
         ext_cls = CppExtension
@@ -126,11 +138,13 @@ def _extensions():
         library_dirs=library_dirs,
         define_macros=define_macros,
         extra_compile_args=extra,
+        py_limited_api=True,
     )
     cmdclass = {"build_ext": BuildExtension.with_options(use_ninja=True)}
     print(f"savae_fast: building _C with {'CPU + CUDA' if use_cuda else 'CPU'} kernels", file=sys.stderr)
     return [ext], cmdclass
 
-
 ext_modules, cmdclass = _extensions()
-setup(ext_modules=ext_modules, cmdclass=cmdclass)
+# Tag the wheel cp310-abi3: one wheel for every CPython >= 3.10.
+setup(ext_modules=ext_modules, cmdclass=cmdclass,
+      options={"bdist_wheel": {"py_limited_api": "cp310"}} if ext_modules else {})

@@ -1,20 +1,20 @@
-// Operator schemas of the savae_fast:: library (defined once; each backend
-// registers its kernels with TORCH_LIBRARY_IMPL in its own file) and the
-// Python module entry point of savae_fast._C.
-#include <ATen/core/dispatch/Dispatcher.h>
-#include <pybind11/pybind11.h>
-#include <pybind11/stl.h>
-#include <torch/csrc/utils/pybind.h>  // at::Tensor <-> torch.Tensor casters
-#include <torch/library.h>
+// Operator schemas of the savae_fast:: library (defined once; the operators
+// are written once in op_impl.h and each backend registers them for its
+// dispatch key in its own file), the extension's build information, and the
+// module entry point of savae_fast._C.
+//
+// Everything here and in the backends uses only the LibTorch stable ABI
+// (torch/csrc/stable, torch/headeronly) built for TORCH_TARGET_VERSION, and
+// the Python limited API: one binary loads under every torch release from the
+// target on and every CPython from 3.10 on.
+#include <Python.h>
+#include <torch/csrc/stable/library.h>
+
+#include <string>
 
 #include "cpu/kernels.h"
 
-#include <optional>
-#include <string>
-#include <tuple>
-#include <vector>
-
-TORCH_LIBRARY(savae_fast, m) {
+STABLE_TORCH_LIBRARY(savae_fast, m) {
   // z = mu + exp(logvar / 2) * eps
   m.def("sample(Tensor mu, Tensor logvar, Tensor eps) -> Tensor");
 
@@ -52,115 +52,58 @@ TORCH_LIBRARY(savae_fast, m) {
 
   // In place, for every i with values[i] given: total[i] += values[i].
   // Sums the decoder's parameter gradients over the refinement steps: one call
-  // (one parallel region on CPU, ATen's multi-tensor kernel on CUDA) for all
+  // (one parallel region on CPU, one multi-tensor launch per dtype on CUDA) for all
   // parameters instead of one dispatch per parameter.
   m.def("accumulate_(Tensor(a!)[] total, Tensor?[] values) -> ()");
 }
 
 namespace {
 
-namespace py = pybind11;
-using at::Tensor;
-
-// Unboxed calls of the registered operators, for the refinement loop: the same
-// dispatcher entry (device kernels, fake tensors, dispatch modes) as
-// torch.ops.savae_fast.*, without boxing every argument through the generic
-// Python operator path (a few microseconds per call, a sizeable share of the
-// per-step cost on small problems).
-template <class Sig>
-c10::TypedOperatorHandle<Sig> typed_op(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
-}
-
-using Tensor2 = std::tuple<Tensor, Tensor>;
-using Tensor4 = std::tuple<Tensor, Tensor, Tensor, Tensor>;
-using Tensor6 = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
-using Tensor7 = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
-
-void bind_unboxed(py::module_& m) {
-  auto f = m.def_submodule("unboxed", "Unboxed calls of the savae_fast:: operators (same semantics).");
-  f.def(
-      "sample",
-      [](const Tensor& mu, const Tensor& logvar, const Tensor& eps) {
-        static auto op = typed_op<Tensor(const Tensor&, const Tensor&, const Tensor&)>("savae_fast::sample");
-        return op.call(mu, logvar, eps);
-      },
-      py::call_guard<py::gil_scoped_release>());
-  f.def(
-      "forward_step",
-      [](const Tensor& mu, const Tensor& logvar, const Tensor& p_mu, const Tensor& p_logvar, const Tensor& eps,
-         const Tensor& grad_z, const std::optional<Tensor>& eps_next, double scale, double kl_weight, double lr_mu,
-         double lr_logvar, double momentum, double max_grad_norm) {
-        static auto op = typed_op<Tensor6(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                                          const Tensor&, const std::optional<Tensor>&, double, double, double,
-                                          double, double, double)>("savae_fast::forward_step");
-        return op.call(mu, logvar, p_mu, p_logvar, eps, grad_z, eps_next, scale, kl_weight, lr_mu, lr_logvar,
-                       momentum, max_grad_norm);
-      },
-      py::call_guard<py::gil_scoped_release>());
-  f.def(
-      "reverse_direction",
-      [](const Tensor& lbar_mu, const Tensor& lbar_logvar, const Tensor& pbar_mu, const Tensor& pbar_logvar,
-         const Tensor& mu, const Tensor& logvar, const Tensor& eps, const Tensor& grad_z, const Tensor& grad_norms,
-         double scale, double kl_weight, double lr_mu, double lr_logvar, double max_grad_norm, int64_t fd_mode,
-         double fd_step) {
-        static auto op = typed_op<Tensor7(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                                          const Tensor&, const Tensor&, const Tensor&, const Tensor&, double, double,
-                                          double, double, double, int64_t, double)>("savae_fast::reverse_direction");
-        return op.call(lbar_mu, lbar_logvar, pbar_mu, pbar_logvar, mu, logvar, eps, grad_z, grad_norms, scale,
-                       kl_weight, lr_mu, lr_logvar, max_grad_norm, fd_mode, fd_step);
-      },
-      py::call_guard<py::gil_scoped_release>());
-  f.def(
-      "reverse_update",
-      [](const Tensor& lbar_mu, const Tensor& lbar_logvar, const Tensor& pbar_mu, const Tensor& pbar_logvar,
-         const Tensor& v_mu, const Tensor& v_logvar, const Tensor& logvar, const Tensor& eps, const Tensor& grad_z,
-         const Tensor& hvp_a, const std::optional<Tensor>& hvp_b, double hvp_scale, double scale, double kl_weight,
-         double momentum) {
-        static auto op = typed_op<Tensor4(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                                          const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                                          const std::optional<Tensor>&, double, double, double, double)>(
-            "savae_fast::reverse_update");
-        return op.call(lbar_mu, lbar_logvar, pbar_mu, pbar_logvar, v_mu, v_logvar, logvar, eps, grad_z, hvp_a, hvp_b,
-                       hvp_scale, scale, kl_weight, momentum);
-      },
-      py::call_guard<py::gil_scoped_release>());
-  f.def(
-      "accumulate_",
-      [](std::vector<Tensor> total, const std::vector<std::optional<Tensor>>& values) {
-        static auto op =
-            typed_op<void(at::TensorList, const c10::List<std::optional<Tensor>>&)>("savae_fast::accumulate_");
-        c10::List<std::optional<Tensor>> vals;
-        vals.reserve(values.size());
-        for (const auto& v : values) vals.push_back(v);
-        op.call(total, vals);
-      },
-      py::call_guard<py::gil_scoped_release>());
-}
-
-pybind11::dict build_info() {
-  pybind11::dict info;
+std::string build_info_json() {
+  std::string s = "{";
 #ifdef SAVAE_FAST_WITH_CUDA
-  info["cuda"] = true;
+  s += "\"cuda\": true";
 #else
-  info["cuda"] = false;
+  s += "\"cuda\": false";
 #endif
 #ifdef SAVAE_FAST_CUDA_ARCHS
-  info["cuda_archs"] = std::string(SAVAE_FAST_CUDA_ARCHS);
+  s += ", \"cuda_archs\": \"" SAVAE_FAST_CUDA_ARCHS "\"";
 #endif
-  info["compiler"] = std::string(__VERSION__);
-  info["cpu_vector_kernels"] = savae_fast::cpu::vector_kernels_compiled();
-  return info;
+#ifdef TORCH_TARGET_VERSION
+  s += ", \"torch_target_version\": \"" + std::to_string((TORCH_TARGET_VERSION >> 56) & 0xff) + "." +
+       std::to_string((TORCH_TARGET_VERSION >> 48) & 0xff) + "\"";
+#endif
+  s += ", \"compiler\": \"" __VERSION__ "\"";
+  s += std::string(", \"cpu_vector_kernels\": ") + (savae_fast::cpu::vector_kernels_compiled() ? "true" : "false");
+  return s + "}";
 }
 
 }  // namespace
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "Compiled kernels of savae_fast (operators are registered under torch.ops.savae_fast)";
-  m.def("build_info", &build_info, "How this extension was built.");
-  m.def("cpu_vector_kernels", &savae_fast::cpu::vector_kernels_enabled,
-        "Whether the CPU operators use their AVX2 (vectorised) build.");
-  m.def("set_cpu_vector_kernels", &savae_fast::cpu::set_vector_kernels, py::arg("enabled"),
-        "Use the AVX2 (True) or the portable (False) build of the CPU loops.");
-  bind_unboxed(m);
+// A small C interface for what is not an operator (read with ctypes by
+// savae_fast/ops/_extension.py): how the extension was built, and the switch
+// between the AVX2 and portable CPU loops.
+#define SAVAE_FAST_C_API extern "C" __attribute__((visibility("default")))
+
+SAVAE_FAST_C_API const char* savae_fast_build_info() {
+  static const std::string info = build_info_json();
+  return info.c_str();
+}
+
+SAVAE_FAST_C_API int savae_fast_cpu_vector_kernels() { return savae_fast::cpu::vector_kernels_enabled() ? 1 : 0; }
+
+// 0 on success, -1 when the AVX2 loops were asked for but are not available.
+SAVAE_FAST_C_API int savae_fast_set_cpu_vector_kernels(int enabled) {
+  if (enabled && !savae_fast::cpu::vector_kernels_compiled()) return -1;
+  savae_fast::cpu::set_vector_kernels(enabled != 0);
+  return 0;
+}
+
+// Importing savae_fast._C loads this library, whose static initialisers register
+// the operators; the module itself is empty.
+extern "C" __attribute__((visibility("default"))) PyObject* PyInit__C(void) {
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C",
+                                      "Compiled kernels of savae_fast (operators under torch.ops.savae_fast)", -1,
+                                      nullptr};
+  return PyModule_Create(&module);
 }

@@ -31,9 +31,12 @@ enum FdMode : int {
   kCentral = 2,  // two points, z +- r_b u_b, per-example r_b
 };
 
+// Number of decoder evaluation points reverse_direction prepares.
+constexpr int num_eval_points(FdMode mode) { return mode == kCentral ? 2 : 1; }
+
 // exp and expm1 of one element. A struct (not free functions) so that a
 // vector type can specialise it: the CPU kernels instantiate the formulas
-// below on at::vec::Vectorized<T> as well as on T.
+// below on the AVX2 vectors of csrc/cpu/vec_avx2.h as well as on T.
 template <typename T>
 struct Elementwise {
   static SAVAE_HD T exp(T x) {

@@ -23,7 +23,7 @@ PROPERTY = settings(max_examples=30, deadline=None, derandomize=False,
 
 
 def _impl(backend):
-    return sf.ops.get_backend(backend, "cpu", traceable=True)
+    return sf.ops.get_backend(backend, "cpu")
 
 
 # ------------------------------------------------------------------------------ properties

@@ -1,5 +1,5 @@
 // Loops of the CPU kernels, written once over a "vector" type V: the element
-// type T itself (portable build, csrc/cpu/refine_cpu.cpp) or at::vec::Vectorized<T>
+// type T itself (portable build, csrc/cpu/refine_cpu.cpp) or cpu::Vec<T> of vec_avx2.h
 // (AVX2 build, csrc/cpu/kernels_avx2.cpp). The per-element formulas are those of
 // savae_math.h instantiated on V. Every function works on raw pointers over a
 // range of elements or rows; threading, argument checks and all per-tensor /

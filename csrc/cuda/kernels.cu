@@ -6,10 +6,14 @@
 // deterministic: at most kMaxPartials blocks write per-block partial sums, and
 // every block of the consuming kernel reduces that workspace again. No atomics
 // and no host synchronisation, so a refinement loop is graph-capturable.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
+#include <vector>
 
 #include "../savae_math.h"
 #include "kernels.h"
@@ -238,65 +242,133 @@ __global__ void reverse_update_kernel(const T* __restrict__ lbm, const T* __rest
   }
 }
 
+// total[j] += value[j] for a batch of items; block b handles a slice of one
+// item. Half and bfloat16 add in float and round once, as torch's add.
+constexpr int kMaxItemsPerLaunch = 64;
+struct AccumulateBatch {
+  AccumulateItem items[kMaxItemsPerLaunch];
+  int first_block[kMaxItemsPerLaunch + 1];  // blocks of item i: [first_block[i], first_block[i + 1])
+  int count;
+};
+
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ void from_float(float x, __half* out) { *out = __float2half_rn(x); }
+__device__ __forceinline__ void from_float(float x, __nv_bfloat16* out) { *out = __float2bfloat16_rn(x); }
+
+template <typename T>
+__device__ __forceinline__ void add_into(T* total, const T* value) {
+  if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
+    *total += *value;
+  } else {
+    from_float(to_float(*total) + to_float(*value), total);
+  }
+}
+
+constexpr int kAccumulateElementsPerBlock = kThreads * 8;
+
+template <typename T>
+__global__ void accumulate_kernel(const AccumulateBatch batch) {
+  int item = 0;
+  while (item + 1 < batch.count && int(blockIdx.x) >= batch.first_block[item + 1]) ++item;
+  const AccumulateItem it = batch.items[item];
+  const int64_t begin = int64_t(blockIdx.x - batch.first_block[item]) * kAccumulateElementsPerBlock;
+  const int64_t end = begin + kAccumulateElementsPerBlock < it.numel ? begin + kAccumulateElementsPerBlock : it.numel;
+  T* total = static_cast<T*>(it.total);
+  const T* value = static_cast<const T*>(it.value);
+  for (int64_t j = begin + threadIdx.x; j < end; j += blockDim.x) add_into(total + j, value + j);
+}
+
+template <typename T>
+void accumulate_typed(const std::vector<AccumulateItem>& items, cudaStream_t stream) {
+  AccumulateBatch batch{};
+  int64_t blocks = 0;
+  auto flush = [&] {
+    if (batch.count == 0) return;
+    accumulate_kernel<T><<<int(blocks), kThreads, 0, stream>>>(batch);
+    batch = AccumulateBatch{};
+    blocks = 0;
+  };
+  for (const AccumulateItem& it : items) {
+    int64_t done = 0;
+    // An item larger than one launch's grid is split into several items.
+    while (done < it.numel) {
+      const int64_t room = (int64_t(kMaxGridStrideBlocks) - blocks) * kAccumulateElementsPerBlock;
+      if (room <= 0 || batch.count == kMaxItemsPerLaunch) {
+        flush();
+        continue;
+      }
+      const int64_t n = it.numel - done < room ? it.numel - done : room;
+      batch.items[batch.count] = {static_cast<T*>(it.total) + done, static_cast<const T*>(it.value) + done, n};
+      batch.first_block[batch.count] = int(blocks);
+      blocks += (n + kAccumulateElementsPerBlock - 1) / kAccumulateElementsPerBlock;
+      batch.first_block[++batch.count] = int(blocks);
+      done += n;
+    }
+  }
+  flush();
+}
+
 }  // namespace
 
 // ---------------------------------------------------------------- launchers
 template <typename T>
-void launch_sample(const T* mu, const T* logvar, const T* eps, T* z, int64_t n, cudaStream_t stream) {
-  sample_kernel<T><<<blocks_for(n, kMaxGridStrideBlocks), kThreads, 0, stream>>>(mu, logvar, eps, z, n);
+void launch_sample(const SampleParams<T>& p, cudaStream_t stream) {
+  sample_kernel<T><<<blocks_for(p.numel, kMaxGridStrideBlocks), kThreads, 0, stream>>>(p.mu, p.logvar, p.eps, p.z,
+                                                                                        p.numel);
 }
 
 template <typename T>
-void launch_forward_step(const T* mu, const T* logvar, const T* p_mu, const T* p_logvar, const T* eps,
-                         const T* grad_z, const T* eps_next, T* mu_out, T* logvar_out, T* p_mu_out,
-                         T* p_logvar_out, T* z_out, T* norms_out, T* partials, int64_t n, T scale, T kl_weight,
-                         T lr_mu, T lr_logvar, T momentum, T max_grad_norm, cudaStream_t stream) {
+void launch_forward_step(const ForwardStepParams<T>& p, cudaStream_t stream) {
+  const int64_t n = p.rows * p.cols;
+  const StepScalars<T>& s = p.s;
   const int parts = blocks_for(n, kMaxPartials);
-  grad_norm_partials_kernel<T><<<parts, kThreads, 0, stream>>>(mu, logvar, eps, grad_z, partials, n, scale,
-                                                                kl_weight);
+  grad_norm_partials_kernel<T><<<parts, kThreads, 0, stream>>>(p.mu, p.logvar, p.eps, p.grad_z, p.partials, n,
+                                                                s.scale, s.kl_weight);
   forward_update_kernel<T><<<blocks_for(n, kMaxGridStrideBlocks), kThreads, 0, stream>>>(
-      mu, logvar, p_mu, p_logvar, eps, grad_z, eps_next, mu_out, logvar_out, p_mu_out, p_logvar_out, z_out,
-      norms_out, partials, parts, n, scale, kl_weight, lr_mu, lr_logvar, momentum, max_grad_norm);
+      p.mu, p.logvar, p.p_mu, p.p_logvar, p.eps, p.grad_z, p.eps_next, p.mu_out, p.logvar_out, p.p_mu_out,
+      p.p_logvar_out, p.z_next_out, p.grad_norms_out, p.partials, parts, n, s.scale, s.kl_weight, s.lr_mu,
+      s.lr_logvar, s.momentum, s.max_grad_norm);
 }
 
 template <typename T>
-void launch_reverse_direction(const T* lbar_mu, const T* lbar_logvar, const T* pbar_mu, const T* pbar_logvar,
-                              const T* mu, const T* logvar, const T* eps, const T* grad_z, const T* grad_norms,
-                              T* pbar_mu_out, T* pbar_logvar_out, T* v_mu, T* v_logvar, T* u, T* z_eval,
-                              T* row_weight, T* partials, int64_t rows, int64_t cols, T scale, T kl_weight, T lr_mu,
-                              T lr_logvar, T max_grad_norm, int fd_mode, T fd_step, cudaStream_t stream) {
-  const int64_t n = rows * cols;
+void launch_reverse_direction(const ReverseDirectionParams<T>& p, cudaStream_t stream) {
+  const int64_t rows = p.rows, cols = p.cols, n = rows * cols;
+  const StepScalars<T>& s = p.s;
   const int parts = blocks_for(n, kMaxPartials);
-  reverse_dots_kernel<T><<<parts, kThreads, 0, stream>>>(lbar_mu, lbar_logvar, pbar_mu, pbar_logvar, mu, logvar,
-                                                         eps, grad_z, pbar_mu_out, pbar_logvar_out, partials, n,
-                                                         scale, kl_weight, lr_mu, lr_logvar, max_grad_norm > T(0));
+  reverse_dots_kernel<T><<<parts, kThreads, 0, stream>>>(
+      p.lbar_mu, p.lbar_logvar, p.pbar_mu, p.pbar_logvar, p.mu, p.logvar, p.eps, p.grad_z, p.pbar_mu_out,
+      p.pbar_logvar_out, p.partials, n, s.scale, s.kl_weight, s.lr_mu, s.lr_logvar, s.max_grad_norm > T(0));
   const int64_t row_blocks = std::min<int64_t>((rows + kWarps - 1) / kWarps, kMaxGridStrideBlocks);
   reverse_rows_kernel<T><<<int(std::max<int64_t>(1, row_blocks)), kThreads, 0, stream>>>(
-      pbar_mu_out, pbar_logvar_out, mu, logvar, eps, grad_z, grad_norms, partials, parts, v_mu, v_logvar, u, z_eval,
-      row_weight, rows, cols, scale, kl_weight, max_grad_norm, fd_mode, fd_step);
+      p.pbar_mu_out, p.pbar_logvar_out, p.mu, p.logvar, p.eps, p.grad_z, p.grad_norms, p.partials, parts, p.v_mu,
+      p.v_logvar, p.u, p.z_eval, p.row_weight, rows, cols, s.scale, s.kl_weight, s.max_grad_norm, int(p.fd_mode),
+      p.fd_step);
 }
 
 template <typename T>
-void launch_reverse_update(const T* lbar_mu, const T* lbar_logvar, const T* pbar_mu, const T* pbar_logvar,
-                           const T* v_mu, const T* v_logvar, const T* logvar, const T* eps, const T* grad_z,
-                           const T* hvp_a, const T* hvp_b, T* lbar_mu_out, T* lbar_logvar_out, T* pbar_mu_out,
-                           T* pbar_logvar_out, int64_t n, T hvp_scale, T scale, T kl_weight, T momentum,
-                           cudaStream_t stream) {
-  reverse_update_kernel<T><<<blocks_for(n, kMaxGridStrideBlocks), kThreads, 0, stream>>>(
-      lbar_mu, lbar_logvar, pbar_mu, pbar_logvar, v_mu, v_logvar, logvar, eps, grad_z, hvp_a, hvp_b, lbar_mu_out,
-      lbar_logvar_out, pbar_mu_out, pbar_logvar_out, n, hvp_scale, scale, kl_weight, momentum);
+void launch_reverse_update(const ReverseUpdateParams<T>& p, cudaStream_t stream) {
+  const StepScalars<T>& s = p.s;
+  reverse_update_kernel<T><<<blocks_for(p.numel, kMaxGridStrideBlocks), kThreads, 0, stream>>>(
+      p.lbar_mu, p.lbar_logvar, p.pbar_mu, p.pbar_logvar, p.v_mu, p.v_logvar, p.logvar, p.eps, p.grad_z, p.hvp_a,
+      p.hvp_b, p.lbar_mu_out, p.lbar_logvar_out, p.pbar_mu_out, p.pbar_logvar_out, p.numel, p.hvp_scale, s.scale,
+      s.kl_weight, s.momentum);
 }
 
-#define SAVAE_INSTANTIATE(T)                                                                                      \
-  template void launch_sample<T>(const T*, const T*, const T*, T*, int64_t, cudaStream_t);                      \
-  template void launch_forward_step<T>(const T*, const T*, const T*, const T*, const T*, const T*, const T*, T*, \
-                                       T*, T*, T*, T*, T*, T*, int64_t, T, T, T, T, T, T, cudaStream_t);         \
-  template void launch_reverse_direction<T>(const T*, const T*, const T*, const T*, const T*, const T*,          \
-                                            const T*, const T*, const T*, T*, T*, T*, T*, T*, T*, T*, T*,       \
-                                            int64_t, int64_t, T, T, T, T, T, int, T, cudaStream_t);             \
-  template void launch_reverse_update<T>(const T*, const T*, const T*, const T*, const T*, const T*, const T*,   \
-                                         const T*, const T*, const T*, const T*, T*, T*, T*, T*, int64_t, T, T, \
-                                         T, T, cudaStream_t);
+void launch_accumulate(AccumulateType type, const std::vector<AccumulateItem>& items, cudaStream_t stream) {
+  switch (type) {
+    case AccumulateType::kFloat: return accumulate_typed<float>(items, stream);
+    case AccumulateType::kDouble: return accumulate_typed<double>(items, stream);
+    case AccumulateType::kHalf: return accumulate_typed<__half>(items, stream);
+    case AccumulateType::kBFloat16: return accumulate_typed<__nv_bfloat16>(items, stream);
+  }
+}
+
+#define SAVAE_INSTANTIATE(T)                                                          \
+  template void launch_sample<T>(const SampleParams<T>&, cudaStream_t);               \
+  template void launch_forward_step<T>(const ForwardStepParams<T>&, cudaStream_t);    \
+  template void launch_reverse_direction<T>(const ReverseDirectionParams<T>&, cudaStream_t); \
+  template void launch_reverse_update<T>(const ReverseUpdateParams<T>&, cudaStream_t);
 
 SAVAE_INSTANTIATE(float)
 SAVAE_INSTANTIATE(double)

@@ -26,8 +26,10 @@ from savae_fast.ops._extension import (
     OP_NAMES,
     available,
     build_info,
+    cpu_vector_kernels,
     extension_loaded,
     has_kernel,
+    set_cpu_vector_kernels,
 )
 from savae_fast.ops.constants import BACKENDS, FD_CENTRAL, FD_EXACT, FD_FORWARD
 
@@ -44,6 +46,8 @@ __all__ = [
     "accumulate_",
     "available",
     "build_info",
+    "cpu_vector_kernels",
+    "set_cpu_vector_kernels",
     "extension_loaded",
     "has_kernel",
     "triton_available",
@@ -75,21 +79,12 @@ TORCH_BACKEND = Backend(
 )
 
 
-def _cpp_backend() -> Backend:
-    """The compiled operators, called through the unboxed dispatcher entry of the
-    extension (same dispatch as torch.ops.savae_fast.*, cheaper per call); the
-    public wrappers below call torch.ops.savae_fast.* so that tracing sees them."""
-    from savae_fast.ops._extension import _C
-
-    ops = getattr(_C, "unboxed", None) or torch.ops.savae_fast
-    pick = (lambda name: getattr(ops, name)) if ops is not torch.ops.savae_fast else (
-        lambda name: getattr(ops, name).default)
-    return Backend("cpp", *(pick(name) for name in OP_NAMES))
-
-
-def _traceable_cpp_backend() -> Backend:
-    ops = torch.ops.savae_fast
-    return Backend("cpp", *(getattr(ops, name).default for name in OP_NAMES))
+# The compiled operators: torch.ops.savae_fast.<op>.default (the overload itself,
+# which skips the overload resolution of torch.ops.savae_fast.<op>).
+CPP_BACKEND = (
+    Backend("cpp", *(getattr(torch.ops.savae_fast, name).default for name in OP_NAMES))
+    if extension_loaded() else None
+)
 
 
 def triton_available(device: torch.device | str | None = None) -> bool:
@@ -128,11 +123,8 @@ def _warn_fallback(device: torch.device) -> None:
     )
 
 
-def get_backend(backend: str, device: torch.device | str, traceable: bool = False) -> Backend:
-    """Resolve ``backend`` ("auto", "cpp", "triton", "torch") for tensors on ``device``.
-
-    ``traceable=True`` returns the torch.ops.savae_fast.* entry points for the
-    compiled backend (what torch.compile / torch.export should see)."""
+def get_backend(backend: str, device: torch.device | str) -> Backend:
+    """Resolve ``backend`` ("auto", "cpp", "triton", "torch") for tensors on ``device``."""
     device = torch.device(device)
     if backend not in BACKENDS:
         raise ValueError(f"argument 'backend' must be one of {BACKENDS}, got {backend!r}")
@@ -144,7 +136,7 @@ def get_backend(backend: str, device: torch.device | str, traceable: bool = Fals
                 f"it was built without {device.type} kernels"
             )
             raise RuntimeError(f"backend='cpp' requested for {device.type} tensors, but {why}")
-        return _traceable_cpp_backend() if traceable else _cpp_backend()
+        return CPP_BACKEND
     if backend == "triton":
         if not triton_available(device):
             raise RuntimeError(
@@ -154,7 +146,7 @@ def get_backend(backend: str, device: torch.device | str, traceable: bool = Fals
         return _triton_backend()
     # auto
     if available(device):
-        return _traceable_cpp_backend() if traceable else _cpp_backend()
+        return CPP_BACKEND
     if device.type != "cpu" and triton_available(device):
         return _triton_backend()
     _warn_fallback(device)
@@ -193,7 +185,7 @@ def _check_matrices(op: str, **tensors: Tensor | None) -> None:
 def sample(mu: Tensor, logvar: Tensor, eps: Tensor, *, backend: str = "auto") -> Tensor:
     """z = mu + exp(logvar / 2) * eps."""
     _check_matrices("sample", mu=mu, logvar=logvar, eps=eps)
-    return get_backend(backend, mu.device, traceable=True).sample(mu, logvar, eps)
+    return get_backend(backend, mu.device).sample(mu, logvar, eps)
 
 
 def forward_step(mu, logvar, p_mu, p_logvar, eps, grad_z, eps_next=None, *, scale, kl_weight, lr_mu,
@@ -201,7 +193,7 @@ def forward_step(mu, logvar, p_mu, p_logvar, eps, grad_z, eps_next=None, *, scal
     """One fused inner SVI step; returns (mu', logvar', p_mu', p_logvar', z_next, grad_norms)."""
     _check_matrices("forward_step", mu=mu, logvar=logvar, p_mu=p_mu, p_logvar=p_logvar, eps=eps,
                     grad_z=grad_z, eps_next=eps_next)
-    return get_backend(backend, mu.device, traceable=True).forward_step(
+    return get_backend(backend, mu.device).forward_step(
         mu, logvar, p_mu, p_logvar, eps, grad_z, eps_next, float(scale), float(kl_weight), float(lr_mu),
         float(lr_logvar), float(momentum), float(max_grad_norm))
 
@@ -216,7 +208,7 @@ def reverse_direction(lbar_mu, lbar_logvar, pbar_mu, pbar_logvar, mu, logvar, ep
         raise ValueError("reverse_direction: argument 'grad_norms' must be a [2] tensor of mu's dtype")
     if fd_mode not in (FD_EXACT, FD_FORWARD, FD_CENTRAL):
         raise ValueError(f"reverse_direction: argument 'fd_mode' must be 0, 1 or 2, got {fd_mode!r}")
-    return get_backend(backend, mu.device, traceable=True).reverse_direction(
+    return get_backend(backend, mu.device).reverse_direction(
         lbar_mu, lbar_logvar, pbar_mu, pbar_logvar, mu, logvar, eps, grad_z, grad_norms, float(scale),
         float(kl_weight), float(lr_mu), float(lr_logvar), float(max_grad_norm), int(fd_mode), float(fd_step))
 
@@ -227,7 +219,7 @@ def reverse_update(lbar_mu, lbar_logvar, pbar_mu, pbar_logvar, v_mu, v_logvar, l
     _check_matrices("reverse_update", lbar_mu=lbar_mu, lbar_logvar=lbar_logvar, pbar_mu=pbar_mu,
                     pbar_logvar=pbar_logvar, v_mu=v_mu, v_logvar=v_logvar, logvar=logvar, eps=eps,
                     grad_z=grad_z, hvp_a=hvp_a, hvp_b=hvp_b)
-    return get_backend(backend, lbar_mu.device, traceable=True).reverse_update(
+    return get_backend(backend, lbar_mu.device).reverse_update(
         lbar_mu, lbar_logvar, pbar_mu, pbar_logvar, v_mu, v_logvar, logvar, eps, grad_z, hvp_a, hvp_b,
         float(hvp_scale), float(scale), float(kl_weight), float(momentum))
 
@@ -248,4 +240,4 @@ def accumulate_(total, values, *, backend: str = "auto") -> None:
                              f"(shape {tuple(t.shape)}, {t.dtype}, {t.device})")
     if not total:
         return
-    get_backend(backend, total[0].device, traceable=True).accumulate_(total, values)
+    get_backend(backend, total[0].device).accumulate_(total, values)

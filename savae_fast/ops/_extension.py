@@ -1,18 +1,48 @@
-"""Loading of the compiled extension and probes for which kernels it has."""
+"""Loading of the compiled extension and probes for which kernels it has.
+
+The extension (``savae_fast._C``) is built on the LibTorch stable ABI for the
+oldest supported torch, so one build loads under every later torch. Importing it
+registers the savae_fast:: operators; what is not an operator (build
+information, the CPU vector-kernel switch) is a small C interface read with ctypes.
+"""
 
 from __future__ import annotations
+
+import ctypes
+import json
+import warnings
 
 import torch
 
 OP_NAMES = ("sample", "forward_step", "reverse_direction", "reverse_update", "accumulate_")
+TORCH_TARGET = "2.11"  # the stable-ABI target of setup.py: the oldest torch the extension loads under
 
-try:  # importing _C registers the savae_fast:: operators and their CPU/CUDA kernels
-    from savae_fast import _C  # type: ignore[attr-defined]
 
-    EXTENSION_ERROR: Exception | None = None
-except ImportError as exc:  # built without the extension (SAVAE_FAST_SKIP_EXT) or not built yet
-    _C = None
-    EXTENSION_ERROR = exc
+def _load():
+    try:  # importing _C registers the savae_fast:: operators and their CPU/CUDA kernels
+        from savae_fast import _C  # type: ignore[attr-defined]
+    except ModuleNotFoundError as exc:
+        if exc.name != "savae_fast._C":
+            raise
+        return None, None, exc  # built without the extension (SAVAE_FAST_SKIP_EXT=1): the fallback warns on use
+    except ImportError as exc:  # present but not loadable: say why and how to fix it, once
+        warnings.warn(
+            f"savae_fast: the compiled kernels failed to load ({exc}). They need torch >= {TORCH_TARGET} "
+            f"(found {torch.__version__}); reinstall with `pip install --force-reinstall --no-cache-dir "
+            "savae_fast` (or rebuild this checkout). Until then the pure-PyTorch operators are used.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return None, None, exc
+    lib = ctypes.CDLL(_C.__file__)  # the same, already loaded library
+    lib.savae_fast_build_info.restype = ctypes.c_char_p
+    lib.savae_fast_cpu_vector_kernels.restype = ctypes.c_int
+    lib.savae_fast_set_cpu_vector_kernels.restype = ctypes.c_int
+    lib.savae_fast_set_cpu_vector_kernels.argtypes = [ctypes.c_int]
+    return _C, lib, None
+
+
+_C, _LIB, EXTENSION_ERROR = _load()
 
 
 def extension_loaded() -> bool:
@@ -20,8 +50,24 @@ def extension_loaded() -> bool:
 
 
 def build_info() -> dict:
-    """How the extension was built ({} when it is not available)."""
-    return dict(_C.build_info()) if _C is not None else {}
+    """How the extension was built ({} when it is not available): ``cuda``,
+    ``cuda_archs``, ``torch_target_version``, ``compiler``, ``cpu_vector_kernels``
+    (whether the AVX2 loops are compiled in and this CPU runs them)."""
+    return json.loads(_LIB.savae_fast_build_info().decode()) if _LIB is not None else {}
+
+
+def cpu_vector_kernels() -> bool:
+    """Whether the CPU operators use their AVX2 loops (False without the extension)."""
+    return bool(_LIB.savae_fast_cpu_vector_kernels()) if _LIB is not None else False
+
+
+def set_cpu_vector_kernels(enabled: bool) -> None:
+    """Use the AVX2 (True) or the portable (False) loops of the CPU operators
+    (the environment variable SAVAE_FAST_CPU_VECTOR=0 sets False at load)."""
+    if _LIB is None:
+        raise RuntimeError(f"savae_fast: the compiled extension is not loaded ({EXTENSION_ERROR})")
+    if _LIB.savae_fast_set_cpu_vector_kernels(int(bool(enabled))) != 0:
+        raise RuntimeError("savae_fast: the vectorised CPU kernels need AVX2+FMA (and a GCC x86-64 build)")
 
 
 _DISPATCH_KEY = {"cpu": "CPU", "cuda": "CUDA"}

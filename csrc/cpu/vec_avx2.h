@@ -1,0 +1,205 @@
+// AVX2 + FMA vectors of float (8 lanes) and double (4 lanes) with the few
+// operations the CPU kernels use, including exp and expm1 accurate to about
+// one ulp (Cody-Waite reduction x = k ln2 + r, |r| <= ln2 / 2, Taylor
+// polynomial of e^r or e^r - 1, scaling by 2^k in two halves so that neither
+// half overflows before the product does). Tested against long double libm in
+// csrc/tests/test_vec_avx2.cpp.
+//
+// Include only from a translation unit compiled for AVX2 + FMA (a target
+// pragma or -mavx2 -mfma): every function here is inline and uses those
+// instructions.
+#pragma once
+
+#include <immintrin.h>
+
+#include <cstdint>
+#include <cstring>
+
+namespace savae_fast {
+namespace cpu {
+
+template <typename T>
+struct Vec;
+
+template <>
+struct Vec<float> {
+  using T = float;
+  static constexpr int size = 8;
+  __m256 v;
+
+  Vec() = default;
+  Vec(__m256 x) : v(x) {}          // NOLINT(google-explicit-constructor)
+  Vec(double x) : v(_mm256_set1_ps(float(x))) {}  // NOLINT: broadcast, as T(0.5) in the formulas
+
+  // n < size: lanes past n read as zero.
+  static Vec load(const T* p, int n) {
+    if (n == size) return _mm256_loadu_ps(p);
+    alignas(32) T buf[size] = {};
+    std::memcpy(buf, p, sizeof(T) * n);
+    return _mm256_load_ps(buf);
+  }
+  void store(T* p, int n) const {
+    if (n == size) return _mm256_storeu_ps(p, v);
+    alignas(32) T buf[size];
+    _mm256_store_ps(buf, v);
+    std::memcpy(p, buf, sizeof(T) * n);
+  }
+  double hsum() const {
+    alignas(32) T lanes[size];
+    _mm256_store_ps(lanes, v);
+    double acc = 0;
+    for (int i = 0; i < size; ++i) acc += double(lanes[i]);
+    return acc;
+  }
+
+  static Vec fma(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a.v, b.v, c.v); }
+  // min(hi, max(lo, x)); NaN stays NaN (the second operand is returned when one is NaN).
+  static Vec clamp(Vec x, float lo, float hi) {
+    return _mm256_min_ps(_mm256_set1_ps(hi), _mm256_max_ps(_mm256_set1_ps(lo), x.v));
+  }
+  static Vec round(Vec x) { return _mm256_round_ps(x.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  // 2^k for integral k in [-126, 127].
+  static Vec pow2(Vec k) {
+    const __m256i e = _mm256_add_epi32(_mm256_cvtps_epi32(k.v), _mm256_set1_epi32(127));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(e, 23));
+  }
+  static Vec min(Vec a, float b) { return _mm256_min_ps(a.v, _mm256_set1_ps(b)); }
+  static Vec half_floor(Vec k) { return _mm256_floor_ps(_mm256_mul_ps(k.v, _mm256_set1_ps(0.5f))); }
+};
+
+template <>
+struct Vec<double> {
+  using T = double;
+  static constexpr int size = 4;
+  __m256d v;
+
+  Vec() = default;
+  Vec(__m256d x) : v(x) {}  // NOLINT(google-explicit-constructor)
+  Vec(double x) : v(_mm256_set1_pd(x)) {}  // NOLINT
+
+  static Vec load(const T* p, int n) {
+    if (n == size) return _mm256_loadu_pd(p);
+    alignas(32) T buf[size] = {};
+    std::memcpy(buf, p, sizeof(T) * n);
+    return _mm256_load_pd(buf);
+  }
+  void store(T* p, int n) const {
+    if (n == size) return _mm256_storeu_pd(p, v);
+    alignas(32) T buf[size];
+    _mm256_store_pd(buf, v);
+    std::memcpy(p, buf, sizeof(T) * n);
+  }
+  double hsum() const {
+    alignas(32) T lanes[size];
+    _mm256_store_pd(lanes, v);
+    return ((lanes[0] + lanes[1]) + lanes[2]) + lanes[3];
+  }
+
+  static Vec fma(Vec a, Vec b, Vec c) { return _mm256_fmadd_pd(a.v, b.v, c.v); }
+  static Vec clamp(Vec x, double lo, double hi) {
+    return _mm256_min_pd(_mm256_set1_pd(hi), _mm256_max_pd(_mm256_set1_pd(lo), x.v));
+  }
+  static Vec round(Vec x) { return _mm256_round_pd(x.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  // 2^k for integral k in [-1022, 1023].
+  static Vec pow2(Vec k) {
+    const __m256i e = _mm256_add_epi64(_mm256_cvtepi32_epi64(_mm256_cvtpd_epi32(k.v)), _mm256_set1_epi64x(1023));
+    return _mm256_castsi256_pd(_mm256_slli_epi64(e, 52));
+  }
+  static Vec min(Vec a, double b) { return _mm256_min_pd(a.v, _mm256_set1_pd(b)); }
+  static Vec half_floor(Vec k) { return _mm256_floor_pd(_mm256_mul_pd(k.v, _mm256_set1_pd(0.5))); }
+};
+
+// Arithmetic as free functions: GCC does not apply a target pragma to friend
+// functions defined inside a class.
+inline Vec<float> operator+(Vec<float> a, Vec<float> b) { return _mm256_add_ps(a.v, b.v); }
+inline Vec<float> operator-(Vec<float> a, Vec<float> b) { return _mm256_sub_ps(a.v, b.v); }
+inline Vec<float> operator*(Vec<float> a, Vec<float> b) { return _mm256_mul_ps(a.v, b.v); }
+inline Vec<double> operator+(Vec<double> a, Vec<double> b) { return _mm256_add_pd(a.v, b.v); }
+inline Vec<double> operator-(Vec<double> a, Vec<double> b) { return _mm256_sub_pd(a.v, b.v); }
+inline Vec<double> operator*(Vec<double> a, Vec<double> b) { return _mm256_mul_pd(a.v, b.v); }
+
+// Constants of the reduction and the polynomial degree per element type.
+template <typename T>
+struct ExpConstants;
+
+template <>
+struct ExpConstants<float> {
+  static constexpr float log2e = 1.44269504088896341f;
+  static constexpr float ln2_hi = 0.693359375f;  // few mantissa bits: k * ln2_hi is exact
+  static constexpr float ln2_lo = -2.12194440e-4f;
+  static constexpr float exp_lo = -104.0f, exp_hi = 88.8f;  // e^x is 0 / inf beyond
+  static constexpr float expm1_lo = -20.0f;                 // e^x - 1 rounds to -1 below
+  static constexpr float expm1_k_max = 30.0f;               // 1 - 2^-k rounds to 1 above
+  static constexpr int degree = 8;                          // r^9 / 9! < 2^-24 r for |r| <= ln2 / 2
+};
+
+template <>
+struct ExpConstants<double> {
+  static constexpr double log2e = 1.4426950408889634074;
+  static constexpr double ln2_hi = 6.93147180369123816490e-01;
+  static constexpr double ln2_lo = 1.90821492927058770002e-10;
+  static constexpr double exp_lo = -746.0, exp_hi = 709.8;
+  static constexpr double expm1_lo = -40.0;
+  static constexpr double expm1_k_max = 60.0;
+  static constexpr int degree = 14;  // r^15 / 15! < 2^-53 r
+};
+
+// 1 / n! for n = 0..kMaxDegree, computed by the compiler.
+constexpr int kMaxDegree = 14;
+struct InverseFactorials {
+  double v[kMaxDegree + 1];
+  constexpr InverseFactorials() : v() {
+    v[0] = 1;
+    for (int i = 1; i <= kMaxDegree; ++i) v[i] = v[i - 1] / i;
+  }
+};
+inline constexpr InverseFactorials kInvFact{};
+
+// e^r - 1 for |r| <= ln2 / 2: r + r^2 (1/2! + r (1/3! + ... + r / degree!)).
+template <typename T>
+inline Vec<T> expm1_reduced(Vec<T> r) {
+  constexpr int degree = ExpConstants<T>::degree;
+  static_assert(degree <= kMaxDegree);
+  Vec<T> p(kInvFact.v[degree]);
+  for (int i = degree - 1; i >= 2; --i) p = Vec<T>::fma(p, r, Vec<T>(kInvFact.v[i]));
+  return Vec<T>::fma(p, r * r, r);
+}
+
+// x = k ln2 + r with k integral, |r| <= ln2 / 2 (x already clamped).
+template <typename T>
+inline Vec<T> reduce(Vec<T> x, Vec<T>* k) {
+  using C = ExpConstants<T>;
+  *k = Vec<T>::round(x * Vec<T>(C::log2e));
+  const Vec<T> r = Vec<T>::fma(*k, Vec<T>(-C::ln2_hi), x);
+  return Vec<T>::fma(*k, Vec<T>(-C::ln2_lo), r);
+}
+
+// y * 2^k in two factors 2^floor(k/2), 2^(k - floor(k/2)): each is a normal
+// number over the whole clamped range, the product over- or underflows as e^x does.
+template <typename T>
+inline Vec<T> scale_pow2(Vec<T> y, Vec<T> k) {
+  const Vec<T> k1 = Vec<T>::half_floor(k);
+  return (y * Vec<T>::pow2(k1)) * Vec<T>::pow2(k - k1);
+}
+
+template <typename T>
+inline Vec<T> exp(Vec<T> x) {
+  using C = ExpConstants<T>;
+  Vec<T> k;
+  const Vec<T> r = reduce(Vec<T>::clamp(x, C::exp_lo, C::exp_hi), &k);
+  return scale_pow2(expm1_reduced(r) + Vec<T>(1.0), k);
+}
+
+// e^x - 1 = 2^k (p + 1 - 2^-k) with p = e^r - 1: no cancellation for small x
+// (k = 0 gives p itself), one rounding in the sum otherwise.
+template <typename T>
+inline Vec<T> expm1(Vec<T> x) {
+  using C = ExpConstants<T>;
+  Vec<T> k;
+  const Vec<T> r = reduce(Vec<T>::clamp(x, C::expm1_lo, C::exp_hi), &k);
+  const Vec<T> one_minus = Vec<T>(1.0) - Vec<T>::pow2(Vec<T>(0.0) - Vec<T>::min(k, C::expm1_k_max));
+  return scale_pow2(expm1_reduced(r) + one_minus, k);
+}
+
+}  // namespace cpu
+}  // namespace savae_fast
