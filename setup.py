@@ -122,6 +122,7 @@ def _extensions():
         include_dirs += wheel_inc
         library_dirs += wheel_lib
         define_macros += [
+            ("USE_CUDA", None),  # declares the CUDA entries of the stable C shim (current stream, error text)
             ("SAVAE_FAST_WITH_CUDA", None),
             ("SAVAE_FAST_CUDA_ARCHS", '"' + os.environ["TORCH_CUDA_ARCH_LIST"] + '"'),
         ]

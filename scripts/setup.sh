@@ -10,7 +10,9 @@ TORCH_SPEC=${SAVAE_FAST_TORCH:-torch==2.14.1}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 PIP=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 "${PIP[@]}" "$TORCH_SPEC"
-"${PIP[@]}" setuptools wheel ninja pybind11 cmake
-# --no-build-isolation: the extension compiles against the torch installed above.
+"${PIP[@]}" "setuptools>=77" wheel ninja cmake build
+# --no-build-isolation: a development install compiles against the torch installed
+# above (no second torch in an isolated build environment); the extension targets
+# the stable ABI, so plain `pip install .` works as well.
 MAX_JOBS=${MAX_JOBS:-2} "${PIP[@]}" --no-build-isolation -e ".[test,models,bench]"
 .venv/bin/python -c "import savae_fast as sf; print('savae_fast', sf.__version__, 'compiled kernels:', sf.ops.build_info() or 'none')"

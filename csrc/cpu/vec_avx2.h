@@ -153,7 +153,7 @@ struct InverseFactorials {
     for (int i = 1; i <= kMaxDegree; ++i) v[i] = v[i - 1] / i;
   }
 };
-inline constexpr InverseFactorials kInvFact{};
+constexpr InverseFactorials kInvFact{};  // internal linkage: data local to the file
 
 // e^r - 1 for |r| <= ln2 / 2: r + r^2 (1/2! + r (1/3! + ... + r / degree!)).
 template <typename T>

@@ -107,7 +107,8 @@ _fallback_lock = threading.Lock()
 def _warn_fallback(device: torch.device) -> None:
     global _fallback_warned
     with _fallback_lock:
-        if _fallback_warned:
+        # An extension that failed to load was reported at import (the reason and the fix).
+        if _fallback_warned or (not extension_loaded() and not isinstance(EXTENSION_ERROR, ModuleNotFoundError)):
             return
         _fallback_warned = True
     reason = (

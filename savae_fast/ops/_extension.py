@@ -25,7 +25,7 @@ def _load():
         if exc.name != "savae_fast._C":
             raise
         return None, None, exc  # built without the extension (SAVAE_FAST_SKIP_EXT=1): the fallback warns on use
-    except ImportError as exc:  # present but not loadable: say why and how to fix it, once
+    except ImportError as exc:  # present but not loadable: say why and how to fix it, once (here)
         warnings.warn(
             f"savae_fast: the compiled kernels failed to load ({exc}). They need torch >= {TORCH_TARGET} "
             f"(found {torch.__version__}); reinstall with `pip install --force-reinstall --no-cache-dir "
