@@ -5,7 +5,7 @@
 """
 
 from savae_fast import ops, reference
-from savae_fast.refine.api import refine
+from savae_fast.refine import refine
 from savae_fast.refine.graph import RefineGraph
 
 __version__ = "0.1.0"

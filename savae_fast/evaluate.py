@@ -10,13 +10,8 @@ import math
 import torch
 from torch import Tensor
 
-from savae_fast.refine.api import refine
-from savae_fast.reference.unrolled import gaussian_kl
-
-
-def gaussian_log_density(z: Tensor, mu: Tensor, logvar: Tensor) -> Tensor:
-    """log N(z; mu, exp(logvar)) summed over the last dimension."""
-    return -0.5 * (math.log(2 * math.pi) + logvar + (z - mu).pow(2) / logvar.exp()).sum(-1)
+from savae_fast.gaussian import LOG_2PI, gaussian_kl, gaussian_log_density, standard_normal_log_density
+from savae_fast.refine import refine
 
 
 @torch.no_grad()
@@ -92,7 +87,7 @@ def importance_weighted_nll(model, x: Tensor, mu: Tensor, logvar: Tensor, sample
         z = mu.unsqueeze(0) + torch.exp(0.5 * logvar).unsqueeze(0) * torch.randn((s, batch, latent), device=mu.device)
         xs = x.unsqueeze(0).expand(s, *x.shape).reshape(s * batch, *x.shape[1:])
         log_px_z = -model.nll(xs, z.reshape(s * batch, latent)).view(s, batch)
-        log_pz = gaussian_log_density(z, torch.zeros_like(z), torch.zeros_like(z))
+        log_pz = standard_normal_log_density(z)
         log_qz = gaussian_log_density(z, mu.unsqueeze(0), logvar.unsqueeze(0))
         log_ws.append(log_px_z + log_pz - log_qz)
     log_w = torch.cat(log_ws)
@@ -103,7 +98,7 @@ def mutual_information(mu: Tensor, logvar: Tensor) -> float:
     """I(x; z) under q(z|x) p_data(x) (He et al. 2019): E[log q(z|x)] - E[log q(z)], with the
     aggregate posterior q(z) the mixture of the test set's posteriors, one z per example."""
     n, latent = mu.shape
-    neg_entropy = float((-0.5 * latent * math.log(2 * math.pi) - 0.5 * (1 + logvar).sum(1)).mean())
+    neg_entropy = float((-0.5 * latent * LOG_2PI - 0.5 * (1 + logvar).sum(1)).mean())
     z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
     log_q = torch.stack([gaussian_log_density(z[i:i + 1], mu, logvar) for i in range(n)])  # [n, n]
     log_qz = torch.logsumexp(log_q, dim=1) - math.log(n)

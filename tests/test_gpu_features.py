@@ -97,7 +97,8 @@ def test_decoder_under_autocast(hvp, tol, seed):
 
 
 def test_autocast_selects_low_precision_steps():
-    from savae_fast.refine.api import DEFAULT_FD_EPS, decoder_precision
+    from savae_fast.refine.precision import decoder_precision
+    from savae_fast.refine.validation import DEFAULT_FD_EPS
 
     mu = torch.zeros(2, 2)
     assert decoder_precision(mu) == torch.float32

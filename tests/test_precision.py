@@ -13,7 +13,7 @@ import torch
 import savae_fast as sf
 from helpers import cpu_tf32_enabled, make_problem, max_rel_err, refine_grads, reference_grads, round_to_tf32
 from savae_fast.refine import precision
-from savae_fast.refine.api import DEFAULT_FD_EPS, make_config
+from savae_fast.refine.validation import DEFAULT_FD_EPS, make_config
 
 SETTINGS = ("mkldnn", "mkldnn.matmul", "mkldnn.conv", "mkldnn.rnn", "cuda.matmul", "cudnn", "cudnn.conv",
             "cudnn.rnn")

@@ -5,6 +5,7 @@
 """
 
 from savae_fast.reference.optim_n2n import optim_n2n
-from savae_fast.reference.unrolled import gaussian_kl, unrolled
+from savae_fast.gaussian import gaussian_kl
+from savae_fast.reference.unrolled import unrolled
 
 __all__ = ["unrolled", "optim_n2n", "gaussian_kl"]

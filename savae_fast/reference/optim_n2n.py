@@ -26,9 +26,9 @@ from typing import Callable, Iterable
 import torch
 from torch import Tensor
 
-from savae_fast.refine.api import _check_noise, _check_state, _collect_params, make_config
+from savae_fast.gaussian import gaussian_kl
 from savae_fast.refine.rng import RngState
-from savae_fast.reference.unrolled import gaussian_kl
+from savae_fast.refine.validation import DEFAULTS, check_state, collect_params, make_config, noise_or_draw
 
 
 def _clip_(tensors, max_norm: float) -> None:
@@ -127,18 +127,18 @@ def optim_n2n(
     nll_fn: Callable[[Tensor], Tensor],
     params: Iterable[Tensor] = (),
     *,
-    steps: int = 20,
-    lr: float | tuple[float, float] = 1.0,
-    momentum: float = 0.5,
-    max_grad_norm: float = 5.0,
-    kl_weight: float = 1.0,
-    reduction: str = "mean",
+    steps: int = DEFAULTS.steps,
+    lr: float | tuple[float, float] = DEFAULTS.lr,
+    momentum: float = DEFAULTS.momentum,
+    max_grad_norm: float = DEFAULTS.max_grad_norm,
+    kl_weight: float = DEFAULTS.kl_weight,
+    reduction: str = DEFAULTS.reduction,
     eps: float = 1e-5,
     noise: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The authors' refinement: same forward as :func:`savae_fast.refine`, their backward."""
-    _check_state(mu, logvar)
-    params = _collect_params(params)
+    check_state(mu, logvar)
+    params = collect_params(params)
     cfg = make_config(mu, steps=steps, lr=lr, momentum=momentum, max_grad_norm=max_grad_norm,
                       kl_weight=kl_weight, reduction=reduction, hvp="exact", fd_eps=None,
                       preserve_rng_state=True)
@@ -146,5 +146,5 @@ def optim_n2n(
         raise ValueError(f"optim_n2n: argument 'eps' must be > 0, got {eps!r}")
     if cfg.steps == 0:
         return mu, logvar
-    noise = _check_noise(noise, cfg.steps, mu)
+    noise = noise_or_draw(noise, cfg.steps, mu)
     return _OptimN2N.apply(cfg, nll_fn, float(eps), noise, mu, logvar, *params)

@@ -15,13 +15,9 @@ from typing import Callable, Iterable
 import torch
 from torch import Tensor
 
+from savae_fast.gaussian import gaussian_kl
 from savae_fast.refine.cudnn import TwiceDifferentiable
-from savae_fast.refine.api import _check_noise, _check_state, _collect_params, make_config
-
-
-def gaussian_kl(mu: Tensor, logvar: Tensor) -> Tensor:
-    """KL(N(mu, exp(logvar)) || N(0, I)) per example, [B]."""
-    return -0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).sum(dim=1)
+from savae_fast.refine.validation import DEFAULTS, check_state, collect_params, make_config, noise_or_draw
 
 
 def unrolled(
@@ -30,12 +26,12 @@ def unrolled(
     nll_fn: Callable[[Tensor], Tensor],
     params: Iterable[Tensor] = (),
     *,
-    steps: int = 20,
-    lr: float | tuple[float, float] = 1.0,
-    momentum: float = 0.5,
-    max_grad_norm: float = 5.0,
-    kl_weight: float = 1.0,
-    reduction: str = "mean",
+    steps: int = DEFAULTS.steps,
+    lr: float | tuple[float, float] = DEFAULTS.lr,
+    momentum: float = DEFAULTS.momentum,
+    max_grad_norm: float = DEFAULTS.max_grad_norm,
+    kl_weight: float = DEFAULTS.kl_weight,
+    reduction: str = DEFAULTS.reduction,
     noise: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Same forward as :func:`savae_fast.refine`, differentiated by autograd through every step.
@@ -43,14 +39,14 @@ def unrolled(
     ``params`` is accepted for signature compatibility; autograd reaches every
     tensor ``nll_fn`` uses regardless.
     """
-    _check_state(mu, logvar)
-    _collect_params(params)
+    check_state(mu, logvar)
+    collect_params(params)
     cfg = make_config(mu, steps=steps, lr=lr, momentum=momentum, max_grad_norm=max_grad_norm,
                       kl_weight=kl_weight, reduction=reduction, hvp="exact", fd_eps=None,
                       preserve_rng_state=True)
     if cfg.steps == 0:
         return mu, logvar
-    noise = _check_noise(noise, cfg.steps, mu)
+    noise = noise_or_draw(noise, cfg.steps, mu)
     evaluations = TwiceDifferentiable(mu.device)  # cuDNN RNNs have no double backward
     with torch.enable_grad():
         # The inner gradient needs a graph through lambda even when the caller's

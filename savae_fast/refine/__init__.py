@@ -1,7 +1,12 @@
 """Differentiable K-step SVI refinement (the semi-amortized part of SA-VAE)."""
 
-from savae_fast.refine.api import DEFAULT_FD_EPS, refine
-from savae_fast.refine.function import HVP_MODES, RefineConfig
+from savae_fast.refine.api import refine
+from savae_fast.refine.config import NonFinite, RefineConfig
 from savae_fast.refine.graph import RefineGraph
+from savae_fast.refine.hvp import HVP_METHODS, HvpMethod
+from savae_fast.refine.validation import DEFAULT_FD_EPS, DEFAULTS
 
-__all__ = ["refine", "RefineGraph", "RefineConfig", "HVP_MODES", "DEFAULT_FD_EPS"]
+HVP_MODES = tuple(HVP_METHODS)  # the names refine's ``hvp`` argument accepts
+
+__all__ = ["refine", "RefineGraph", "RefineConfig", "NonFinite", "HvpMethod", "HVP_METHODS", "HVP_MODES",
+           "DEFAULT_FD_EPS", "DEFAULTS"]

@@ -27,7 +27,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from savae_fast.refine.api import _check_noise, _check_state, make_config, refine
+from savae_fast.refine.api import refine
+from savae_fast.refine.validation import DEFAULTS, check_noise, check_state, make_config
 
 
 @dataclass
@@ -49,7 +50,7 @@ class RefineGraph:
     it runs eagerly (same results).
     """
 
-    def __init__(self, nll_fn: Callable[[Tensor], Tensor], *, steps: int = 20, warmup: int = 3, **refine_kwargs):
+    def __init__(self, nll_fn: Callable[[Tensor], Tensor], *, steps: int = DEFAULTS.steps, warmup: int = 3, **refine_kwargs):
         for bad in ("hvp", "fd_eps", "preserve_rng_state", "noise", "on_nonfinite"):
             if bad in refine_kwargs:
                 raise TypeError(f"RefineGraph: argument '{bad}' does not apply to forward-only refinement")
@@ -69,12 +70,12 @@ class RefineGraph:
                           on_nonfinite="ignore" if mu.device.type == "cuda" else "raise", **self.kwargs)
 
     def __call__(self, mu: Tensor, logvar: Tensor, noise: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        _check_state(mu, logvar)
-        make_config(mu, steps=self.steps, hvp="fd_central", fd_eps=None, preserve_rng_state=False,
-                    **{k: self.kwargs.get(k, d) for k, d in (("lr", 1.0), ("momentum", 0.5), ("max_grad_norm", 5.0),
-                                                             ("kl_weight", 1.0), ("reduction", "mean"))})
+        check_state(mu, logvar)
+        make_config(mu, steps=self.steps, hvp=DEFAULTS.hvp, fd_eps=None, preserve_rng_state=False,
+                    **{k: self.kwargs.get(k, getattr(DEFAULTS, k))
+                       for k in ("lr", "momentum", "max_grad_norm", "kl_weight", "reduction")})
         if noise is not None:
-            noise = _check_noise(noise, self.steps, mu)
+            noise = check_noise(noise, self.steps, mu)
         if mu.device.type != "cuda" or self.steps == 0:
             if noise is None and self.steps > 0:
                 noise = torch.randn((self.steps, *mu.shape), dtype=mu.dtype, device=mu.device)

@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from savae_fast import evaluate as ev
+from savae_fast.gaussian import gaussian_kl
 from savae_fast.train import checkpoint
 from savae_fast.train.config import TrainConfig
 from savae_fast.train.data import RunData, build_model, load_data
@@ -98,7 +99,7 @@ class ShardedObjective(Objective):
             nll = functional_call(dec, {n: p.detach() for n, p in dec.named_parameters()}, (x, z))
         else:
             nll = self.model.nll(x, z)
-        return nll, ev.gaussian_kl(mu, logvar)
+        return nll, gaussian_kl(mu, logvar)
 
     def refine_kwargs(self, beta):
         kw = super().refine_kwargs(beta)

@@ -20,14 +20,9 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from savae_fast.refine.api import refine
-from savae_fast.reference.unrolled import gaussian_kl
+from savae_fast.gaussian import gaussian_kl, gaussian_kl_between
+from savae_fast.refine import refine
 from savae_fast.train.config import TrainConfig
-
-
-def gaussian_kl_between(mu_q, logvar_q, mu_p, logvar_p) -> Tensor:
-    """KL(N(mu_q, exp(logvar_q)) || N(mu_p, exp(logvar_p))) per example."""
-    return 0.5 * (logvar_p - logvar_q + (logvar_q.exp() + (mu_q - mu_p).pow(2)) / logvar_p.exp() - 1).sum(1)
 
 
 @dataclass

@@ -1,0 +1,94 @@
+"""The decoder evaluations of refine: dNLL/dz and dNLL/dtheta at a point, and the
+exact second-order terms by double backward."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from savae_fast.refine.cudnn import TwiceDifferentiable
+from savae_fast.refine.precision import full_fp32
+
+
+def check_nll(nll, batch: int) -> None:
+    if not isinstance(nll, Tensor):
+        raise TypeError(f"refine: nll_fn must return a Tensor of per-example NLL, got {type(nll).__name__}")
+    if nll.shape != (batch,):
+        raise ValueError(
+            f"refine: nll_fn must return per-example negative log-likelihoods of shape [{batch}], "
+            f"got shape {tuple(nll.shape)} (do not reduce over the batch)"
+        )
+    if not nll.is_floating_point():
+        raise TypeError(f"refine: nll_fn must return a floating-point tensor, got {nll.dtype}")
+
+
+# The grad-mode switch of torch.enable_grad without its Python context manager:
+# decoder_grads runs 2K to 3K times per refine call, next to the decoder passes.
+_set_grad_enabled = torch._C._set_grad_enabled
+
+
+def decoder_grads(nll_fn: Callable, z: Tensor, params: Sequence[Tensor], weight: Tensor | None = None):
+    """dL/dz and dL/dtheta of L = sum_b w_b NLL_b(z_b) (w = 1 when ``weight`` is None).
+
+    Returns (grad_z, param_grads) with None for parameters the loss does not use.
+    """
+    batch = z.shape[0]
+    grad_was_enabled = torch.is_grad_enabled()
+    _set_grad_enabled(True)
+    try:
+        z = z.detach().requires_grad_(True)
+        nll = nll_fn(z)
+        check_nll(nll, batch)
+        loss = nll.sum() if weight is None else (nll * weight.to(nll.dtype)).sum()
+        if not loss.requires_grad:  # decoder ignores z and has no trainable parameters
+            return torch.zeros_like(z), [None] * len(params)
+        grads = torch.autograd.grad(loss, (z, *params), allow_unused=True)
+    finally:
+        _set_grad_enabled(grad_was_enabled)
+    grad_z = grads[0] if grads[0] is not None else torch.zeros_like(z)
+    return grad_z, list(grads[1:])
+
+
+def decoder_hvp(nll_fn: Callable, z: Tensor, u: Tensor, params: Sequence[Tensor], evaluations: TwiceDifferentiable):
+    """Exact (Hzz u, d/dtheta (g_z . u)) by double backward through the decoder
+    (``evaluations`` runs the decoder without cuDNN where its RNNs would forbid that)."""
+    batch = z.shape[0]
+    grad_was_enabled = torch.is_grad_enabled()
+    _set_grad_enabled(True)
+    try:
+        z = z.detach().requires_grad_(True)
+        nll = evaluations.evaluate(functools.partial(nll_fn, z))
+        check_nll(nll, batch)
+        if not nll.requires_grad:
+            return torch.zeros_like(z), [None] * len(params)
+        advice = ("Use hvp='fd_central' or hvp='fd_forward', or make the decoder twice differentiable "
+                  "(once_differentiable functions are not; cuDNN RNNs are run without cuDNN for this)")
+        try:
+            (grad_z,) = torch.autograd.grad(nll.sum(), z, create_graph=True, allow_unused=True)
+            if grad_z is None:  # the decoder ignores z: no second-order terms
+                return torch.zeros_like(z), [None] * len(params)
+            if not grad_z.requires_grad or evaluations.went_through_once_differentiable(grad_z):
+                # Either the NLL is linear in z with no trainable parameters, or the
+                # backward is not differentiable; autograd cannot tell them apart, and
+                # returning zeros for the second case would be a silent wrong answer.
+                raise RuntimeError("the decoder's gradient w.r.t. z has no autograd graph under "
+                                   "create_graph=True, or went through a once_differentiable backward")
+            grads = torch.autograd.grad(grad_z, (z, *params), grad_outputs=u, allow_unused=True)
+        except RuntimeError as exc:
+            raise RuntimeError(
+                f"refine(hvp='exact') differentiates the decoder twice, and this decoder does not support "
+                f"double backward. {advice} (original error: {exc})"
+            ) from exc
+    finally:
+        _set_grad_enabled(grad_was_enabled)
+    hzz_u = grads[0] if grads[0] is not None else torch.zeros_like(z)
+    return hzz_u, list(grads[1:])
+
+
+def decoder_precision_scope(full_fp32_requested: bool, device: torch.device):
+    """Where refine's decoder evaluations run: in full float32 for fp32_precision="ieee"."""
+    return full_fp32(device.type) if full_fp32_requested else contextlib.nullcontext()

@@ -1,0 +1,189 @@
+"""How the reverse pass of refine gets the decoder's second-order terms: one object
+per method, owning its decoder passes and its part of the reverse step.
+
+Each reverse step k needs Hzz u_k (the decoder's z-Hessian along the z-space
+direction u_k) and d/dtheta (g_z . u_k) (docs/math.md, "Reverse pass"). The
+fused ``reverse_direction`` prepares the evaluation points for the method's
+FdMode, the method evaluates the decoder there, and the fused
+``reverse_update`` combines ``(hvp_a - hvp_b) * hvp_scale`` into Hzz u.
+
+A new method subclasses :class:`HvpMethod` and is added to :data:`HVP_METHODS`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, ClassVar, NamedTuple, Sequence
+
+import torch
+from torch import Tensor
+
+from savae_fast.ops import Backend
+from savae_fast.ops.constants import FdMode
+from savae_fast.refine.config import NonFinite
+from savae_fast.refine.cudnn import TwiceDifferentiable
+from savae_fast.refine.decoder import decoder_grads, decoder_hvp
+from savae_fast.refine.nonfinite import zero_nonfinite
+from savae_fast.refine.precision import TF32
+from savae_fast.refine.tape import Tape, accumulation_dtype
+
+
+class DecoderTerms(NamedTuple):
+    """Hzz u = (hvp_a - hvp_b) * hvp_scale (hvp_b None: 0)."""
+
+    hvp_a: Tensor
+    hvp_b: Tensor | None
+    hvp_scale: float
+    screened: tuple  # what on_nonfinite="raise" looks at if the result is not finite
+
+
+@dataclass
+class ReverseRun:
+    """One reverse pass: its inputs and the parameter gradient it builds."""
+
+    cfg: object  # RefineConfig
+    be: Backend
+    nll_fn: Callable
+    params: Sequence[Tensor]
+    tape: Tape
+    theta_bar: list | None = None  # dF/dtheta being built (float32 for half-precision parameters)
+    out_scale: Tensor | None = None  # fd_forward: the normalisation of the incoming adjoint
+    evaluations: TwiceDifferentiable | None = None  # exact: decoder evaluations without cuDNN RNNs
+
+    @property
+    def zero_nonfinite(self) -> bool:
+        return self.cfg.on_nonfinite is NonFinite.ZERO
+
+    def add_param_grads(self, grads: list, alpha: float) -> None:
+        """theta_bar += alpha * grads in place; None entries (unused parameters) skipped."""
+        for tb, g in zip(self.theta_bar, grads):
+            if g is not None:
+                tb.add_(zero_nonfinite(g) if self.zero_nonfinite else g, alpha=alpha)
+
+    def zero_theta_bar(self) -> None:
+        self.theta_bar = [torch.zeros_like(p, dtype=accumulation_dtype(p)) for p in self.params]
+
+
+class HvpMethod:
+    """Base class of the methods; see the module docstring."""
+
+    name: ClassVar[str]
+    fd_mode: ClassVar[FdMode]
+    # Default difference step per decoder precision (mu's dtype, the autocast dtype or TF32).
+    default_fd_eps: ClassVar[dict] = {}
+    # Whether the forward pass sums dNLL/dtheta over the steps into the tape.
+    sums_param_grads_in_forward: ClassVar[bool] = False
+
+    def begin(self, run: ReverseRun, lbar_mu: Tensor, lbar_logvar: Tensor) -> tuple[Tensor, Tensor]:
+        """Before the first reverse step; returns the adjoints the loop starts from."""
+        run.zero_theta_bar()
+        return lbar_mu, lbar_logvar
+
+    def decoder_terms(self, run: ReverseRun, k: int, z_eval: Tensor, u: Tensor, row_weight: Tensor,
+                      replay: Callable[[], None]) -> DecoderTerms:
+        raise NotImplementedError
+
+    def finish(self, run: ReverseRun, lbar_mu: Tensor, lbar_logvar: Tensor) -> tuple[Tensor, Tensor, list]:
+        """After the last reverse step: (dF/dmu_0, dF/dlogvar_0, dF/dtheta)."""
+        return lbar_mu, lbar_logvar, run.theta_bar
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class ForwardDifference(HvpMethod):
+    """One-sided difference in z-space, one decoder pass per reverse step:
+    Hzz u ~ [g_z(z + r u) - g_z(z)] / r with g_z(z) from the forward pass.
+
+    The forward sums the base-point parameter gradients into one buffer (|theta|
+    values), never K copies; the reverse pass is linear in its incoming adjoint,
+    which is normalised to per-example RMS norm 1 so that a step fixed in advance
+    is well conditioned, then scaled back."""
+
+    name = "fd_forward"
+    fd_mode = FdMode.FORWARD
+    # Where the truncation error (grows with the step) meets the rounding error (grows
+    # as its inverse); see validation.DEFAULT_FD_EPS for how they were measured.
+    default_fd_eps = {torch.float32: 1e-3, torch.float64: 3e-8, TF32: 5e-2, torch.bfloat16: 1e-1,
+                      torch.float16: 3e-2}
+    sums_param_grads_in_forward = True
+
+    def begin(self, run, lbar_mu, lbar_logvar):
+        # Device arithmetic only (no host read): the backward stays graph-capturable.
+        # A zero adjoint stays zero (the reverse pass is linear).
+        batch = lbar_mu.shape[0]
+        sq = lbar_mu.square().sum() + lbar_logvar.square().sum()
+        if run.cfg.process_group is not None:  # the same step on every process of a data-parallel run
+            from savae_fast.refine.distributed import all_reduce_sum
+
+            sq, batch = all_reduce_sum(sq, run.cfg.process_group), run.cfg.global_batch
+        run.out_scale = sq.sqrt() / math.sqrt(batch)
+        divisor = torch.where(run.out_scale > 0, run.out_scale, torch.ones_like(run.out_scale))
+        # The forward's sum turns into sum_k [g(z_k + r u_k) - g(z_k)].
+        if run.tape.param_grad_sum is not None:
+            torch._foreach_neg_(run.tape.param_grad_sum)
+        return lbar_mu / divisor, lbar_logvar / divisor
+
+    def decoder_terms(self, run, k, z_eval, u, row_weight, replay):
+        replay()
+        hvp_a, g_theta = decoder_grads(run.nll_fn, z_eval[0], run.params)
+        if run.tape.param_grad_sum is not None:
+            run.tape.accumulate_param_grads(
+                run.be, [zero_nonfinite(g) for g in g_theta] if run.zero_nonfinite else g_theta)
+        # hvp_b is the forward's dNLL/dz, finite once the forward's check passed.
+        return DecoderTerms(hvp_a, run.tape.grad_z[k], 1.0 / run.cfg.fd_eps, (hvp_a,))
+
+    def finish(self, run, lbar_mu, lbar_logvar):
+        theta_bar = []
+        if run.tape.param_grad_sum is not None:  # in place: the sum buffers become the gradients
+            coef = run.out_scale * (-run.cfg.scale / run.cfg.fd_eps)
+            theta_bar = run.tape.param_grad_sum
+            for t in theta_bar:
+                t.mul_(coef.to(t.dtype))
+        return lbar_mu * run.out_scale, lbar_logvar * run.out_scale, theta_bar
+
+
+class CentralDifference(HvpMethod):
+    """Two-sided difference in z-space with a per-example step r_b, two decoder passes
+    per reverse step: Hzz u ~ [g_z(z + r u) - g_z(z - r u)] / (2 r). Nothing
+    parameter-sized is kept between steps but the gradient being built."""
+
+    name = "fd_central"
+    fd_mode = FdMode.CENTRAL
+    default_fd_eps = {torch.float32: 2e-3, torch.float64: 5e-6, TF32: 5e-2, torch.bfloat16: 1e-1,
+                      torch.float16: 5e-2}
+
+    def decoder_terms(self, run, k, z_eval, u, row_weight, replay):
+        # theta_bar -= s [g(z + r u) - g(z - r u)] / (2 r), one pass's parameter
+        # gradients alive at a time (the 1 / (2 r_b) is in the row weights).
+        s = run.cfg.scale
+        replay()
+        hvp_a, g_plus = decoder_grads(run.nll_fn, z_eval[0], run.params, weight=row_weight)
+        run.add_param_grads(g_plus, -s)
+        del g_plus
+        replay()
+        hvp_b, g_minus = decoder_grads(run.nll_fn, z_eval[1], run.params, weight=row_weight)
+        run.add_param_grads(g_minus, s)
+        return DecoderTerms(hvp_a, hvp_b, 1.0, (hvp_a, hvp_b))
+
+
+class ExactHvp(HvpMethod):
+    """Double backward through the decoder (it must be twice differentiable; cuDNN
+    RNNs are run without cuDNN for it)."""
+
+    name = "exact"
+    fd_mode = FdMode.EXACT
+
+    def begin(self, run, lbar_mu, lbar_logvar):
+        run.evaluations = TwiceDifferentiable(lbar_mu.device)
+        return super().begin(run, lbar_mu, lbar_logvar)
+
+    def decoder_terms(self, run, k, z_eval, u, row_weight, replay):
+        replay()
+        hvp_a, g_mixed = decoder_hvp(run.nll_fn, z_eval[0], u, run.params, run.evaluations)
+        run.add_param_grads(g_mixed, -run.cfg.scale)
+        return DecoderTerms(hvp_a, None, 1.0, (hvp_a,))
+
+
+HVP_METHODS: dict[str, HvpMethod] = {m.name: m for m in (ForwardDifference(), CentralDifference(), ExactHvp())}

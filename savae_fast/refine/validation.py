@@ -1,0 +1,184 @@
+"""Argument checks and defaults of refine, shared by :func:`savae_fast.refine`,
+:class:`savae_fast.refine.RefineGraph` and the references
+(:mod:`savae_fast.reference`). Every error names the argument."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from savae_fast.ops.constants import BACKENDS
+from savae_fast.refine.config import NonFinite, RefineConfig
+from savae_fast.refine.hvp import HVP_METHODS
+from savae_fast.refine.precision import decoder_precision
+
+
+class RefineDefaults(NamedTuple):
+    """Defaults of the inner optimiser (the SA-VAE authors' settings)."""
+
+    steps: int = 20
+    lr: float = 1.0
+    momentum: float = 0.5
+    max_grad_norm: float = 5.0
+    kl_weight: float = 1.0
+    reduction: str = "mean"
+    hvp: str = "fd_forward"
+
+
+DEFAULTS = RefineDefaults()
+
+# Default finite-difference step per (hvp method, decoder precision): where the
+# truncation error (grows with the step) meets the rounding error (grows as its
+# inverse), chosen by sweeps on MLP and LSTM decoders (B 8-32, K 10-20; see README,
+# "Accuracy"). fd_forward: perturbation size of the normalised direction;
+# fd_central: per-example relative perturbation r_b |u_b| = eps (1 + |z_b|).
+# A decoder that computes in lower precision rounds its gradients more coarsely, so
+# the steps are larger: bfloat16 measured on an LSTM decoder under bfloat16 autocast
+# (relative error ~1e-3 central, ~7e-3 forward); TF32 (float32 decoders on GPUs with
+# cuDNN/cuBLAS TF32, the cuDNN default) measured with MLP and LSTM decoders whose
+# products are rounded to TF32 as a GPU does (B 32, K 20; error of the refinement
+# path alone, worst of 4 draws: fd_forward 5e-2 -> 6e-2, where the float32 step gives
+# 10-40x more; fd_central 5e-2 -> 5e-3, 9-17x less than with the float32 step);
+# float16 steps are scaled from bfloat16 by the precision ratio (not measured: CPU
+# LSTMs do not run in float16). The values live on the methods (refine/hvp.py).
+DEFAULT_FD_EPS = {(m.name, precision): eps for m in HVP_METHODS.values()
+                  for precision, eps in m.default_fd_eps.items()}
+
+FP32_PRECISIONS = ("inherit", "ieee")
+NONFINITE_MODES = tuple(m.value for m in NonFinite)
+
+
+def real(name: str, value, *, low=None, low_open=False, high=None, high_open=False, who: str = "refine") -> float:
+    """A finite real number within the bounds, as float."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{who}: argument '{name}' must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{who}: argument '{name}' must be finite, got {value}")
+    if low is not None and (value < low or (low_open and value == low)):
+        raise ValueError(f"{who}: argument '{name}' must be {'>' if low_open else '>='} {low}, got {value}")
+    if high is not None and (value > high or (high_open and value == high)):
+        raise ValueError(f"{who}: argument '{name}' must be {'<' if high_open else '<='} {high}, got {value}")
+    return value
+
+
+def check_state(mu, logvar) -> None:
+    """mu and logvar: [B, D] float32/float64 tensors of one shape, dtype and device."""
+    for name, t in (("mu", mu), ("logvar", logvar)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"refine: argument '{name}' must be a Tensor, got {type(t).__name__}")
+        if t.dim() != 2:
+            raise ValueError(f"refine: argument '{name}' must be 2-D [batch, latent], got shape {tuple(t.shape)}")
+        if t.dtype not in (torch.float32, torch.float64):
+            raise TypeError(
+                f"refine: argument '{name}' must be float32 or float64, got {t.dtype} (keep the variational "
+                "parameters in float32 and run the decoder under autocast for mixed precision)"
+            )
+        if t.shape[0] < 1 or t.shape[1] < 1:
+            raise ValueError(f"refine: argument '{name}' must have batch >= 1 and latent >= 1, got {tuple(t.shape)}")
+    if logvar.shape != mu.shape:
+        raise ValueError(f"refine: argument 'logvar' has shape {tuple(logvar.shape)} but 'mu' has {tuple(mu.shape)}")
+    if logvar.dtype != mu.dtype:
+        raise TypeError(f"refine: argument 'logvar' has dtype {logvar.dtype} but 'mu' has {mu.dtype}")
+    if logvar.device != mu.device:
+        raise ValueError(f"refine: argument 'logvar' is on {logvar.device} but 'mu' is on {mu.device}")
+
+
+def collect_params(params) -> tuple[Tensor, ...]:
+    """The tensors of ``params`` (one Tensor or an iterable), each once."""
+    if isinstance(params, Tensor):
+        params = (params,)
+    try:
+        params = tuple(params)
+    except TypeError:
+        raise TypeError(f"refine: argument 'params' must be an iterable of Tensors, got {type(params).__name__}")
+    seen, unique = set(), []
+    for i, p in enumerate(params):
+        if not isinstance(p, Tensor):
+            raise TypeError(f"refine: argument 'params'[{i}] must be a Tensor, got {type(p).__name__}")
+        if id(p) not in seen:  # a parameter listed twice must not get its gradient twice
+            seen.add(id(p))
+            unique.append(p)
+    return tuple(unique)
+
+
+def check_noise(noise, steps: int, mu: Tensor) -> Tensor:
+    """A given ``[steps, B, D]`` noise tensor of mu's dtype and device, detached and contiguous."""
+    expected = (steps, *mu.shape)
+    if not isinstance(noise, Tensor):
+        raise TypeError(f"refine: argument 'noise' must be a Tensor, got {type(noise).__name__}")
+    if tuple(noise.shape) != expected:
+        raise ValueError(f"refine: argument 'noise' must have shape [steps, B, D] = {list(expected)}, "
+                         f"got {list(noise.shape)}")
+    if noise.dtype != mu.dtype:
+        raise TypeError(f"refine: argument 'noise' has dtype {noise.dtype} but 'mu' has {mu.dtype}")
+    if noise.device != mu.device:
+        raise ValueError(f"refine: argument 'noise' is on {noise.device} but 'mu' is on {mu.device}")
+    return noise.detach().contiguous()
+
+
+def noise_or_draw(noise, steps: int, mu: Tensor) -> Tensor:
+    """The checked ``noise``, or standard-normal draws from mu's device's default generator."""
+    if noise is None:
+        return torch.randn((steps, *mu.shape), dtype=mu.dtype, device=mu.device)
+    return check_noise(noise, steps, mu)
+
+
+def check_backend(backend) -> str:
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"refine: argument 'backend' must be one of {BACKENDS}, got {backend!r}")
+    return backend
+
+
+def make_config(mu: Tensor, *, steps, lr, momentum, max_grad_norm, kl_weight, reduction, hvp, fd_eps,
+                preserve_rng_state, process_group=None, on_nonfinite="raise",
+                fp32_precision="inherit") -> RefineConfig:
+    """Validate the hyper-parameters of a refine call (errors name the argument)."""
+    from savae_fast.refine.distributed import global_batch as _global_batch, world_size
+
+    if world_size(process_group) == 1:
+        process_group = None
+    global_batch = _global_batch(mu.shape[0], process_group)
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral):
+        raise TypeError(f"refine: argument 'steps' must be an int, got {type(steps).__name__}")
+    if steps < 0:
+        raise ValueError(f"refine: argument 'steps' must be >= 0, got {steps}")
+    if isinstance(lr, (tuple, list)):
+        if len(lr) != 2:
+            raise ValueError(f"refine: argument 'lr' must be a number or a pair (lr_mu, lr_logvar), got {lr!r}")
+        lr_mu = real("lr[0]", lr[0], low=0.0, low_open=True)
+        lr_logvar = real("lr[1]", lr[1], low=0.0, low_open=True)
+    else:
+        lr_mu = lr_logvar = real("lr", lr, low=0.0, low_open=True)
+    momentum = real("momentum", momentum, low=0.0, high=1.0, high_open=True)
+    max_grad_norm = real("max_grad_norm", max_grad_norm)
+    kl_weight = real("kl_weight", kl_weight, low=0.0)
+    if isinstance(reduction, str):
+        if reduction not in ("mean", "sum"):
+            raise ValueError(f"refine: argument 'reduction' must be 'mean', 'sum' or a positive number, "
+                             f"got {reduction!r}")
+        scale = 1.0 / global_batch if reduction == "mean" else 1.0
+    else:
+        scale = real("reduction", reduction, low=0.0, low_open=True)
+    method = HVP_METHODS.get(hvp) if isinstance(hvp, str) else None
+    if method is None:
+        raise ValueError(f"refine: argument 'hvp' must be one of {tuple(HVP_METHODS)}, got {hvp!r}")
+    if fp32_precision not in FP32_PRECISIONS:
+        raise ValueError(f"refine: argument 'fp32_precision' must be one of {FP32_PRECISIONS}, got {fp32_precision!r}")
+    if fd_eps is None:
+        fd_eps = method.default_fd_eps.get(decoder_precision(mu, full_fp32=fp32_precision == "ieee"), 0.0)
+    else:
+        fd_eps = real("fd_eps", fd_eps, low=0.0, low_open=True)
+    if not isinstance(preserve_rng_state, bool):
+        raise TypeError("refine: argument 'preserve_rng_state' must be a bool")
+    if on_nonfinite not in NONFINITE_MODES:
+        raise ValueError(f"refine: argument 'on_nonfinite' must be one of {NONFINITE_MODES}, got {on_nonfinite!r}")
+    return RefineConfig(
+        steps=int(steps), lr_mu=lr_mu, lr_logvar=lr_logvar, momentum=momentum, max_grad_norm=max_grad_norm,
+        kl_weight=kl_weight, scale=scale, hvp=method, fd_eps=fd_eps, preserve_rng_state=preserve_rng_state,
+        process_group=process_group, global_batch=global_batch, on_nonfinite=NonFinite(on_nonfinite),
+        full_fp32=fp32_precision == "ieee")
