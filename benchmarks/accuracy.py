@@ -7,7 +7,8 @@ import torch
 
 from benchmarks import harness
 from benchmarks.configs import CONFIGS, make_problem
-from benchmarks.refinement import METHODS, as_float64, relative_error, training_step
+from benchmarks.refinement import METHODS
+from savae_fast.testing import relative_error, training_step
 from savae_fast.reference import unrolled
 
 ACCURACY_METHODS = ("refine fd_forward", "refine fd_central", "refine exact", "optim_n2n (authors)")
@@ -22,7 +23,7 @@ def bench_accuracy(device: str, config: str = "small_lstm", shapes=((8, 10), (32
         errors = {(m, dt): [] for m in methods for dt in dtypes}
         for seed in range(seeds):
             p32 = make_problem(cfg, device, seed=seed, batch=batch, steps=steps)
-            q = as_float64(p32)
+            q = p32.to(torch.float64)
             exact = training_step(unrolled, q)
             for dt in dtypes:
                 p = p32 if dt == torch.float32 else q

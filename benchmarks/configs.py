@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 from savae_fast.models import LSTMDecoder
+from savae_fast.testing import Problem, reached_parameters
 
 
 @dataclass(frozen=True)
@@ -51,24 +52,6 @@ CONFIGS = {
 }
 
 
-@dataclass
-class Problem:
-    config: DecoderConfig
-    decoder: torch.nn.Module
-    x: torch.Tensor
-    mu0: torch.Tensor
-    logvar0: torch.Tensor
-    noise: torch.Tensor
-    final_eps: torch.Tensor
-    params: list = field(default_factory=list)  # the decoder parameters the NLL depends on
-
-    def nll_fn(self, z):
-        return self.decoder.nll(self.x, z)
-
-    def num_params(self) -> int:
-        return sum(p.numel() for p in self.params)
-
-
 def build_decoder(cfg: DecoderConfig) -> torch.nn.Module:
     if cfg.kind == "lstm":
         return LSTMDecoder(latent_dim=cfg.latent, dropout=0.0, **cfg.model)
@@ -93,11 +76,8 @@ def make_problem(cfg: DecoderConfig, device: str, dtype=torch.float32, seed: int
         x = (torch.rand((batch, 1, size, size), generator=gen) < 0.3).to(dtype)
     shape = (batch, cfg.latent)
     draw = lambda *s: torch.randn(s, generator=gen).to(device=device, dtype=dtype)  # noqa: E731
-    p = Problem(cfg, decoder, x.to(device), 0.5 * draw(*shape), 0.3 * draw(*shape), draw(steps, *shape),
-                draw(*shape))
+    mu0, logvar0, noise, final_eps = 0.5 * draw(*shape), 0.3 * draw(*shape), draw(steps, *shape), draw(*shape)
+    x = x.to(device)
     # e.g. the last gated layer's vertical stack feeds nothing: leave such parameters out
-    z = p.mu0.detach().requires_grad_(True)
-    all_params = list(decoder.parameters())
-    grads = torch.autograd.grad(p.nll_fn(z).sum(), all_params, allow_unused=True)
-    p.params = [q for q, g in zip(all_params, grads) if g is not None]
-    return p
+    names = reached_parameters(decoder, lambda z: decoder.nll(x, z), mu0)
+    return Problem(decoder, x, mu0, logvar0, noise, final_eps, names, config=cfg)

@@ -20,7 +20,8 @@ QUICK_SIZES = [(32, 32), (1024, 256)]
 STREAMS = {"forward_step": (7, 5), "reverse_direction": (8, 7), "reverse_update": (10, 4)}
 
 
-def _args(name: str, b: int, d: int, device: str, dtype=torch.float32):
+def op_args(name: str, b: int, d: int, device: str, dtype=torch.float32):
+    """Arguments of one call of operator ``name`` on [b, d] float tensors (fixed seed)."""
     g = torch.Generator(device="cpu").manual_seed(0)
     t = lambda s=1.0: (s * torch.randn(b, d, generator=g)).to(device=device, dtype=dtype)  # noqa: E731
     mu, lv, pm, pl, eps, gz, en = t(0.5), t(0.3), t(0.1), t(0.1), t(), t(), t()
@@ -50,7 +51,7 @@ def bench_ops(device: str, sizes=SIZES, rounds: int = 20, compile_: bool = True,
         if compile_:
             compiled[name] = torch.compile(getattr(torch_impl, name), dynamic=True)
         for b, d in sizes:
-            args = _args(name, b, d, device)
+            args = op_args(name, b, d, device)
             cands = {"eager torch ops": lambda f=getattr(torch_impl, name): f(*args)}
             if sf.ops.available(device):
                 cands["fused cpp" if device == "cpu" else "fused cuda"] = (

@@ -8,7 +8,6 @@ the same interleaved run.
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import subprocess
@@ -18,9 +17,10 @@ from typing import Callable
 import torch
 
 import savae_fast as sf
-from savae_fast.reference import gaussian_kl, optim_n2n, unrolled
+from savae_fast.reference import optim_n2n, unrolled
+from savae_fast.testing import Problem, relative_error, training_step
 from benchmarks import harness
-from benchmarks.configs import CONFIGS, DecoderConfig, Problem, make_problem
+from benchmarks.configs import CONFIGS, DecoderConfig, make_problem
 
 
 def _refine(hvp: str, backend: str = "auto", **options) -> Callable:
@@ -52,18 +52,6 @@ CUDA_METHODS: dict[str, Callable] = {
 CUDA_REFERENCE_BATCH = 8
 
 
-def training_step(method: Callable, p: Problem, steps: int | None = None):
-    """Refine, negative ELBO at lambda_K, gradients w.r.t. (mu0, logvar0, *decoder params)."""
-    steps = p.noise.shape[0] if steps is None else steps
-    mu0 = p.mu0.detach().clone().requires_grad_(True)
-    logvar0 = p.logvar0.detach().clone().requires_grad_(True)
-    params = p.params
-    mu_k, logvar_k = method(mu0, logvar0, p.nll_fn, params, steps=steps, noise=p.noise[:steps])
-    z = mu_k + torch.exp(0.5 * logvar_k) * p.final_eps
-    loss = (p.decoder.nll(p.x, z) + gaussian_kl(mu_k, logvar_k)).mean()
-    return torch.autograd.grad(loss, [mu0, logvar0, *params])
-
-
 def decoder_floor(p: Problem, steps: int | None = None) -> None:
     """(2K + 1) decoder forward + backward passes, gradients w.r.t. z and all parameters."""
     steps = p.noise.shape[0] if steps is None else steps
@@ -74,35 +62,14 @@ def decoder_floor(p: Problem, steps: int | None = None) -> None:
         torch.autograd.grad(p.nll_fn(zz).sum(), [zz, *params])
 
 
-def relative_error(grads, ref) -> float:
-    num = sum((a.double() - b.double()).pow(2).sum() for a, b in zip(grads, ref)) ** 0.5
-    den = sum(b.double().pow(2).sum() for b in ref) ** 0.5
-    return float(num / den)
-
-
-def as_float64(p: Problem) -> Problem:
-    """The same problem (decoder weights, data, draws) in float64."""
-    q = make_problem(p.config, str(p.mu0.device), dtype=torch.float64, steps=p.noise.shape[0],
-                     batch=p.mu0.shape[0])
-    q.decoder.load_state_dict({k: v.double() for k, v in p.decoder.state_dict().items()})
-    q.mu0, q.logvar0, q.noise, q.final_eps = (t.double() for t in (p.mu0, p.logvar0, p.noise, p.final_eps))
-    q.x = p.x.double() if p.x.is_floating_point() else p.x
-    return q
-
-
 def first_examples(p: Problem, batch: int) -> Problem:
     """The problem restricted to its first ``batch`` examples."""
-    if p.mu0.shape[0] <= batch:
-        return p
-    q = copy.copy(p)
-    q.x, q.mu0, q.logvar0, q.final_eps = p.x[:batch], p.mu0[:batch], p.logvar0[:batch], p.final_eps[:batch]
-    q.noise = p.noise[:, :batch]
-    return q
+    return p if p.mu0.shape[0] <= batch else p.first_examples(batch)
 
 
 def gradient_errors(p: Problem, methods: dict[str, Callable]) -> dict[str, float]:
     """Relative error of all gradients (mu0, logvar0, params together) vs float64 unrolled."""
-    exact = training_step(unrolled, as_float64(p))
+    exact = training_step(unrolled, p.to(torch.float64))
     out = {}
     for name, method in methods.items():
         try:
@@ -194,42 +161,6 @@ def bench_scaling_batch(cfg: DecoderConfig, device: str, batches: tuple, rounds:
 
 # ----------------------------------------------------------------------------------- memory
 
-_MEMORY_CHILD = r"""
-import json, sys, torch
-sys.path.insert(0, sys.argv[1])
-from benchmarks.configs import CONFIGS, make_problem
-from benchmarks.refinement import METHODS, decoder_floor, training_step
-def rss_hwm():
-    # VmHWM: this process's own peak resident set. (getrusage's ru_maxrss would also
-    # count the parent's resident set at fork time, which exec records as ours.)
-    try:
-        with open("/proc/self/status") as f:
-            return next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmHWM:"))
-    except OSError:  # not Linux: ru_maxrss (kilobytes on Linux/BSD, bytes on macOS)
-        import resource
-        r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return r if sys.platform == "darwin" else r * 1024
-cfg = CONFIGS[sys.argv[2]].with_(steps=int(sys.argv[4]))
-device = sys.argv[5]
-p = make_problem(cfg, device)
-if device == "cuda":
-    torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-else:
-    base = rss_hwm()
-if sys.argv[3] == "floor":
-    # A plain training step of the same decoder: the final ELBO pass's gradients (held,
-    # as p.grad would be) plus the (2K + 1) decoder passes with theirs.
-    held = training_step(lambda *a, **k: (a[0] * 1, a[1] * 1), p)
-    decoder_floor(p)
-else:
-    training_step(METHODS[sys.argv[3]], p)
-if device == "cuda":
-    torch.cuda.synchronize(); peak = torch.cuda.max_memory_allocated()
-else:
-    peak = rss_hwm()
-print(json.dumps({"peak_bytes": peak, "base_bytes": base, "params": p.num_params()}))
-"""
 
 
 def peak_memory(cfg_name: str, method: str, steps: int, device: str) -> dict:
@@ -239,7 +170,8 @@ def peak_memory(cfg_name: str, method: str, steps: int, device: str) -> dict:
     # Large blocks always mmap-ed (glibc): freed memory leaves the resident set at once, so
     # the high-water mark counts live tensors, not allocator fragmentation.
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), MALLOC_MMAP_THRESHOLD_="131072")
-    out = subprocess.run([sys.executable, "-c", _MEMORY_CHILD, root, cfg_name, method, str(steps), device],
+    out = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "memory_child.py"), root, cfg_name, method,
+                          str(steps), device],
                          capture_output=True, text=True, env=env)
     if out.returncode != 0:
         raise RuntimeError(out.stderr[-2000:])

@@ -18,8 +18,9 @@ import torch
 import savae_fast as sf
 from savae_fast.ops import torch_impl
 from benchmarks.configs import CONFIGS, make_problem
-from benchmarks.op_level import _args
-from benchmarks.refinement import METHODS, decoder_floor, training_step
+from benchmarks.op_level import op_args
+from benchmarks.refinement import METHODS, decoder_floor
+from savae_fast.testing import training_step
 
 DEVICE = os.environ.get("SAVAE_BENCH_DEVICE", "cuda" if torch.cuda.is_available() else "cpu")
 
@@ -62,7 +63,7 @@ def test_op(benchmark, name, size, impl):
     if impl == "fused" and not sf.ops.available(DEVICE):
         pytest.skip(f"compiled kernels not built for {DEVICE}")
     benchmark.group = f"op {name} {size[0]}x{size[1]}"
-    args = _args(name, *size, DEVICE)
+    args = op_args(name, *size, DEVICE)
     fn = getattr(torch.ops.savae_fast, name).default if impl == "fused" else getattr(torch_impl, name)
     out = benchmark(lambda: (fn(*args), _sync())[0])
     ref = getattr(torch_impl, name)(*args)

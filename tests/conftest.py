@@ -1,6 +1,5 @@
 import os
 import random
-import sys
 
 import pytest
 import torch
@@ -13,8 +12,6 @@ if not torch.cuda.is_available():
 # cuBLAS is deterministic under torch.use_deterministic_algorithms(True) only with a fixed
 # workspace configuration, read when cuBLAS starts (tests/test_randomness.py).
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-
-sys.path.insert(0, os.path.dirname(__file__))  # tests/helpers.py
 
 # Fresh random inputs in every test; the seed is printed on failure and can be
 # replayed with SAVAE_TEST_SEED=<seed>.
@@ -42,10 +39,3 @@ def pytest_report_header(config):
 
     info = ops.build_info() if ops.extension_loaded() else {"extension": f"not loaded ({ops.EXTENSION_ERROR})"}
     return [f"savae_fast extension: {info}", f"torch {torch.__version__}, cuda available: {torch.cuda.is_available()}"]
-
-
-def devices():
-    out = ["cpu"]
-    if torch.cuda.is_available():
-        out.append("cuda")
-    return out

@@ -33,3 +33,14 @@ def test_benchmark_cli_writes_results(tmp_path):
     data = json.load(open(tmp_path / next(f for f in files if f.endswith(".json"))))
     assert data["machine"]["torch"] and data["commit"] and data["ops"]["rows"]
     assert all(r["median_us"] > 0 for r in data["ops"]["rows"])
+
+
+@pytest.mark.slow
+def test_memory_benchmark_child_measures_a_training_step():
+    """benchmarks/memory_child.py runs one training step in a process of its own."""
+    from benchmarks.configs import CONFIGS, make_problem
+    from benchmarks.refinement import peak_memory
+
+    out = peak_memory("small_lstm", "refine fd_forward", 2, "cpu")
+    assert out["peak_bytes"] >= out["base_bytes"] > 0
+    assert out["params"] == make_problem(CONFIGS["small_lstm"], "cpu", steps=2).num_params()

@@ -8,7 +8,7 @@ import torch
 import savae_fast as sf
 from savae_fast.ops import torch_impl
 from savae_fast.ops.constants import FD_CENTRAL, FD_EXACT, FD_FORWARD
-from test_ops import (_accumulate_case, _assert_outputs_close, _state, assert_reverse_direction_close,
+from savae_fast.testing import (accumulate_case, assert_outputs_close, op_state, assert_reverse_direction_close,
                       forward_step_args, reverse_direction_args,
                       reverse_update_args)
 
@@ -50,26 +50,26 @@ def _run(name, args):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("shape", SHAPES)
 def test_cuda_kernels_match_formulas(shape, dtype):
-    st = _state(shape, dtype, "cuda")
+    st = op_state(shape, dtype, "cuda")
     args = (st["mu"], st["logvar"], st["eps"])
-    _assert_outputs_close(_run("sample", args), torch_impl.sample(*args), dtype)
+    assert_outputs_close(_run("sample", args), torch_impl.sample(*args), dtype)
     for clip in ("off", "active"):
         for with_next in (True, False):
             args = forward_step_args(shape, dtype, clip, with_next, device="cuda")
-            _assert_outputs_close(_run("forward_step", args), torch_impl.forward_step(*args), dtype)
+            assert_outputs_close(_run("forward_step", args), torch_impl.forward_step(*args), dtype)
         for mode in (FD_EXACT, FD_FORWARD, FD_CENTRAL):
             args = reverse_direction_args(shape, dtype, clip, mode, device="cuda")
             assert_reverse_direction_close(_run("reverse_direction", args), torch_impl.reverse_direction(*args), args,
                                            dtype)
     for with_b in (True, False):
         args = reverse_update_args(shape, dtype, with_b, device="cuda")
-        _assert_outputs_close(_run("reverse_update", args), torch_impl.reverse_update(*args), dtype)
+        assert_outputs_close(_run("reverse_update", args), torch_impl.reverse_update(*args), dtype)
 
 
 @needs_gpu
 @pytest.mark.cuda
 def test_cuda_accumulate_and_opcheck():
-    total, values = _accumulate_case(torch.float32)
+    total, values = accumulate_case(torch.float32)
     total = [t.cuda() for t in total]
     values = [None if v is None else v.cuda() for v in values]
     expected = [t if v is None else t + v for t, v in zip(total, values)]

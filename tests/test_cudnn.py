@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from helpers import MLPDecoder, Problem, max_rel_err, refine_grads, reference_grads
+from savae_fast.testing import MLPDecoder, Problem, max_rel_err, refine_grads, reference_grads
 from savae_fast.refine import cudnn
 
 
@@ -137,7 +137,7 @@ def test_evaluations_without_rnn_keep_cudnn(cudnn_path):
 @pytest.mark.parametrize("hvp", ["exact", "fd_central"])
 def test_bundled_lstm_decoder_on_cuda(hvp, seed):
     """The cuDNN LSTM decoder: exact double backward and the float64 reference work on CUDA."""
-    from helpers import make_problem
+    from savae_fast.testing import make_problem
 
     p = make_problem("lstm", torch.float64, batch=8, latent=4, steps=5, dropout=0.3).to(device="cuda")
     p.decoder.train()

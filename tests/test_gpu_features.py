@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import savae_fast as sf
-from helpers import make_problem, max_rel_err, reference_grads
+from savae_fast.testing import make_problem, max_rel_err, reference_grads
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from savae_fast.reference import optim_n2n, unrolled
-from helpers import make_problem, max_rel_err, reference_grads, rel_err
+from savae_fast.testing import make_problem, max_rel_err, reference_grads, rel_err
 
 
 def _n2n_grads(p, **kw):

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import savae_fast as sf
-from helpers import make_problem, max_rel_err, refine_grads, reference_grads, rel_err, step0_grad_norm
+from savae_fast.testing import make_problem, max_rel_err, refine_grads, reference_grads, rel_err, step0_grad_norm
 
 BACKENDS = ["cpp", "torch"] if sf.ops.available("cpu") else ["torch"]
 

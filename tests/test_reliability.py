@@ -13,8 +13,8 @@ import savae_fast as sf
 from savae_fast.ops import torch_impl
 from savae_fast.ops.constants import FD_CENTRAL, FD_EXACT, FD_FORWARD
 from savae_fast.reference import unrolled
-from helpers import MLPDecoder, max_rel_err, rel_err
-from test_ops import TOL, _assert_outputs_close, _state, op_err
+from savae_fast.testing import MLPDecoder, max_rel_err, rel_err
+from savae_fast.testing import OP_TOL, assert_outputs_close, op_state, op_err
 
 HAVE_CPP = sf.ops.available("cpu")
 BACKENDS = (["cpp"] if HAVE_CPP else []) + (["triton"] if sf.ops.triton_available("cpu") else []) + ["torch"]
@@ -42,7 +42,7 @@ def _assert_as_accurate_as_formula(fused, formula, args, dtype, scales=None):
     update), within a few times the float32 formula's own distance from the float64 one."""
     out, ref = fused(*args), formula(*args)
     try:
-        _assert_outputs_close(out, ref, dtype, scales)
+        assert_outputs_close(out, ref, dtype, scales)
         return
     except AssertionError:
         if dtype != torch.float32:
@@ -58,14 +58,14 @@ def _assert_as_accurate_as_formula(fused, formula, args, dtype, scales=None):
             continue
         scale = (scales or {}).get(i, 1.0)
         err_fused, err_formula = op_err(a, e, scale), op_err(b, e, scale)
-        assert err_fused <= max(TOL[dtype], 8 * err_formula), (i, err_fused, err_formula)
+        assert err_fused <= max(OP_TOL[dtype], 8 * err_formula), (i, err_fused, err_formula)
 
 
 @settings(deadline=None)  # a correctness property: no per-example time limit (slow under sanitizers)
 @given(op_inputs)
 def test_property_fused_ops_match_formula(p):
     torch.manual_seed(p["seed"])
-    state = _state((p["batch"], p["latent"]), p["dtype"])
+    state = op_state((p["batch"], p["latent"]), p["dtype"])
     g_mu, g_lv = torch_impl.elbo_grad(state["grad_z"], state["mu"], state["logvar"], state["eps"], p["scale"],
                                       p["kl_weight"])
     lo, hi = min(g_mu.norm(), g_lv.norm()).item(), max(g_mu.norm(), g_lv.norm()).item()
@@ -154,7 +154,7 @@ BAD_SCALARS = [float("nan"), float("inf"), -1.0, 0.0, 1e300, -7]
        st.sampled_from(BAD_SCALARS), st.booleans())
 def test_fuzz_compiled_ops_never_crash(name, position, bad_tensor, scalar_position, bad_scalar, swap_none):
     """Malformed arguments raise a Python exception (or are handled); they never crash a kernel."""
-    st_ = _state((4, 3), torch.float32)
+    st_ = op_state((4, 3), torch.float32)
     t = lambda: torch.randn(4, 3)  # noqa: E731
     args = {
         "sample": [st_["mu"], st_["logvar"], st_["eps"]],
@@ -261,7 +261,7 @@ def test_extreme_logvar_float32(backend, logvar):
 def test_ops_trace_under_torch_compile_fullgraph():
     if not HAVE_CPP:
         pytest.skip("compiled kernels not built")
-    st_ = _state((5, 4), torch.float32)
+    st_ = op_state((5, 4), torch.float32)
 
     def f(mu, lv, eps, gz, en):
         out = sf.ops.forward_step(mu, lv, torch.zeros_like(mu), torch.zeros_like(mu), eps, gz, en, scale=0.2,

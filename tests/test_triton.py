@@ -7,9 +7,9 @@ import torch
 import savae_fast as sf
 from savae_fast.ops import torch_impl
 from savae_fast.ops.constants import FD_CENTRAL, FD_EXACT, FD_FORWARD
-from helpers import make_problem, max_rel_err, refine_grads, reference_grads
-from test_ops import (TOL, _assert_outputs_close, assert_reverse_direction_close, forward_step_args,
-                      reverse_direction_args, reverse_update_args, _state)
+from savae_fast.testing import make_problem, max_rel_err, refine_grads, reference_grads
+from savae_fast.testing import (OP_TOL, assert_outputs_close, assert_reverse_direction_close, forward_step_args,
+                      reverse_direction_args, reverse_update_args, op_state)
 
 pytestmark = [
     pytest.mark.triton,
@@ -28,9 +28,9 @@ def _triton():
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("shape", SHAPES)
 def test_sample(shape, dtype):
-    st = _state(shape, dtype, DEVICE)
+    st = op_state(shape, dtype, DEVICE)
     args = (st["mu"], st["logvar"], st["eps"])
-    _assert_outputs_close(_triton().sample(*args), torch_impl.sample(*args), dtype)
+    assert_outputs_close(_triton().sample(*args), torch_impl.sample(*args), dtype)
 
 
 @pytest.mark.parametrize("with_next", [True, False])
@@ -39,7 +39,7 @@ def test_sample(shape, dtype):
 @pytest.mark.parametrize("shape", SHAPES)
 def test_forward_step(shape, dtype, clip, with_next):
     args = forward_step_args(shape, dtype, clip, with_next, device=DEVICE)
-    _assert_outputs_close(_triton().forward_step(*args), torch_impl.forward_step(*args), dtype)
+    assert_outputs_close(_triton().forward_step(*args), torch_impl.forward_step(*args), dtype)
 
 
 @pytest.mark.parametrize("fd_mode", [FD_EXACT, FD_FORWARD, FD_CENTRAL])
@@ -57,7 +57,7 @@ def test_reverse_direction(shape, dtype, clip, fd_mode):
 @pytest.mark.parametrize("shape", SHAPES)
 def test_reverse_update(shape, dtype, with_b):
     args = reverse_update_args(shape, dtype, with_b, device=DEVICE)
-    _assert_outputs_close(_triton().reverse_update(*args), torch_impl.reverse_update(*args), dtype)
+    assert_outputs_close(_triton().reverse_update(*args), torch_impl.reverse_update(*args), dtype)
 
 
 def test_large_tensor_uses_several_reduction_programs():
@@ -66,9 +66,9 @@ def test_large_tensor_uses_several_reduction_programs():
 
     shape = (64, 2 * triton_impl.BLOCK * 3 // 64 + 7)
     args = forward_step_args(shape, torch.float64, "active", device=DEVICE)
-    _assert_outputs_close(triton_impl.forward_step(*args), torch_impl.forward_step(*args), torch.float64)
+    assert_outputs_close(triton_impl.forward_step(*args), torch_impl.forward_step(*args), torch.float64)
     args = reverse_direction_args(shape, torch.float64, "active", FD_CENTRAL, device=DEVICE)
-    _assert_outputs_close(triton_impl.reverse_direction(*args), torch_impl.reverse_direction(*args), torch.float64,
+    assert_outputs_close(triton_impl.reverse_direction(*args), torch_impl.reverse_direction(*args), torch.float64,
                           scales={6: 0.5 / args[-1]})
 
 
