@@ -31,7 +31,7 @@ CONFIGS = {
     # The core issue's CPU config: small enough that the refinement's overhead matters.
     "small_lstm": DecoderConfig("small_lstm", "lstm", batch=32, latent=16, steps=20, length=12,
                                 model=dict(vocab_size=200, embed_dim=32, hidden_dim=64)),
-    # The SA-VAE synthetic experiment's generative model size (see savae_fast.data.synthetic).
+    # The SA-VAE synthetic experiment's generative model size (see savae_fast.app.data.synthetic).
     "synthetic_lstm": DecoderConfig("synthetic_lstm", "lstm", batch=32, latent=2, steps=20, length=10,
                                     model=dict(vocab_size=1000, embed_dim=100, hidden_dim=100)),
     # The paper's Yahoo text model: word 512, hidden 1024, vocab 20k (GPU only).

@@ -15,8 +15,8 @@
 //     static void accumulate(ScalarType, const std::vector<AccumulateItem>&);  // one dtype
 //   };
 //
-// Registered with TORCH_BOX(&ops::forward_step<Backend>) and so on; the schemas
-// are in csrc/ops.cpp.
+// Registered for a dispatch key by register_backend<Backend> (end of this file);
+// the schemas are in csrc/ops.cpp.
 #pragma once
 
 #include <torch/csrc/inductor/aoti_torch/c/shim.h>
@@ -364,6 +364,16 @@ void accumulate_(std::vector<Tensor> total, std::vector<std::optional<Tensor>> v
   if (any == nullptr) return;
   const typename Backend::Guard guard(*any);
   for (const auto& [dtype, items] : groups) Backend::accumulate(dtype, items);
+}
+
+// Every operator of the library for one backend's dispatch key.
+template <class Backend>
+void register_backend(torch::stable::detail::StableLibrary& m) {
+  m.impl("sample", TORCH_BOX(&sample<Backend>));
+  m.impl("forward_step", TORCH_BOX(&forward_step<Backend>));
+  m.impl("reverse_direction", TORCH_BOX(&reverse_direction<Backend>));
+  m.impl("reverse_update", TORCH_BOX(&reverse_update<Backend>));
+  m.impl("accumulate_", TORCH_BOX(&accumulate_<Backend>));
 }
 
 }  // namespace ops

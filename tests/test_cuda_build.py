@@ -39,6 +39,9 @@ def test_cuda_architectures_recorded():
 
 needs_gpu = pytest.mark.skipif(not (built_with_cuda and torch.cuda.is_available()), reason="needs a CUDA GPU")
 SHAPES = [(1, 1), (3, 5), (33, 130), (1024, 32), (64, 4099)]
+# every shape in float64 and float32
+SHAPES_AND_DTYPES = pytest.mark.parametrize(
+    "shape,dtype", [(s, d) for s in SHAPES for d in (torch.float64, torch.float32)])
 
 
 def _run(name, args):
@@ -47,8 +50,7 @@ def _run(name, args):
 
 @needs_gpu
 @pytest.mark.cuda
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("shape", SHAPES)
+@SHAPES_AND_DTYPES
 def test_cuda_kernels_match_formulas(shape, dtype):
     st = op_state(shape, dtype, "cuda")
     args = (st["mu"], st["logvar"], st["eps"])

@@ -24,11 +24,8 @@ def test_refine_graph_matches_refine_on_cpu():
 @cuda
 @pytest.mark.cuda
 def test_refine_graph_capture_replays_identically():
-    p = make_problem("mlp", torch.float32, batch=16, latent=8, steps=10)
-    dec = p.decoder.cuda()
-    x = p.x.cuda()
-    nll = lambda z: dec.nll(x, z)  # noqa: E731
-    mu, lv, noise = p.mu0.cuda(), p.logvar0.cuda(), p.noise.cuda()
+    p = make_problem("mlp", torch.float32, batch=16, latent=8, steps=10).to(device="cuda")
+    nll, mu, lv, noise = p.nll_fn, p.mu0, p.logvar0, p.noise
     graph = sf.RefineGraph(nll, steps=10)
     eager = sf.refine(mu, lv, nll, steps=10, noise=noise)
     first = graph(mu, lv, noise)
@@ -41,16 +38,13 @@ def test_refine_graph_capture_replays_identically():
 @cuda
 @pytest.mark.cuda
 def test_training_step_capturable_without_rng_preservation():
-    p = make_problem("mlp", torch.float32, batch=16, latent=8, steps=6)
-    dec = p.decoder.cuda()
-    x = p.x.cuda()
-    nll = lambda z: dec.nll(x, z)  # noqa: E731
-    mu0 = p.mu0.cuda().requires_grad_(True)
-    noise = p.noise.cuda()
+    p = make_problem("mlp", torch.float32, batch=16, latent=8, steps=6).to(device="cuda")
+    dec, x, nll, noise = p.decoder, p.x, p.nll_fn, p.noise
+    mu0 = p.mu0.clone().requires_grad_(True)
     params = list(dec.parameters())
 
     def step():
-        mu_k, lv_k = sf.refine(mu0, p.logvar0.cuda(), nll, params, steps=6, noise=noise, preserve_rng_state=False,
+        mu_k, lv_k = sf.refine(mu0, p.logvar0, nll, params, steps=6, noise=noise, preserve_rng_state=False,
                                    on_nonfinite="ignore")
         return torch.autograd.grad(dec.nll(x, mu_k).mean() + lv_k.sum(), [mu0, *params])
 

@@ -10,6 +10,9 @@ from savae_fast.testing import (OP_TOL, accumulate_case, assert_outputs_close, a
                                 forward_step_args, op_err, op_state, reverse_direction_args, reverse_update_args)
 
 SHAPES = [(1, 1), (3, 5), (17, 16), (33, 7), (64, 130)]
+# every shape in float64 and float32
+SHAPES_AND_DTYPES = pytest.mark.parametrize(
+    "shape,dtype", [(s, d) for s in SHAPES for d in (torch.float64, torch.float32)])
 
 needs_ext = pytest.mark.skipif(not sf.ops.available("cpu"), reason="compiled CPU kernels not built")
 
@@ -38,24 +41,26 @@ def _compiled(name):
     return getattr(torch.ops.savae_fast, name).default
 
 
+def _compiled_and_formula(name, args):
+    """(compiled operator's outputs, pure-PyTorch formula's outputs) for the same arguments."""
+    return _compiled(name)(*args), getattr(torch_impl, name)(*args)
+
+
 @needs_ext
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("shape", SHAPES)
+@SHAPES_AND_DTYPES
 def test_sample(shape, dtype):
     st = op_state(shape, dtype)
     args = (st["mu"], st["logvar"], st["eps"])
-    assert_outputs_close(_compiled("sample")(*args), torch_impl.sample(*args), dtype)
+    assert_outputs_close(*_compiled_and_formula("sample", args), dtype)
 
 
 @needs_ext
 @pytest.mark.parametrize("with_next", [True, False])
 @pytest.mark.parametrize("clip", ["off", "inactive", "active"])
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("shape", SHAPES)
+@SHAPES_AND_DTYPES
 def test_forward_step(shape, dtype, clip, with_next):
     args = forward_step_args(shape, dtype, clip, with_next)
-    out = _compiled("forward_step")(*args)
-    ref = torch_impl.forward_step(*args)
+    out, ref = _compiled_and_formula("forward_step", args)
     assert_outputs_close(out, ref, dtype)
     if clip == "active":
         assert (out[5] > args[-1]).all()  # both norms above the clip threshold
@@ -64,12 +69,10 @@ def test_forward_step(shape, dtype, clip, with_next):
 @needs_ext
 @pytest.mark.parametrize("fd_mode", [FD_EXACT, FD_FORWARD, FD_CENTRAL])
 @pytest.mark.parametrize("clip", ["off", "inactive", "active"])
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("shape", SHAPES)
+@SHAPES_AND_DTYPES
 def test_reverse_direction(shape, dtype, clip, fd_mode):
     args = reverse_direction_args(shape, dtype, clip, fd_mode)
-    out = _compiled("reverse_direction")(*args)
-    ref = torch_impl.reverse_direction(*args)
+    out, ref = _compiled_and_formula("reverse_direction", args)
     assert_reverse_direction_close(out, ref, args, dtype)
     if fd_mode == FD_CENTRAL and shape[0] > 1 and clip != "active":
         # a zero direction gives weight 0 and z+ = z- (with the clip active, J couples the
@@ -79,11 +82,10 @@ def test_reverse_direction(shape, dtype, clip, fd_mode):
 
 @needs_ext
 @pytest.mark.parametrize("with_b", [True, False])
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("shape", SHAPES)
+@SHAPES_AND_DTYPES
 def test_reverse_update(shape, dtype, with_b):
     args = reverse_update_args(shape, dtype, with_b)
-    assert_outputs_close(_compiled("reverse_update")(*args), torch_impl.reverse_update(*args), dtype)
+    assert_outputs_close(*_compiled_and_formula("reverse_update", args), dtype)
 
 
 @needs_ext

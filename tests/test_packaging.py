@@ -35,7 +35,7 @@ def test_extension_uses_only_the_stable_c_interface_of_torch():
 @needs_ext
 def test_build_info_reports_the_stable_abi_target():
     info = sf.ops.build_info()
-    assert info["torch_target_version"] == sf.ops._extension.TORCH_TARGET
+    assert info["torch_target_version"] == sf.ops.extension.TORCH_TARGET
     major, minor = (int(x) for x in torch.__version__.split("+")[0].split(".")[:2])
     assert (major, minor) >= tuple(int(x) for x in info["torch_target_version"].split("."))
     assert isinstance(info["cuda"], bool) and isinstance(info["cpu_vector_kernels"], bool)

@@ -10,11 +10,11 @@ import sys
 import pytest
 import torch
 
-from savae_fast.cli import main as cli_main
+from savae_fast.app.cli import main as cli_main
 from savae_fast.models import ImageVAE, TextVAE
-from savae_fast.train import checkpoint
-from savae_fast.train.config import MODES, TrainConfig
-from savae_fast.train.loop import Trainer
+from savae_fast.app.train import checkpoint
+from savae_fast.app.train.config import MODES, TrainConfig
+from savae_fast.app.train.loop import Trainer
 
 TINY_TEXT = dict(latent_dim=3, embed_dim=8, hidden_dim=12, dropout=0.0, batch_size=8, epochs=1, svi_steps=3,
                  eval_samples=5, eval_elbo_samples=1, optimizer="adam", lr=1e-2, warmup_epochs=1,
@@ -139,7 +139,7 @@ def test_cli_train_eval_plot(tmp_path, capsys):
 
 
 def test_quick_demo_runs(tmp_path):
-    from savae_fast.demo import run_demo
+    from savae_fast.app.demo import run_demo
 
     rows = run_demo(str(tmp_path / "demo"), quick=True, progress=False)
     assert {(r["data"], r["mode"]) for r in rows} == {("synthetic", "vae"), ("synthetic", "svi"),
@@ -208,10 +208,10 @@ def test_two_process_gloo_matches_one_process(mode, tmp_path):
               "0.05", "--hvp", "fd_central", "--eval-samples", "2", "--eval-elbo-samples", "1", "--no-progress"]
     torchrun = shutil.which("torchrun") or os.path.join(os.path.dirname(sys.executable), "torchrun")
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    single = subprocess.run([sys.executable, "-m", "savae_fast.train", *common, "--out-dir", str(tmp_path / "one")],
+    single = subprocess.run([sys.executable, "-m", "savae_fast.app.train", *common, "--out-dir", str(tmp_path / "one")],
                             capture_output=True, text=True, env=env, timeout=300)
     assert single.returncode == 0, single.stderr[-2000:]
-    multi = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "savae_fast.train", *common,
+    multi = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "savae_fast.app.train", *common,
                             "--out-dir", str(tmp_path / "two")], capture_output=True, text=True, env=env, timeout=300)
     assert multi.returncode == 0, multi.stderr[-3000:]
     one = checkpoint.load(str(tmp_path / "one" / "last.pt"))

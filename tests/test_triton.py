@@ -17,6 +17,9 @@ pytestmark = [
 ]
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SHAPES = [(1, 1), (3, 5), (9, 130), (70, 3), (5, 257)]  # odd D, D > one tile, rows not a multiple of a block
+# every shape in float64 and float32
+SHAPES_AND_DTYPES = pytest.mark.parametrize(
+    "shape,dtype", [(s, d) for s in SHAPES for d in (torch.float64, torch.float32)])
 
 
 def _triton():
@@ -25,8 +28,7 @@ def _triton():
     return triton_impl
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("shape", SHAPES)
+@SHAPES_AND_DTYPES
 def test_sample(shape, dtype):
     st = op_state(shape, dtype, DEVICE)
     args = (st["mu"], st["logvar"], st["eps"])
@@ -35,8 +37,7 @@ def test_sample(shape, dtype):
 
 @pytest.mark.parametrize("with_next", [True, False])
 @pytest.mark.parametrize("clip", ["off", "inactive", "active"])
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("shape", SHAPES)
+@SHAPES_AND_DTYPES
 def test_forward_step(shape, dtype, clip, with_next):
     args = forward_step_args(shape, dtype, clip, with_next, device=DEVICE)
     assert_outputs_close(_triton().forward_step(*args), torch_impl.forward_step(*args), dtype)
@@ -44,8 +45,7 @@ def test_forward_step(shape, dtype, clip, with_next):
 
 @pytest.mark.parametrize("fd_mode", [FD_EXACT, FD_FORWARD, FD_CENTRAL])
 @pytest.mark.parametrize("clip", ["off", "active"])
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("shape", SHAPES)
+@SHAPES_AND_DTYPES
 def test_reverse_direction(shape, dtype, clip, fd_mode):
     args = reverse_direction_args(shape, dtype, clip, fd_mode, device=DEVICE)
     assert_reverse_direction_close(_triton().reverse_direction(*args), torch_impl.reverse_direction(*args), args,
@@ -53,8 +53,7 @@ def test_reverse_direction(shape, dtype, clip, fd_mode):
 
 
 @pytest.mark.parametrize("with_b", [True, False])
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("shape", SHAPES)
+@SHAPES_AND_DTYPES
 def test_reverse_update(shape, dtype, with_b):
     args = reverse_update_args(shape, dtype, with_b, device=DEVICE)
     assert_outputs_close(_triton().reverse_update(*args), torch_impl.reverse_update(*args), dtype)

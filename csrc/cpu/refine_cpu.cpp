@@ -243,12 +243,6 @@ void set_vector_kernels(bool enabled) {
 }
 }  // namespace cpu
 
-STABLE_TORCH_LIBRARY_IMPL(savae_fast, CPU, m) {
-  m.impl("sample", TORCH_BOX(&ops::sample<CpuBackend>));
-  m.impl("forward_step", TORCH_BOX(&ops::forward_step<CpuBackend>));
-  m.impl("reverse_direction", TORCH_BOX(&ops::reverse_direction<CpuBackend>));
-  m.impl("reverse_update", TORCH_BOX(&ops::reverse_update<CpuBackend>));
-  m.impl("accumulate_", TORCH_BOX(&ops::accumulate_<CpuBackend>));
-}
+STABLE_TORCH_LIBRARY_IMPL(savae_fast, CPU, m) { ops::register_backend<CpuBackend>(m); }
 
 }  // namespace savae_fast

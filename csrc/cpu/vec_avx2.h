@@ -14,109 +14,74 @@
 
 #include <cstdint>
 #include <cstring>
+#include <limits>
+#include <type_traits>
 
 namespace savae_fast {
 namespace cpu {
 
+// A vector of 32 bytes of T (8 floats or 4 doubles) as a GCC/Clang vector type:
+// + - * and comparisons element-wise; the few operations the language has no
+// operator for use AVX/FMA intrinsics.
 template <typename T>
-struct Vec;
-
-template <>
-struct Vec<float> {
-  using T = float;
-  static constexpr int size = 8;
-  __m256 v;
+struct Vec {
+  typedef T Reg __attribute__((vector_size(32)));
+  using Int = std::conditional_t<sizeof(T) == 4, int32_t, int64_t>;
+  typedef Int IntReg __attribute__((vector_size(32)));
+  static constexpr int size = 32 / sizeof(T);
+  Reg v;
 
   Vec() = default;
-  Vec(__m256 x) : v(x) {}          // NOLINT(google-explicit-constructor)
-  Vec(double x) : v(_mm256_set1_ps(float(x))) {}  // NOLINT: broadcast, as T(0.5) in the formulas
+  Vec(Reg x) : v(x) {}                 // NOLINT(google-explicit-constructor)
+  Vec(double x) : v(Reg{} + T(x)) {}   // NOLINT: broadcast, as T(0.5) in the formulas
 
   // n < size: lanes past n read as zero.
   static Vec load(const T* p, int n) {
-    if (n == size) return _mm256_loadu_ps(p);
-    alignas(32) T buf[size] = {};
-    std::memcpy(buf, p, sizeof(T) * n);
-    return _mm256_load_ps(buf);
+    Reg r{};
+    std::memcpy(&r, p, sizeof(T) * n);
+    return r;
   }
-  void store(T* p, int n) const {
-    if (n == size) return _mm256_storeu_ps(p, v);
-    alignas(32) T buf[size];
-    _mm256_store_ps(buf, v);
-    std::memcpy(p, buf, sizeof(T) * n);
-  }
+  void store(T* p, int n) const { std::memcpy(p, &v, sizeof(T) * n); }
+  // Lanes summed in order, in double (the rows' partial sums of the reductions).
   double hsum() const {
-    alignas(32) T lanes[size];
-    _mm256_store_ps(lanes, v);
     double acc = 0;
-    for (int i = 0; i < size; ++i) acc += double(lanes[i]);
+    for (int i = 0; i < size; ++i) acc += double(v[i]);
     return acc;
   }
 
-  static Vec fma(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a.v, b.v, c.v); }
-  // min(hi, max(lo, x)); NaN stays NaN (the second operand is returned when one is NaN).
-  static Vec clamp(Vec x, float lo, float hi) {
-    return _mm256_min_ps(_mm256_set1_ps(hi), _mm256_max_ps(_mm256_set1_ps(lo), x.v));
+  static Vec fma(Vec a, Vec b, Vec c) {
+    if constexpr (sizeof(T) == 4) return Reg(_mm256_fmadd_ps(a.v, b.v, c.v));
+    else return Reg(_mm256_fmadd_pd(a.v, b.v, c.v));
   }
-  static Vec round(Vec x) { return _mm256_round_ps(x.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
-  // 2^k for integral k in [-126, 127].
+  // To the nearest integer, ties to even.
+  static Vec round(Vec x) {
+    constexpr int mode = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+    if constexpr (sizeof(T) == 4) return Reg(_mm256_round_ps(x.v, mode));
+    else return Reg(_mm256_round_pd(x.v, mode));
+  }
+  // min(hi, max(lo, x)); NaN stays NaN (every comparison with it is false).
+  static Vec clamp(Vec x, T lo, T hi) {
+    const Reg low = x.v < lo ? Reg{} + lo : x.v;
+    return low > hi ? Reg{} + hi : low;
+  }
+  static Vec min(Vec a, T b) { return a.v > b ? Reg{} + b : a.v; }
+  // floor(k / 2) for integral k: k / 2 - 1/4 is never a tie, so it rounds to the floor.
+  static Vec half_floor(Vec k) { return round(Vec(k.v * T(0.5) - T(0.25))); }
+  // 2^k for integral k within the normal exponents: the exponent field, built directly.
   static Vec pow2(Vec k) {
-    const __m256i e = _mm256_add_epi32(_mm256_cvtps_epi32(k.v), _mm256_set1_epi32(127));
-    return _mm256_castsi256_ps(_mm256_slli_epi32(e, 23));
+    constexpr Int bias = std::numeric_limits<T>::max_exponent - 1;  // 127, 1023
+    constexpr int mantissa = std::numeric_limits<T>::digits - 1;    // 23, 52
+    const IntReg e = (__builtin_convertvector(k.v, IntReg) + bias) << mantissa;
+    return (Reg)e;  // same-size vector cast: the bits, reinterpreted
   }
-  static Vec min(Vec a, float b) { return _mm256_min_ps(a.v, _mm256_set1_ps(b)); }
-  static Vec half_floor(Vec k) { return _mm256_floor_ps(_mm256_mul_ps(k.v, _mm256_set1_ps(0.5f))); }
 };
 
-template <>
-struct Vec<double> {
-  using T = double;
-  static constexpr int size = 4;
-  __m256d v;
-
-  Vec() = default;
-  Vec(__m256d x) : v(x) {}  // NOLINT(google-explicit-constructor)
-  Vec(double x) : v(_mm256_set1_pd(x)) {}  // NOLINT
-
-  static Vec load(const T* p, int n) {
-    if (n == size) return _mm256_loadu_pd(p);
-    alignas(32) T buf[size] = {};
-    std::memcpy(buf, p, sizeof(T) * n);
-    return _mm256_load_pd(buf);
-  }
-  void store(T* p, int n) const {
-    if (n == size) return _mm256_storeu_pd(p, v);
-    alignas(32) T buf[size];
-    _mm256_store_pd(buf, v);
-    std::memcpy(p, buf, sizeof(T) * n);
-  }
-  double hsum() const {
-    alignas(32) T lanes[size];
-    _mm256_store_pd(lanes, v);
-    return ((lanes[0] + lanes[1]) + lanes[2]) + lanes[3];
-  }
-
-  static Vec fma(Vec a, Vec b, Vec c) { return _mm256_fmadd_pd(a.v, b.v, c.v); }
-  static Vec clamp(Vec x, double lo, double hi) {
-    return _mm256_min_pd(_mm256_set1_pd(hi), _mm256_max_pd(_mm256_set1_pd(lo), x.v));
-  }
-  static Vec round(Vec x) { return _mm256_round_pd(x.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
-  // 2^k for integral k in [-1022, 1023].
-  static Vec pow2(Vec k) {
-    const __m256i e = _mm256_add_epi64(_mm256_cvtepi32_epi64(_mm256_cvtpd_epi32(k.v)), _mm256_set1_epi64x(1023));
-    return _mm256_castsi256_pd(_mm256_slli_epi64(e, 52));
-  }
-  static Vec min(Vec a, double b) { return _mm256_min_pd(a.v, _mm256_set1_pd(b)); }
-  static Vec half_floor(Vec k) { return _mm256_floor_pd(_mm256_mul_pd(k.v, _mm256_set1_pd(0.5))); }
-};
-
-// Arithmetic as free functions: GCC does not apply a target pragma to friend
-// functions defined inside a class.
-inline Vec<float> operator+(Vec<float> a, Vec<float> b) { return _mm256_add_ps(a.v, b.v); }
-inline Vec<float> operator-(Vec<float> a, Vec<float> b) { return _mm256_sub_ps(a.v, b.v); }
-inline Vec<float> operator*(Vec<float> a, Vec<float> b) { return _mm256_mul_ps(a.v, b.v); }
-inline Vec<double> operator+(Vec<double> a, Vec<double> b) { return _mm256_add_pd(a.v, b.v); }
-inline Vec<double> operator-(Vec<double> a, Vec<double> b) { return _mm256_sub_pd(a.v, b.v); }
-inline Vec<double> operator*(Vec<double> a, Vec<double> b) { return _mm256_mul_pd(a.v, b.v); }
+template <typename T>
+inline Vec<T> operator+(Vec<T> a, Vec<T> b) { return Vec<T>(a.v + b.v); }
+template <typename T>
+inline Vec<T> operator-(Vec<T> a, Vec<T> b) { return Vec<T>(a.v - b.v); }
+template <typename T>
+inline Vec<T> operator*(Vec<T> a, Vec<T> b) { return Vec<T>(a.v * b.v); }
 
 // Constants of the reduction and the polynomial degree per element type.
 template <typename T>

@@ -34,25 +34,20 @@ struct CudaBackend {
   };
 
   template <typename T>
-  static void sample(const SampleParams<T>& p) {
-    cuda::launch_sample(p, current_stream(current_index()));
-    check_launch();
-  }
+  static void sample(const SampleParams<T>& p) { launch(p, cuda::launch_sample<T>); }
   template <typename T>
-  static void forward_step(const ForwardStepParams<T>& p) {
-    cuda::launch_forward_step(p, current_stream(current_index()));
-    check_launch();
-  }
+  static void forward_step(const ForwardStepParams<T>& p) { launch(p, cuda::launch_forward_step<T>); }
   template <typename T>
-  static void reverse_direction(const ReverseDirectionParams<T>& p) {
-    cuda::launch_reverse_direction(p, current_stream(current_index()));
-    check_launch();
-  }
+  static void reverse_direction(const ReverseDirectionParams<T>& p) { launch(p, cuda::launch_reverse_direction<T>); }
   template <typename T>
-  static void reverse_update(const ReverseUpdateParams<T>& p) {
-    cuda::launch_reverse_update(p, current_stream(current_index()));
+  static void reverse_update(const ReverseUpdateParams<T>& p) { launch(p, cuda::launch_reverse_update<T>); }
+  // On the current stream of the current device (the tensors' device: op_impl.h's Guard).
+  template <class Params>
+  static void launch(const Params& p, void (*launcher)(const Params&, cudaStream_t)) {
+    launcher(p, current_stream(current_index()));
     check_launch();
   }
+
   static void accumulate(ops::ScalarType dtype, const std::vector<AccumulateItem>& items) {
     cuda::AccumulateType type;
     switch (dtype) {
@@ -73,12 +68,6 @@ struct CudaBackend {
 
 }  // namespace
 
-STABLE_TORCH_LIBRARY_IMPL(savae_fast, CUDA, m) {
-  m.impl("sample", TORCH_BOX(&ops::sample<CudaBackend>));
-  m.impl("forward_step", TORCH_BOX(&ops::forward_step<CudaBackend>));
-  m.impl("reverse_direction", TORCH_BOX(&ops::reverse_direction<CudaBackend>));
-  m.impl("reverse_update", TORCH_BOX(&ops::reverse_update<CudaBackend>));
-  m.impl("accumulate_", TORCH_BOX(&ops::accumulate_<CudaBackend>));
-}
+STABLE_TORCH_LIBRARY_IMPL(savae_fast, CUDA, m) { ops::register_backend<CudaBackend>(m); }
 
 }  // namespace savae_fast

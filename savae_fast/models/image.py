@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from savae_fast.models.base import LatentVariableModel
+
 
 def check_images(name: str, x: Tensor, image_size: int) -> None:
     if not isinstance(x, Tensor) or x.dim() != 4 or x.shape[1] != 1 or x.shape[2:] != (image_size, image_size):
@@ -147,20 +149,10 @@ class GatedPixelCNNDecoder(nn.Module):
         return F.binary_cross_entropy_with_logits(self.logits(x, z), x, reduction="none").flatten(1).sum(1)
 
 
-class ImageVAE(nn.Module):
+class ImageVAE(LatentVariableModel):
     def __init__(self, latent_dim: int = 32, image_size: int = 28, enc_channels: int = 64, enc_layers: int = 3,
                  dec_channels: int = 32, kernels: tuple = (9, 9, 9, 7, 7, 7, 5, 5, 5, 3, 3, 3),
                  cond_channels: int = 4, activation: str = "gelu"):
-        super().__init__()
-        self.latent_dim = latent_dim
-        self.encoder = ResidualEncoder(latent_dim, image_size, enc_channels, enc_layers) if latent_dim else None
-        self.decoder = GatedPixelCNNDecoder(latent_dim, image_size, dec_channels, tuple(kernels), cond_channels,
-                                            activation)
-
-    def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        if self.encoder is None:
-            raise ValueError("ImageVAE: the autoregressive model (latent_dim=0) has no encoder")
-        return self.encoder(x)
-
-    def nll(self, x: Tensor, z: Tensor | None = None) -> Tensor:
-        return self.decoder.nll(x, z)
+        super().__init__(
+            latent_dim, ResidualEncoder(latent_dim, image_size, enc_channels, enc_layers) if latent_dim else None,
+            GatedPixelCNNDecoder(latent_dim, image_size, dec_channels, tuple(kernels), cond_channels, activation))

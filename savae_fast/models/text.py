@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from savae_fast.models.base import LatentVariableModel
+
 
 def check_tokens(name: str, x: Tensor, vocab_size: int) -> None:
     if not isinstance(x, Tensor) or x.dim() != 2 or x.dtype not in (torch.int64, torch.int32):
@@ -96,22 +98,14 @@ class LSTMEncoder(nn.Module):
         return mu, logvar
 
 
-class TextVAE(nn.Module):
+class TextVAE(LatentVariableModel):
     """The paper's text VAE (latent 32, word 512, hidden 1024, dropout 0.5 by default);
     ``latent_dim=0`` gives the LSTM language model (the autoregressive baseline)."""
 
     def __init__(self, vocab_size: int, latent_dim: int = 32, embed_dim: int = 512, hidden_dim: int = 1024,
                  dropout: float = 0.5, pad_index: int = 0, enc_hidden_dim: int | None = None):
-        super().__init__()
-        self.latent_dim = latent_dim
-        self.encoder = (LSTMEncoder(vocab_size, latent_dim, embed_dim, enc_hidden_dim or hidden_dim, pad_index)
-                        if latent_dim else None)
-        self.decoder = LSTMDecoder(vocab_size, latent_dim, embed_dim, hidden_dim, dropout, pad_index)
-
-    def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        if self.encoder is None:
-            raise ValueError("TextVAE: the language model (latent_dim=0) has no encoder")
-        return self.encoder(x)
-
-    def nll(self, x: Tensor, z: Tensor | None = None) -> Tensor:
-        return self.decoder.nll(x, z)
+        super().__init__(
+            latent_dim,
+            LSTMEncoder(vocab_size, latent_dim, embed_dim, enc_hidden_dim or hidden_dim, pad_index) if latent_dim
+            else None,
+            LSTMDecoder(vocab_size, latent_dim, embed_dim, hidden_dim, dropout, pad_index))

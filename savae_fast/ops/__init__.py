@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from savae_fast.ops import torch_impl
-from savae_fast.ops._extension import (
+from savae_fast.ops.extension import (
     EXTENSION_ERROR,
     OP_NAMES,
     available,

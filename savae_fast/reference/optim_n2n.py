@@ -28,7 +28,7 @@ from torch import Tensor
 
 from savae_fast.gaussian import gaussian_kl
 from savae_fast.refine.rng import RngState
-from savae_fast.refine.validation import DEFAULTS, check_state, collect_params, make_config, noise_or_draw
+from savae_fast.refine.validation import check_state, collect_params, noise_or_draw, optimiser_config
 
 
 def _clip_(tensors, max_norm: float) -> None:
@@ -127,21 +127,16 @@ def optim_n2n(
     nll_fn: Callable[[Tensor], Tensor],
     params: Iterable[Tensor] = (),
     *,
-    steps: int = DEFAULTS.steps,
-    lr: float | tuple[float, float] = DEFAULTS.lr,
-    momentum: float = DEFAULTS.momentum,
-    max_grad_norm: float = DEFAULTS.max_grad_norm,
-    kl_weight: float = DEFAULTS.kl_weight,
-    reduction: str = DEFAULTS.reduction,
     eps: float = 1e-5,
     noise: Tensor | None = None,
+    **options,
 ) -> tuple[Tensor, Tensor]:
-    """The authors' refinement: same forward as :func:`savae_fast.refine`, their backward."""
+    """The authors' refinement: same forward as :func:`savae_fast.refine`, their backward
+    (lambda-space finite differences with step ``eps``). ``options``: the inner
+    optimiser's, as :func:`savae_fast.reference.unrolled`."""
     check_state(mu, logvar)
     params = collect_params(params)
-    cfg = make_config(mu, steps=steps, lr=lr, momentum=momentum, max_grad_norm=max_grad_norm,
-                      kl_weight=kl_weight, reduction=reduction, hvp="exact", fd_eps=None,
-                      preserve_rng_state=True)
+    cfg = optimiser_config(mu, options, "optim_n2n")
     if not eps > 0:
         raise ValueError(f"optim_n2n: argument 'eps' must be > 0, got {eps!r}")
     if cfg.steps == 0:

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from savae_fast.gaussian import gaussian_kl
 from savae_fast.refine.cudnn import TwiceDifferentiable
-from savae_fast.refine.validation import DEFAULTS, check_state, collect_params, make_config, noise_or_draw
+from savae_fast.refine.validation import check_state, collect_params, noise_or_draw, optimiser_config
 
 
 def unrolled(
@@ -26,24 +26,19 @@ def unrolled(
     nll_fn: Callable[[Tensor], Tensor],
     params: Iterable[Tensor] = (),
     *,
-    steps: int = DEFAULTS.steps,
-    lr: float | tuple[float, float] = DEFAULTS.lr,
-    momentum: float = DEFAULTS.momentum,
-    max_grad_norm: float = DEFAULTS.max_grad_norm,
-    kl_weight: float = DEFAULTS.kl_weight,
-    reduction: str = DEFAULTS.reduction,
     noise: Tensor | None = None,
+    **options,
 ) -> tuple[Tensor, Tensor]:
     """Same forward as :func:`savae_fast.refine`, differentiated by autograd through every step.
 
+    ``options``: the inner optimiser's (``steps``, ``lr``, ``momentum``,
+    ``max_grad_norm``, ``kl_weight``, ``reduction``; defaults as refine's).
     ``params`` is accepted for signature compatibility; autograd reaches every
     tensor ``nll_fn`` uses regardless.
     """
     check_state(mu, logvar)
     collect_params(params)
-    cfg = make_config(mu, steps=steps, lr=lr, momentum=momentum, max_grad_norm=max_grad_norm,
-                      kl_weight=kl_weight, reduction=reduction, hvp="exact", fd_eps=None,
-                      preserve_rng_state=True)
+    cfg = optimiser_config(mu, options, "unrolled")
     if cfg.steps == 0:
         return mu, logvar
     noise = noise_or_draw(noise, cfg.steps, mu)

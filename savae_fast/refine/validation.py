@@ -138,11 +138,11 @@ def make_config(mu: Tensor, *, steps, lr, momentum, max_grad_norm, kl_weight, re
                 preserve_rng_state, process_group=None, on_nonfinite="raise",
                 fp32_precision="inherit") -> RefineConfig:
     """Validate the hyper-parameters of a refine call (errors name the argument)."""
-    from savae_fast.refine.distributed import global_batch as _global_batch, world_size
+    from savae_fast.refine.distributed import global_batch as total_batch, world_size
 
     if world_size(process_group) == 1:
         process_group = None
-    global_batch = _global_batch(mu.shape[0], process_group)
+    global_batch = total_batch(mu.shape[0], process_group)
     if isinstance(steps, bool) or not isinstance(steps, numbers.Integral):
         raise TypeError(f"refine: argument 'steps' must be an int, got {type(steps).__name__}")
     if steps < 0:
@@ -182,3 +182,18 @@ def make_config(mu: Tensor, *, steps, lr, momentum, max_grad_norm, kl_weight, re
         kl_weight=kl_weight, scale=scale, hvp=method, fd_eps=fd_eps, preserve_rng_state=preserve_rng_state,
         process_group=process_group, global_batch=global_batch, on_nonfinite=NonFinite(on_nonfinite),
         full_fp32=fp32_precision == "ieee")
+
+
+# The inner optimiser's options (refine's, without those of its backward pass).
+OPTIMISER_OPTIONS = ("steps", "lr", "momentum", "max_grad_norm", "kl_weight", "reduction")
+
+
+def optimiser_config(mu: Tensor, options: dict, who: str) -> RefineConfig:
+    """The validated inner optimiser of a reference implementation from its keyword
+    ``options`` (any of OPTIMISER_OPTIONS, DEFAULTS for the others)."""
+    unknown = sorted(set(options) - set(OPTIMISER_OPTIONS))
+    if unknown:
+        raise TypeError(f"{who}: unexpected keyword argument(s) {unknown}; the inner optimiser takes "
+                        f"{list(OPTIMISER_OPTIONS)}")
+    values = {name: options.get(name, getattr(DEFAULTS, name)) for name in OPTIMISER_OPTIONS}
+    return make_config(mu, **values, hvp="exact", fd_eps=None, preserve_rng_state=True)

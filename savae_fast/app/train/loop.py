@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import os
@@ -14,113 +13,24 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from savae_fast import evaluate as ev
-from savae_fast.gaussian import gaussian_kl
-from savae_fast.train import checkpoint
-from savae_fast.train.config import TrainConfig
-from savae_fast.train.data import RunData, build_model, load_data
-from savae_fast.train.objectives import Objective
-
-
-class Distributed:
-    """torchrun environment (RANK / WORLD_SIZE / LOCAL_RANK); one process otherwise."""
-
-    def __init__(self):
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        self.group = None
-
-    @property
-    def enabled(self) -> bool:
-        return self.world > 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def init(self, device: torch.device) -> None:
-        if self.enabled and not dist.is_initialized():
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        if self.enabled:
-            self.group = dist.group.WORLD
-
-    def shard(self, batch: torch.Tensor) -> slice:
-        """This process's contiguous share of a global batch (equal shares)."""
-        per = batch.shape[0] // self.world
-        return slice(self.rank * per, (self.rank + 1) * per)
-
-    def sum(self, values: list[float], device) -> list[float]:
-        if not self.enabled:
-            return values
-        t = torch.tensor(values, dtype=torch.float64, device=device)
-        dist.all_reduce(t)
-        return t.tolist()
-
-
-def resolve_device(cfg: TrainConfig, d: Distributed) -> torch.device:
-    if cfg.device == "auto":
-        return torch.device(f"cuda:{d.local_rank}" if torch.cuda.is_available() else "cpu")
-    return torch.device(cfg.device)
-
-
-def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-class ShardedObjective(Objective):
-    """Objective whose random draws are slices of the global batch's draws, so that a
-    data-parallel run computes what one process computes on the whole batch."""
-
-    def __init__(self, model, cfg, d: Distributed):
-        super().__init__(model, cfg, d.group)
-        self.d = d
-        self.global_batch = 0
-        self.local = slice(None)
-
-    def _elbo_terms(self, x, mu, logvar, frozen_decoder=False):
-        eps = torch.randn((self.global_batch, mu.shape[1]), device=mu.device, dtype=mu.dtype)[self.local]
-        z = mu + torch.exp(0.5 * logvar) * eps
-        if frozen_decoder:
-            from torch.func import functional_call
-
-            dec = self.model.decoder
-            nll = functional_call(dec, {n: p.detach() for n, p in dec.named_parameters()}, (x, z))
-        else:
-            nll = self.model.nll(x, z)
-        return nll, gaussian_kl(mu, logvar)
-
-    def refine_kwargs(self, beta):
-        kw = super().refine_kwargs(beta)
-        kw["noise"] = torch.randn((self.cfg.svi_steps, self.global_batch, self.cfg.latent_dim),
-                                  device=self.device)[:, self.local]
-        return kw
-
-    def forward(self, x, beta, global_batch: int, local: slice):
-        self.global_batch, self.local = global_batch, local
-        return super().forward(x, beta)
-
-    @property
-    def device(self):
-        return next(self.model.parameters()).device
+from savae_fast.app import evaluate as ev
+from savae_fast.app.devices import resolve_device
+from savae_fast.app.errors import CheckpointError
+from savae_fast.app.train import checkpoint
+from savae_fast.app.train.config import TrainConfig
+from savae_fast.app.train.data import RunData, build_model, load_data
+from savae_fast.app.train.distributed import Distributed, ShardedObjective
+from savae_fast.app.train.metrics import Progress, append_metrics
+from savae_fast.app.train.rng import rng_state, set_rng_state
 
 
 class Trainer:
+    """Trains one configuration: epochs, validation, checkpoints (last.pt, best.pt), metrics."""
+
     def __init__(self, cfg: TrainConfig, resume: bool = False, progress: bool = True, data: RunData | None = None):
         self.cfg = cfg.validate()
         self.d = Distributed()
-        self.device = resolve_device(cfg, self.d)
+        self.device = resolve_device(cfg.device, self.d.local_rank)
         self.d.init(self.device)
         self.progress = progress and self.d.is_main
         self._steps_per_epoch = None
@@ -169,7 +79,7 @@ class Trainer:
         saved = TrainConfig.from_dict(ck["config"])
         for key in ("mode", "dataset", "latent_dim", "embed_dim", "hidden_dim", "batch_size", "seed"):
             if getattr(saved, key) != getattr(self.cfg, key):
-                raise checkpoint.CheckpointError(
+                raise CheckpointError(
                     f"cannot resume: the checkpoint was written with {key}={getattr(saved, key)!r}, "
                     f"this run has {key}={getattr(self.cfg, key)!r}")
         self.model.load_state_dict(ck["model"])
@@ -199,12 +109,7 @@ class Trainer:
             group["lr"] = self.state["lr"]
         self.model.train()
         totals = [0.0, 0.0, 0.0, 0.0]  # loss * n, nll, kl, n
-        bar = None
-        if self.progress:
-            from tqdm import tqdm
-
-            bar = tqdm(total=len(batches), desc=f"{c.mode} epoch {epoch + 1}/{c.epochs}", leave=False,
-                       file=sys.stderr, dynamic_ncols=True)
+        bar = Progress(self.progress, len(batches), f"{c.mode} epoch {epoch + 1}/{c.epochs}")
         for x in batches:
             if self.d.enabled and x.shape[0] % self.d.world:
                 continue  # equal shares keep the data-parallel update equal to the one-process update
@@ -221,12 +126,8 @@ class Trainer:
             n = x_local.shape[0]
             totals = [t + v for t, v in zip(totals, (float(out.loss.detach()) * n, float(out.nll.sum()),
                                                      float(out.kl.sum()), n))]
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{totals[0] / totals[3]:.2f}", kl=f"{totals[2] / totals[3]:.2f}",
-                                beta=f"{beta:.2f}")
-        if bar is not None:
-            bar.close()
+            bar.update(loss=f"{totals[0] / totals[3]:.2f}", kl=f"{totals[2] / totals[3]:.2f}", beta=f"{beta:.2f}")
+        bar.close()
         loss, nll, kl, n = self.d.sum(totals, self.device)
         return {"train_loss": loss / max(n, 1), "train_nll": nll / max(n, 1), "train_kl": kl / max(n, 1)}
 
@@ -262,17 +163,8 @@ class Trainer:
         return self.state
 
     def _write_metrics(self, record: dict) -> None:
-        if not self.d.is_main:
-            return
-        path = self._path("metrics.csv")
-        new = not os.path.exists(path)
-        with open(path, "a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(record))
-            if new:
-                writer.writeheader()
-            writer.writerow(record)
-        with open(self._path("metrics.json"), "w") as f:
-            json.dump(self.state["history"], f, indent=1)
+        if self.d.is_main:
+            append_metrics(self.out_dir, record, self.state["history"])
 
     def test(self) -> dict:
         """Full metrics of the best checkpoint on the test split (written to results.json)."""

@@ -26,9 +26,7 @@ def posterior(model, cfg, x: Tensor, beta: float = 1.0) -> tuple[Tensor, Tensor]
     else:
         mu, logvar = model.encode(x)
     if cfg.uses_refinement:
-        mu, logvar = refine(mu, logvar, lambda z: model.nll(x, z), steps=cfg.svi_steps, lr=cfg.svi_lr,
-                            momentum=cfg.svi_momentum, max_grad_norm=cfg.svi_max_grad_norm, kl_weight=beta,
-                            backend=cfg.backend)
+        mu, logvar = refine(mu, logvar, lambda z: model.nll(x, z), **cfg.refine_options(beta))
     return mu, logvar
 
 

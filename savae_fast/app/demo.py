@@ -21,14 +21,15 @@ import time
 
 import torch
 
-from savae_fast.train.config import TrainConfig
-from savae_fast.train.data import load_data
-from savae_fast.train.loop import Trainer
+from savae_fast.app.train.config import TrainConfig
+from savae_fast.app.train.data import load_data
+from savae_fast.app.plotting import plot_panels
+from savae_fast.app.train.loop import Trainer
 
 TEXT = dict(dataset="synthetic", latent_dim=2, embed_dim=32, hidden_dim=64, dropout=0.0, batch_size=32,
             optimizer="adam", lr=2e-3, epochs=8, warmup_epochs=0, svi_steps=20, eval_samples=100,
             eval_elbo_samples=5, seed=3435)
-IMAGES = dict(dataset="digits", latent_dim=8, enc_channels=16, enc_layers=None, dec_channels=16,
+IMAGES = dict(dataset="digits", latent_dim=8, enc_channels=16, dec_channels=16,
               kernels=(5, 5, 3, 3), batch_size=50, optimizer="adam", lr=1e-3, epochs=6, warmup_epochs=1,
               svi_steps=20, eval_samples=100, eval_elbo_samples=5, seed=3435)
 QUICK = dict(epochs=1, max_batches_per_epoch=8, eval_samples=10, eval_elbo_samples=1, svi_steps=4)
@@ -43,8 +44,7 @@ def _configs(out_dir: str, quick: bool):
             kw.update(QUICK, synthetic=QUICK_SYNTHETIC)
         runs.append(("synthetic", TrainConfig(**kw).validate()))
     for mode in ("vae", "savae"):
-        kw = {k: v for k, v in IMAGES.items() if k != "enc_layers"}
-        kw.update(mode=mode, out_dir=os.path.join(out_dir, f"digits-{mode}"))
+        kw = dict(IMAGES, mode=mode, out_dir=os.path.join(out_dir, f"digits-{mode}"))
         if quick:
             kw.update(QUICK)
         runs.append(("digits", TrainConfig(**kw).validate()))
@@ -62,24 +62,16 @@ def format_table(rows: list[dict]) -> str:
 
 
 def plot_curves(histories: dict, path: str) -> str:
-    import matplotlib
+    """Validation NLL bound and KL per epoch of the synthetic-data runs."""
+    def series(key):
+        return {name: ([h["epoch"] for h in hist], [h[key] for h in hist]) for name, hist in histories.items()}
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    for name, hist in histories.items():
-        epochs = [h["epoch"] for h in hist]
-        axes[0].plot(epochs, [h["valid_nll_bound"] for h in hist], marker="o", label=name)
-        axes[1].plot(epochs, [h["valid_kl"] for h in hist], marker="o", label=name)
-    axes[0].set(xlabel="epoch", ylabel="validation NLL bound (nats)", title="synthetic data")
-    axes[1].set(xlabel="epoch", ylabel="validation KL (nats)", title="posterior collapse: KL -> 0")
-    for ax in axes:
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return plot_panels([
+        {"xlabel": "epoch", "ylabel": "validation NLL bound (nats)", "title": "synthetic data", "marker": "o",
+         "lines": series("valid_nll_bound")},
+        {"xlabel": "epoch", "ylabel": "validation KL (nats)", "title": "posterior collapse: KL -> 0", "marker": "o",
+         "lines": series("valid_kl")},
+    ], path)
 
 
 def run_demo(out_dir: str = "runs/demo", quick: bool = False, progress: bool = True) -> list[dict]:

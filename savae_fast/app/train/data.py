@@ -7,10 +7,11 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from savae_fast.data import images as image_data
-from savae_fast.data import synthetic as synthetic_data
-from savae_fast.data.text import DataError, TextCorpus, bucket_batches
-from savae_fast.train.config import TrainConfig
+from savae_fast.app.data import images as image_data
+from savae_fast.app.data import synthetic as synthetic_data
+from savae_fast.app.data.text import TextCorpus, bucket_batches
+from savae_fast.app.errors import DataError
+from savae_fast.app.train.config import TrainConfig
 
 
 @dataclass

@@ -9,7 +9,7 @@ import os
 import numpy as np
 import torch
 
-from savae_fast.data.text import DataError
+from savae_fast.app.errors import DataError
 
 
 def _binarize(x: np.ndarray, threshold: float) -> torch.Tensor:

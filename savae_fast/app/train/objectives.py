@@ -20,9 +20,9 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from savae_fast.gaussian import gaussian_kl, gaussian_kl_between
+from savae_fast.gaussian import gaussian_kl, gaussian_kl_between, sample
 from savae_fast.refine import refine
-from savae_fast.train.config import TrainConfig
+from savae_fast.app.train.config import TrainConfig
 
 
 @dataclass
@@ -42,13 +42,22 @@ class Objective(nn.Module):
         self.cfg = cfg
         self.process_group = process_group
 
-    def refine_kwargs(self, beta: float) -> dict:
-        c = self.cfg
-        return dict(steps=c.svi_steps, lr=c.svi_lr, momentum=c.svi_momentum, max_grad_norm=c.svi_max_grad_norm,
-                    kl_weight=beta, hvp=c.hvp, backend=c.backend, process_group=self.process_group)
+    def draw_eps(self, mu: Tensor) -> Tensor:
+        """Standard-normal draws of mu's shape for the ELBO's sample (a data-parallel
+        objective draws the global batch's and keeps its share)."""
+        return torch.randn_like(mu)
 
-    def _elbo_terms(self, x, mu, logvar, frozen_decoder: bool = False):
-        z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
+    def refine_noise(self) -> Tensor | None:
+        """The inner steps' noise for refine (None: refine draws it)."""
+        return None
+
+    def refine_kwargs(self, beta: float) -> dict:
+        return dict(self.cfg.refine_options(beta), process_group=self.process_group, noise=self.refine_noise())
+
+    def elbo_terms(self, x, mu, logvar, frozen_decoder: bool = False):
+        """(NLL, KL) per example at one sample of N(mu, exp(logvar)); ``frozen_decoder``:
+        no gradient into the decoder's parameters (the vae+svi encoder term)."""
+        z = sample(mu, logvar, self.draw_eps(mu))
         if frozen_decoder:
             dec = self.model.decoder
             params = {name: p.detach() for name, p in dec.named_parameters()}
@@ -65,7 +74,7 @@ class Objective(nn.Module):
         nll_fn = lambda z: model.nll(x, z)  # noqa: E731
         if mode == "vae":
             mu, logvar = model.encode(x)
-            nll, kl = self._elbo_terms(x, mu, logvar)
+            nll, kl = self.elbo_terms(x, mu, logvar)
             return StepStats((nll + beta * kl).mean(), nll.detach(), kl.detach())
         if mode == "svi":
             zeros = torch.zeros((x.shape[0], self.cfg.latent_dim), device=x.device)
@@ -74,14 +83,14 @@ class Objective(nn.Module):
             mu0, logvar0 = model.encode(x)
         if mode == "savae":
             mu_k, logvar_k = refine(mu0, logvar0, nll_fn, model.decoder.parameters(), **self.refine_kwargs(beta))
-            nll, kl = self._elbo_terms(x, mu_k, logvar_k)
+            nll, kl = self.elbo_terms(x, mu_k, logvar_k)
             return StepStats((nll + beta * kl).mean(), nll.detach(), kl.detach())
         with torch.no_grad():
             mu_k, logvar_k = refine(mu0.detach(), logvar0.detach(), nll_fn, **self.refine_kwargs(beta))
-        nll, kl = self._elbo_terms(x, mu_k, logvar_k)
+        nll, kl = self.elbo_terms(x, mu_k, logvar_k)
         loss = (nll + beta * kl).mean()
         if mode == "vae+svi":
-            nll0, kl0 = self._elbo_terms(x, mu0, logvar0, frozen_decoder=True)
+            nll0, kl0 = self.elbo_terms(x, mu0, logvar0, frozen_decoder=True)
             loss = loss + (nll0 + beta * kl0).mean()
         elif mode == "vae+svi+kl":
             loss = loss + gaussian_kl_between(mu_k, logvar_k, mu0, logvar0).mean()

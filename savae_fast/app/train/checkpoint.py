@@ -9,11 +9,9 @@ import tempfile
 
 import torch
 
+from savae_fast.app.errors import CheckpointError
+
 FORMAT = "savae_fast.checkpoint/1"
-
-
-class CheckpointError(RuntimeError):
-    """A missing, truncated or corrupted checkpoint (one clear line for the CLI)."""
 
 
 def save(obj: dict, path: str) -> None:

@@ -6,12 +6,11 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 
+from savae_fast.app.errors import ConfigError
+from savae_fast.refine.validation import DEFAULTS
+
 MODES = ("autoreg", "vae", "svi", "vae+svi", "vae+svi+kl", "savae")
 DATASETS = ("synthetic", "text", "ptb", "digits", "omniglot", "mnist")
-
-
-class ConfigError(ValueError):
-    """An invalid training configuration (one clear line for the CLI)."""
 
 
 @dataclass
@@ -21,7 +20,7 @@ class TrainConfig:
     data_path: str | None = None  # text: directory with train.txt/valid.txt/test.txt; omniglot/mnist: file or dir
     max_vocab: int = 20000
     max_length: int | None = None
-    synthetic: dict = field(default_factory=dict)  # overrides of savae_fast.data.synthetic.SyntheticSpec
+    synthetic: dict = field(default_factory=dict)  # overrides of savae_fast.app.data.synthetic.SyntheticSpec
     # model (text: latent/embed/hidden/dropout; images: latent/enc_channels/dec_channels/kernels)
     mode: str = "savae"
     latent_dim: int = 32
@@ -42,11 +41,11 @@ class TrainConfig:
     warmup_epochs: int = 10  # KL weight beta from warmup_start to 1
     warmup_start: float = 0.1
     # inner refinement (svi modes)
-    svi_steps: int = 20
-    svi_lr: float = 1.0
-    svi_momentum: float = 0.5
-    svi_max_grad_norm: float = 5.0
-    hvp: str = "fd_forward"
+    svi_steps: int = DEFAULTS.steps
+    svi_lr: float = DEFAULTS.lr
+    svi_momentum: float = DEFAULTS.momentum
+    svi_max_grad_norm: float = DEFAULTS.max_grad_norm
+    hvp: str = DEFAULTS.hvp
     backend: str = "auto"
     # evaluation
     eval_samples: int = 500  # importance samples per example for the IW NLL estimate
@@ -80,6 +79,11 @@ class TrainConfig:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout!r}")
         return self
 
+
+    def refine_options(self, beta: float) -> dict:
+        """Keyword arguments of savae_fast.refine for this configuration's inner optimiser."""
+        return dict(steps=self.svi_steps, lr=self.svi_lr, momentum=self.svi_momentum,
+                    max_grad_norm=self.svi_max_grad_norm, kl_weight=beta, hvp=self.hvp, backend=self.backend)
     @property
     def uses_refinement(self) -> bool:
         return self.mode in ("svi", "vae+svi", "vae+svi+kl", "savae")

@@ -11,12 +11,10 @@ from typing import Iterable, Iterator
 
 import torch
 
+from savae_fast.app.errors import DataError
+
 PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
 SPECIALS = (PAD, BOS, EOS, UNK)  # ids 0..3
-
-
-class DataError(ValueError):
-    """A data file is missing, empty or malformed (one clear line for the CLI)."""
 
 
 class Vocabulary:

@@ -1,0 +1,78 @@
+"""The training command: ``savae-fast train`` and ``python -m savae_fast.app.train``
+(also under torchrun). One --option per TrainConfig field."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+
+from savae_fast.app.errors import ConfigError, UserError, report_user_error
+from savae_fast.app.train.config import TrainConfig
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """--config, --resume, --no-progress and one --option per TrainConfig field (defaults from the dataclass)."""
+    p.add_argument("--config", help="JSON file with TrainConfig fields (options below override it)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT_DIR/last.pt exactly")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    for f in dataclasses.fields(TrainConfig):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(default, bool):
+            p.add_argument(flag, type=lambda s: s.lower() in ("1", "true", "yes"), default=None)
+        elif isinstance(default, tuple):
+            p.add_argument(flag, type=lambda s: tuple(int(v) for v in s.split(",")), default=None,
+                           help=f"comma-separated (default {','.join(map(str, default))})")
+        elif isinstance(default, dict):
+            p.add_argument(flag, type=json.loads, default=None, help="JSON object")
+        elif f.name in ("data_path", "max_length", "max_batches_per_epoch"):
+            p.add_argument(flag, type=(str if f.name == "data_path" else int), default=None)
+        else:
+            p.add_argument(flag, type=type(default), default=None, help=f"(default {default})")
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The --config file's fields, overridden by the options given."""
+    base = {}
+    if args.config:
+        try:
+            with open(args.config) as f:
+                base = json.load(f)
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"cannot read configuration file {args.config}: {exc}") from exc
+    for f in dataclasses.fields(TrainConfig):
+        value = getattr(args, f.name, None)
+        if value is not None:
+            base[f.name] = value
+    try:
+        return TrainConfig.from_dict(base)
+    except TypeError as exc:
+        raise ConfigError(str(exc)) from exc
+
+
+def run(args: argparse.Namespace) -> int:
+    """Train, test the best checkpoint, print its metrics (main process)."""
+    from savae_fast.app.train.loop import Trainer
+
+    cfg = config_from_args(args)
+    trainer = Trainer(cfg, resume=args.resume, progress=not args.no_progress)
+    try:
+        trainer.fit()
+        res = trainer.test()
+        if trainer.d.is_main:
+            print(json.dumps({"mode": cfg.mode, "dataset": cfg.dataset, **res}, indent=1))
+    finally:
+        trainer.close()
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m savae_fast.app.train",
+                                     description="Train one model (mode: autoreg, vae, svi, vae+svi, vae+svi+kl, savae).")
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except UserError as exc:
+        return report_user_error("savae-fast train", exc)
