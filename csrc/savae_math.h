@@ -4,7 +4,7 @@
 // CPU kernels (csrc/cpu), the CUDA kernels (csrc/cuda) and the host test
 // (csrc/tests) share exactly one implementation of each formula.
 //
-// Notation (see README / docs): per example b and latent coordinate d,
+// Notation (docs/math.md defines every symbol): per example b and latent coordinate d,
 //   lambda = (mu, logvar), sigma = exp(logvar / 2), z = mu + sigma * eps,
 //   g_z = dNLL_b/dz (per-example decoder gradient, without the factor s),
 //   inner objective L = s * sum_b [NLL_b(z_b) + beta * KL_b].

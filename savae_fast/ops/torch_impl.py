@@ -1,7 +1,7 @@
 """The savae_fast operators written with plain PyTorch ops.
 
 Same signatures, formulas and outputs as the compiled kernels
-(csrc/savae_math.h); used as ``backend="torch"`` and as the per-op reference
+(csrc/savae_math.h; symbols in docs/math.md); used as ``backend="torch"`` and as the per-op reference
 in the tests. No host synchronisation: branches on tensor values use
 ``torch.where``.
 """
