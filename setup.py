@@ -88,7 +88,7 @@ def _extensions():
     target = f"0x{TORCH_TARGET[0]:02x}{TORCH_TARGET[1]:02x}000000000000"
     # Newer headers cannot leak newer APIs in: every stable-ABI call is checked against the target.
     abi_flags = [f"-DTORCH_TARGET_VERSION={target}"]
-    cxx_flags = opt + ["-fvisibility=hidden"] + abi_flags
+    cxx_flags = opt + ["-fvisibility=hidden", "-std=c++20"] + abi_flags  # C++20: lambdas capture structured bindings
 
     cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu"))) + sorted(
         glob.glob(os.path.join("csrc", "cuda", "*.cpp"))

@@ -27,6 +27,7 @@
 #include <torch/headeronly/util/Exception.h>
 
 #include <cmath>
+#include <array>
 #include <cstdint>
 #include <initializer_list>
 #include <optional>
@@ -100,69 +101,71 @@ inline Tensor empty_as(const Tensor& like, std::initializer_list<int64_t> sizes)
 inline Tensor as_contiguous(const Tensor& t) { return t.is_contiguous() ? t : torch::stable::contiguous(t); }
 
 // ------------------------------------------------------------- checks
-// Contiguous copies of the [B, D] inputs of one op call, all checked to share
-// shape, dtype (float32/float64) and device with the first one.
+// Contiguous copies of the N [B, D] inputs of one op call, in argument order, all
+// checked to share shape, dtype (float32/float64) and device with the first one.
+template <size_t N>
 struct MatrixArgs {
-  std::vector<Tensor> t;
+  std::array<Tensor, N> t;
   int64_t rows = 0;
   int64_t cols = 0;
   ScalarType dtype = ScalarType::Float;
 
-  const Tensor& operator[](size_t i) const { return t[i]; }
+  const Tensor& first() const { return t[0]; }
 };
 
-inline MatrixArgs check_matrices(const char* op, std::initializer_list<std::pair<const char*, const Tensor*>> args) {
-  MatrixArgs out;
-  out.t.reserve(args.size());
-  const Tensor* first = nullptr;
-  const char* first_name = nullptr;
-  for (const auto& [name, xp] : args) {
+template <size_t N>
+MatrixArgs<N> check_matrices(const char* op, const std::array<std::pair<const char*, const Tensor*>, N>& args) {
+  MatrixArgs<N> out;
+  const Tensor& first = *args[0].second;
+  const char* first_name = args[0].first;
+  for (size_t i = 0; i < N; ++i) {
+    const auto& [name, xp] = args[i];
     const Tensor& x = *xp;
     STD_TORCH_CHECK(x.defined(), "savae_fast::", op, ": argument '", name, "' is undefined");
     const ScalarType dt = x.scalar_type();
-    if (first == nullptr) {
+    if (i == 0) {
       STD_TORCH_CHECK(x.dim() == 2, "savae_fast::", op, ": argument '", name,
                       "' must be a 2-D [batch, latent] tensor, got shape ", shape_str(x));
       STD_TORCH_CHECK(dt == ScalarType::Float || dt == ScalarType::Double, "savae_fast::", op, ": argument '",
                       name, "' must be float32 or float64, got ", dtype_str(dt));
-      first = &x;
-      first_name = name;
       out.dtype = dt;
     } else {
-      STD_TORCH_CHECK(same_shape(x, *first), "savae_fast::", op, ": argument '", name, "' has shape ", shape_str(x),
-                      " but '", first_name, "' has shape ", shape_str(*first));
+      STD_TORCH_CHECK(same_shape(x, first), "savae_fast::", op, ": argument '", name, "' has shape ", shape_str(x),
+                      " but '", first_name, "' has shape ", shape_str(first));
       STD_TORCH_CHECK(dt == out.dtype, "savae_fast::", op, ": argument '", name, "' has dtype ", dtype_str(dt),
                       " but '", first_name, "' has dtype ", dtype_str(out.dtype));
-      STD_TORCH_CHECK(same_device(x, *first), "savae_fast::", op, ": argument '", name, "' is on ", device_str(x),
-                      " but '", first_name, "' is on ", device_str(*first));
+      STD_TORCH_CHECK(same_device(x, first), "savae_fast::", op, ": argument '", name, "' is on ", device_str(x),
+                      " but '", first_name, "' is on ", device_str(first));
     }
-    out.t.push_back(as_contiguous(x));
+    out.t[i] = as_contiguous(x);
   }
-  out.rows = first->size(0);
-  out.cols = first->size(1);
+  out.rows = first.size(0);
+  out.cols = first.size(1);
   return out;
 }
 
 // An optional [B, D] input like the others (nullopt or undefined: absent).
-inline std::optional<Tensor> check_optional_like(const char* op, const char* name, const std::optional<Tensor>& x,
-                                                 const MatrixArgs& m) {
+template <size_t N>
+std::optional<Tensor> check_optional_like(const char* op, const char* name, const std::optional<Tensor>& x,
+                                          const MatrixArgs<N>& m) {
   if (!x.has_value() || !x->defined()) return std::nullopt;
-  STD_TORCH_CHECK(same_shape(*x, m[0]), "savae_fast::", op, ": argument '", name, "' has shape ", shape_str(*x),
-                  ", expected ", shape_str(m[0]));
+  STD_TORCH_CHECK(same_shape(*x, m.first()), "savae_fast::", op, ": argument '", name, "' has shape ", shape_str(*x),
+                  ", expected ", shape_str(m.first()));
   STD_TORCH_CHECK(x->scalar_type() == m.dtype, "savae_fast::", op, ": argument '", name, "' has dtype ",
                   dtype_str(x->scalar_type()), ", expected ", dtype_str(m.dtype));
-  STD_TORCH_CHECK(same_device(*x, m[0]), "savae_fast::", op, ": argument '", name, "' is on ", device_str(*x),
-                  ", expected ", device_str(m[0]));
+  STD_TORCH_CHECK(same_device(*x, m.first()), "savae_fast::", op, ": argument '", name, "' is on ", device_str(*x),
+                  ", expected ", device_str(m.first()));
   return as_contiguous(*x);
 }
 
-inline Tensor check_grad_norms(const char* op, const Tensor& x, const MatrixArgs& m) {
+template <size_t N>
+Tensor check_grad_norms(const char* op, const Tensor& x, const MatrixArgs<N>& m) {
   STD_TORCH_CHECK(x.defined() && x.dim() == 1 && x.numel() == 2, "savae_fast::", op,
                   ": argument 'grad_norms' must have shape [2], got ", x.defined() ? shape_str(x) : "[]");
   STD_TORCH_CHECK(x.scalar_type() == m.dtype, "savae_fast::", op, ": argument 'grad_norms' has dtype ",
                   dtype_str(x.scalar_type()), ", expected ", dtype_str(m.dtype));
-  STD_TORCH_CHECK(same_device(x, m[0]), "savae_fast::", op, ": argument 'grad_norms' is on ", device_str(x),
-                  ", expected ", device_str(m[0]));
+  STD_TORCH_CHECK(same_device(x, m.first()), "savae_fast::", op, ": argument 'grad_norms' is on ", device_str(x),
+                  ", expected ", device_str(m.first()));
   return as_contiguous(x);
 }
 
@@ -212,10 +215,10 @@ StepScalars<T> step_scalars(double scale, double kl_weight, double lr_mu, double
 }
 
 // The CUDA reductions' workspace; an undefined tensor (no allocation) on CPU.
-template <class Backend>
-std::optional<Tensor> partials_workspace(const MatrixArgs& m) {
+template <class Backend, size_t N>
+std::optional<Tensor> partials_workspace(const MatrixArgs<N>& m) {
   if (Backend::kPartials == 0) return std::nullopt;
-  return empty_as(m[0], {Backend::kPartials, 2});
+  return empty_as(m.first(), {Backend::kPartials, 2});
 }
 
 // ------------------------------------------------------------- operators
@@ -223,13 +226,14 @@ std::optional<Tensor> partials_workspace(const MatrixArgs& m) {
 template <class Backend>
 Tensor sample(const Tensor& mu, const Tensor& logvar, const Tensor& eps) {
   const char* op = "sample";
-  const auto m = check_matrices(op, {{"mu", &mu}, {"logvar", &logvar}, {"eps", &eps}});
-  check_backend_device<Backend>(op, m[0]);
-  const typename Backend::Guard guard(m[0]);
-  Tensor z = empty_as(m[0], {m.rows, m.cols});
+  const auto m = check_matrices<3>(op, {{{"mu", &mu}, {"logvar", &logvar}, {"eps", &eps}}});
+  const auto& [x_mu, x_logvar, x_eps] = m.t;
+  check_backend_device<Backend>(op, x_mu);
+  const typename Backend::Guard guard(x_mu);
+  Tensor z = empty_as(x_mu, {m.rows, m.cols});
   dispatch_float(op, m.dtype, [&](auto zero) {
     using T = decltype(zero);
-    Backend::sample(SampleParams<T>{m.rows * m.cols, cptr<T>(m[0]), cptr<T>(m[1]), cptr<T>(m[2]), mptr<T>(z)});
+    Backend::sample(SampleParams<T>{m.rows * m.cols, cptr<T>(x_mu), cptr<T>(x_logvar), cptr<T>(x_eps), mptr<T>(z)});
   });
   return z;
 }
@@ -240,23 +244,24 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> forward_step(
     const Tensor& grad_z, const std::optional<Tensor>& eps_next, double scale, double kl_weight, double lr_mu,
     double lr_logvar, double momentum, double max_grad_norm) {
   const char* op = "forward_step";
-  const auto m = check_matrices(op, {{"mu", &mu}, {"logvar", &logvar}, {"p_mu", &p_mu}, {"p_logvar", &p_logvar},
-                                     {"eps", &eps}, {"grad_z", &grad_z}});
-  check_backend_device<Backend>(op, m[0]);
+  const auto m = check_matrices<6>(op, {{{"mu", &mu}, {"logvar", &logvar}, {"p_mu", &p_mu},
+                                         {"p_logvar", &p_logvar}, {"eps", &eps}, {"grad_z", &grad_z}}});
+  const auto& [x_mu, x_logvar, x_p_mu, x_p_logvar, x_eps, x_grad_z] = m.t;
+  check_backend_device<Backend>(op, m.first());
   const std::optional<Tensor> en = check_optional_like(op, "eps_next", eps_next, m);
   check_finite(op, {{"scale", scale}, {"kl_weight", kl_weight}, {"lr_mu", lr_mu}, {"lr_logvar", lr_logvar},
                     {"momentum", momentum}, {"max_grad_norm", max_grad_norm}});
-  const typename Backend::Guard guard(m[0]);
-  Tensor mu_n = empty_as(m[0], {m.rows, m.cols}), lv_n = empty_as(m[0], {m.rows, m.cols});
-  Tensor pm_n = empty_as(m[0], {m.rows, m.cols}), pl_n = empty_as(m[0], {m.rows, m.cols});
-  Tensor z_n = en ? empty_as(m[0], {m.rows, m.cols}) : empty_as(m[0], {0});
-  Tensor norms = empty_as(m[0], {2});
+  const typename Backend::Guard guard(m.first());
+  Tensor mu_n = empty_as(m.first(), {m.rows, m.cols}), lv_n = empty_as(m.first(), {m.rows, m.cols});
+  Tensor pm_n = empty_as(m.first(), {m.rows, m.cols}), pl_n = empty_as(m.first(), {m.rows, m.cols});
+  Tensor z_n = en ? empty_as(m.first(), {m.rows, m.cols}) : empty_as(m.first(), {0});
+  Tensor norms = empty_as(m.first(), {2});
   const auto partials = partials_workspace<Backend>(m);
   dispatch_float(op, m.dtype, [&](auto zero) {
     using T = decltype(zero);
     Backend::forward_step(ForwardStepParams<T>{
-        m.rows, m.cols, cptr<T>(m[0]), cptr<T>(m[1]), cptr<T>(m[2]), cptr<T>(m[3]), cptr<T>(m[4]), cptr<T>(m[5]),
-        en ? cptr<T>(*en) : nullptr, mptr<T>(mu_n), mptr<T>(lv_n), mptr<T>(pm_n), mptr<T>(pl_n),
+        m.rows, m.cols, cptr<T>(x_mu), cptr<T>(x_logvar), cptr<T>(x_p_mu), cptr<T>(x_p_logvar), cptr<T>(x_eps),
+        cptr<T>(x_grad_z), en ? cptr<T>(*en) : nullptr, mptr<T>(mu_n), mptr<T>(lv_n), mptr<T>(pm_n), mptr<T>(pl_n),
         en ? mptr<T>(z_n) : nullptr, mptr<T>(norms), partials ? mptr<T>(*partials) : nullptr,
         step_scalars<T>(scale, kl_weight, lr_mu, lr_logvar, momentum, max_grad_norm)});
   });
@@ -270,27 +275,28 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> reverse_direc
     double scale, double kl_weight, double lr_mu, double lr_logvar, double max_grad_norm, int64_t fd_mode,
     double fd_step) {
   const char* op = "reverse_direction";
-  const auto m = check_matrices(op, {{"lbar_mu", &lbar_mu}, {"lbar_logvar", &lbar_logvar}, {"pbar_mu", &pbar_mu},
-                                     {"pbar_logvar", &pbar_logvar}, {"mu", &mu}, {"logvar", &logvar},
-                                     {"eps", &eps}, {"grad_z", &grad_z}});
-  check_backend_device<Backend>(op, m[0]);
+  const auto m = check_matrices<8>(op, {{{"lbar_mu", &lbar_mu}, {"lbar_logvar", &lbar_logvar},
+                                         {"pbar_mu", &pbar_mu}, {"pbar_logvar", &pbar_logvar}, {"mu", &mu},
+                                         {"logvar", &logvar}, {"eps", &eps}, {"grad_z", &grad_z}}});
+  const auto& [x_lbar_mu, x_lbar_logvar, x_pbar_mu, x_pbar_logvar, x_mu, x_logvar, x_eps, x_grad_z] = m.t;
+  check_backend_device<Backend>(op, m.first());
   const Tensor norms = check_grad_norms(op, grad_norms, m);
   const math::FdMode mode = check_fd_mode(op, fd_mode);
   check_finite(op, {{"scale", scale}, {"kl_weight", kl_weight}, {"lr_mu", lr_mu}, {"lr_logvar", lr_logvar},
                     {"max_grad_norm", max_grad_norm}, {"fd_step", fd_step}});
-  const typename Backend::Guard guard(m[0]);
+  const typename Backend::Guard guard(m.first());
   const int64_t n_eval = math::num_eval_points(mode);
-  Tensor pbm_n = empty_as(m[0], {m.rows, m.cols}), pbl_n = empty_as(m[0], {m.rows, m.cols});
-  Tensor v_mu = empty_as(m[0], {m.rows, m.cols}), v_lv = empty_as(m[0], {m.rows, m.cols});
-  Tensor u = empty_as(m[0], {m.rows, m.cols});
-  Tensor z_eval = empty_as(m[0], {n_eval, m.rows, m.cols});
-  Tensor row_weight = empty_as(m[0], {m.rows});
+  Tensor pbm_n = empty_as(m.first(), {m.rows, m.cols}), pbl_n = empty_as(m.first(), {m.rows, m.cols});
+  Tensor v_mu = empty_as(m.first(), {m.rows, m.cols}), v_lv = empty_as(m.first(), {m.rows, m.cols});
+  Tensor u = empty_as(m.first(), {m.rows, m.cols});
+  Tensor z_eval = empty_as(m.first(), {n_eval, m.rows, m.cols});
+  Tensor row_weight = empty_as(m.first(), {m.rows});
   const auto partials = partials_workspace<Backend>(m);
   dispatch_float(op, m.dtype, [&](auto zero) {
     using T = decltype(zero);
     Backend::reverse_direction(ReverseDirectionParams<T>{
-        m.rows, m.cols, cptr<T>(m[0]), cptr<T>(m[1]), cptr<T>(m[2]), cptr<T>(m[3]), cptr<T>(m[4]), cptr<T>(m[5]),
-        cptr<T>(m[6]), cptr<T>(m[7]), cptr<T>(norms), mptr<T>(pbm_n), mptr<T>(pbl_n), mptr<T>(v_mu), mptr<T>(v_lv),
+        m.rows, m.cols, cptr<T>(x_lbar_mu), cptr<T>(x_lbar_logvar), cptr<T>(x_pbar_mu), cptr<T>(x_pbar_logvar),
+        cptr<T>(x_mu), cptr<T>(x_logvar), cptr<T>(x_eps), cptr<T>(x_grad_z), cptr<T>(norms), mptr<T>(pbm_n), mptr<T>(pbl_n), mptr<T>(v_mu), mptr<T>(v_lv),
         mptr<T>(u), mptr<T>(z_eval), mptr<T>(row_weight), partials ? mptr<T>(*partials) : nullptr,
         step_scalars<T>(scale, kl_weight, lr_mu, lr_logvar, 0.0, max_grad_norm), mode, T(fd_step)});
   });
@@ -304,20 +310,24 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> reverse_update(
     const Tensor& hvp_a, const std::optional<Tensor>& hvp_b, double hvp_scale, double scale, double kl_weight,
     double momentum) {
   const char* op = "reverse_update";
-  const auto m = check_matrices(op, {{"lbar_mu", &lbar_mu}, {"lbar_logvar", &lbar_logvar}, {"pbar_mu", &pbar_mu},
-                                     {"pbar_logvar", &pbar_logvar}, {"v_mu", &v_mu}, {"v_logvar", &v_logvar},
-                                     {"logvar", &logvar}, {"eps", &eps}, {"grad_z", &grad_z}, {"hvp_a", &hvp_a}});
-  check_backend_device<Backend>(op, m[0]);
+  const auto m = check_matrices<10>(op, {{{"lbar_mu", &lbar_mu}, {"lbar_logvar", &lbar_logvar},
+                                          {"pbar_mu", &pbar_mu}, {"pbar_logvar", &pbar_logvar}, {"v_mu", &v_mu},
+                                          {"v_logvar", &v_logvar}, {"logvar", &logvar}, {"eps", &eps},
+                                          {"grad_z", &grad_z}, {"hvp_a", &hvp_a}}});
+  const auto& [x_lbar_mu, x_lbar_logvar, x_pbar_mu, x_pbar_logvar, x_v_mu, x_v_logvar, x_logvar, x_eps, x_grad_z,
+               x_hvp_a] = m.t;
+  check_backend_device<Backend>(op, m.first());
   const std::optional<Tensor> hb = check_optional_like(op, "hvp_b", hvp_b, m);
   check_finite(op, {{"hvp_scale", hvp_scale}, {"scale", scale}, {"kl_weight", kl_weight}, {"momentum", momentum}});
-  const typename Backend::Guard guard(m[0]);
-  Tensor lbm_n = empty_as(m[0], {m.rows, m.cols}), lbl_n = empty_as(m[0], {m.rows, m.cols});
-  Tensor pbm_n = empty_as(m[0], {m.rows, m.cols}), pbl_n = empty_as(m[0], {m.rows, m.cols});
+  const typename Backend::Guard guard(m.first());
+  Tensor lbm_n = empty_as(m.first(), {m.rows, m.cols}), lbl_n = empty_as(m.first(), {m.rows, m.cols});
+  Tensor pbm_n = empty_as(m.first(), {m.rows, m.cols}), pbl_n = empty_as(m.first(), {m.rows, m.cols});
   dispatch_float(op, m.dtype, [&](auto zero) {
     using T = decltype(zero);
     Backend::reverse_update(ReverseUpdateParams<T>{
-        m.rows * m.cols, cptr<T>(m[0]), cptr<T>(m[1]), cptr<T>(m[2]), cptr<T>(m[3]), cptr<T>(m[4]),
-        cptr<T>(m[5]), cptr<T>(m[6]), cptr<T>(m[7]), cptr<T>(m[8]), cptr<T>(m[9]), hb ? cptr<T>(*hb) : nullptr,
+        m.rows * m.cols, cptr<T>(x_lbar_mu), cptr<T>(x_lbar_logvar), cptr<T>(x_pbar_mu), cptr<T>(x_pbar_logvar),
+        cptr<T>(x_v_mu), cptr<T>(x_v_logvar), cptr<T>(x_logvar), cptr<T>(x_eps), cptr<T>(x_grad_z), cptr<T>(x_hvp_a),
+        hb ? cptr<T>(*hb) : nullptr,
         mptr<T>(lbm_n), mptr<T>(lbl_n), mptr<T>(pbm_n), mptr<T>(pbl_n), T(hvp_scale),
         step_scalars<T>(scale, kl_weight, 0.0, 0.0, momentum, 0.0)});
   });

@@ -31,7 +31,7 @@ from savae_fast.ops.extension import (
     has_kernel,
     set_cpu_vector_kernels,
 )
-from savae_fast.ops.constants import BACKENDS, FD_CENTRAL, FD_EXACT, FD_FORWARD
+from savae_fast.ops.constants import BACKENDS, FD_CENTRAL, FD_EXACT, FD_FORWARD, FdMode, StepScalars
 
 if extension_loaded():
     from savae_fast.ops import fake as _fake  # noqa: F401  (registers the fake kernels)
@@ -54,6 +54,8 @@ __all__ = [
     "FD_EXACT",
     "FD_FORWARD",
     "FD_CENTRAL",
+    "FdMode",
+    "StepScalars",
     "OP_NAMES",
 ]
 
@@ -194,9 +196,9 @@ def forward_step(mu, logvar, p_mu, p_logvar, eps, grad_z, eps_next=None, *, scal
     """One fused inner SVI step; returns (mu', logvar', p_mu', p_logvar', z_next, grad_norms)."""
     _check_matrices("forward_step", mu=mu, logvar=logvar, p_mu=p_mu, p_logvar=p_logvar, eps=eps,
                     grad_z=grad_z, eps_next=eps_next)
+    scalars = StepScalars(*map(float, (scale, kl_weight, lr_mu, lr_logvar, momentum, max_grad_norm)))
     return get_backend(backend, mu.device).forward_step(
-        mu, logvar, p_mu, p_logvar, eps, grad_z, eps_next, float(scale), float(kl_weight), float(lr_mu),
-        float(lr_logvar), float(momentum), float(max_grad_norm))
+        mu, logvar, p_mu, p_logvar, eps, grad_z, eps_next, *scalars.for_forward_step())
 
 
 def reverse_direction(lbar_mu, lbar_logvar, pbar_mu, pbar_logvar, mu, logvar, eps, grad_z, grad_norms, *,
@@ -207,11 +209,13 @@ def reverse_direction(lbar_mu, lbar_logvar, pbar_mu, pbar_logvar, mu, logvar, ep
                     pbar_logvar=pbar_logvar, mu=mu, logvar=logvar, eps=eps, grad_z=grad_z)
     if not isinstance(grad_norms, Tensor) or grad_norms.shape != (2,) or grad_norms.dtype != mu.dtype:
         raise ValueError("reverse_direction: argument 'grad_norms' must be a [2] tensor of mu's dtype")
-    if fd_mode not in (FD_EXACT, FD_FORWARD, FD_CENTRAL):
-        raise ValueError(f"reverse_direction: argument 'fd_mode' must be 0, 1 or 2, got {fd_mode!r}")
+    if fd_mode not in tuple(FdMode):
+        raise ValueError(f"reverse_direction: argument 'fd_mode' must be one of {[int(m) for m in FdMode]} "
+                         f"(FdMode), got {fd_mode!r}")
+    scalars = StepScalars(*map(float, (scale, kl_weight, lr_mu, lr_logvar, 0.0, max_grad_norm)))
     return get_backend(backend, mu.device).reverse_direction(
-        lbar_mu, lbar_logvar, pbar_mu, pbar_logvar, mu, logvar, eps, grad_z, grad_norms, float(scale),
-        float(kl_weight), float(lr_mu), float(lr_logvar), float(max_grad_norm), int(fd_mode), float(fd_step))
+        lbar_mu, lbar_logvar, pbar_mu, pbar_logvar, mu, logvar, eps, grad_z, grad_norms,
+        *scalars.for_reverse_direction(), int(fd_mode), float(fd_step))
 
 
 def reverse_update(lbar_mu, lbar_logvar, pbar_mu, pbar_logvar, v_mu, v_logvar, logvar, eps, grad_z, hvp_a,
@@ -220,9 +224,10 @@ def reverse_update(lbar_mu, lbar_logvar, pbar_mu, pbar_logvar, v_mu, v_logvar, l
     _check_matrices("reverse_update", lbar_mu=lbar_mu, lbar_logvar=lbar_logvar, pbar_mu=pbar_mu,
                     pbar_logvar=pbar_logvar, v_mu=v_mu, v_logvar=v_logvar, logvar=logvar, eps=eps,
                     grad_z=grad_z, hvp_a=hvp_a, hvp_b=hvp_b)
+    scalars = StepScalars(*map(float, (scale, kl_weight, 0.0, 0.0, momentum, 0.0)))
     return get_backend(backend, lbar_mu.device).reverse_update(
         lbar_mu, lbar_logvar, pbar_mu, pbar_logvar, v_mu, v_logvar, logvar, eps, grad_z, hvp_a, hvp_b,
-        float(hvp_scale), float(scale), float(kl_weight), float(momentum))
+        float(hvp_scale), *scalars.for_reverse_update())
 
 
 def accumulate_(total, values, *, backend: str = "auto") -> None:
