@@ -4,6 +4,9 @@
 # (CUDA and Triton paths for real), then a quick benchmark on the device.
 #   OUT=/some/dir bash benchmarks/gpu_check.sh            # quick benchmark
 #   OUT=/some/dir bash benchmarks/gpu_check.sh --full     # the full suite instead (at most ~10 min)
+#   WHEEL=path/to/savae_fast-*.whl OUT=... bash benchmarks/gpu_check.sh
+#       installs that wheel (built elsewhere, against another torch: the stable-ABI
+#       property) instead of building here, then runs the same checks
 # Results, flat in $OUT: env.txt (device, versions, commit, commands), build.log, pytest.log
 # (with --durations), benchmarks.log and the benchmark's results .json/.md/.png.
 set -uo pipefail
@@ -27,7 +30,16 @@ export CUBLAS_WORKSPACE_CONFIG=${CUBLAS_WORKSPACE_CONFIG:-:4096:8}
 cat "$OUT/env.txt"
 
 t0=$(date +%s)
-"$PY" -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1 || { tail -50 "$OUT/build.log"; exit 1; }
+if [ -n "${WHEEL:-}" ]; then
+  # the checkout's package must not shadow the installed wheel: run the tests from a copy without it
+  "$PY" -m pip install --no-deps --force-reinstall "$WHEEL" > "$OUT/build.log" 2>&1 || { tail -50 "$OUT/build.log"; exit 1; }
+  mv savae_fast savae_fast.checkout && trap 'mv savae_fast.checkout savae_fast' EXIT
+  # the architectures the wheel was built for (what test_cuda_build compares against)
+  TORCH_CUDA_ARCH_LIST=$("$PY" -c "import savae_fast; print(savae_fast.ops.build_info().get('cuda_archs', ''))")
+  export TORCH_CUDA_ARCH_LIST
+else
+  "$PY" -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1 || { tail -50 "$OUT/build.log"; exit 1; }
+fi
 "$PY" -c "import savae_fast as sf; print('build', sf.ops.build_info())" | tee -a "$OUT/build.log" "$OUT/env.txt"
 echo "build: $(( $(date +%s) - t0 )) s"
 

@@ -7,6 +7,7 @@
 //   struct Backend {
 //     static constexpr const char* kName;         // "CPU", "CUDA": the dispatch key
 //     static constexpr int64_t kPartials;         // rows of the [k, 2] reduction workspace (0: none)
+//     static bool on_device(const torch::stable::Tensor&);  // a tensor this backend's kernels can read
 //     struct Guard { explicit Guard(const torch::stable::Tensor&); };  // current device
 //     template <typename T> static void sample(const SampleParams<T>&);
 //     template <typename T> static void forward_step(const ForwardStepParams<T>&);
@@ -182,8 +183,8 @@ inline math::FdMode check_fd_mode(const char* op, int64_t mode) {
 
 template <class Backend>
 void check_backend_device(const char* op, const Tensor& t) {
-  const bool ok = std::string(Backend::kName) == "CUDA" ? t.is_cuda() : t.is_cpu();
-  STD_TORCH_CHECK(ok, "savae_fast::", op, ": ", Backend::kName, " kernel called with tensors on ", device_str(t));
+  STD_TORCH_CHECK(Backend::on_device(t), "savae_fast::", op, ": ", Backend::kName, " kernel called with tensors on ",
+                  device_str(t));
 }
 
 // Calls f(T{}) with T the C++ type of a float32 / float64 dtype.
@@ -346,6 +347,7 @@ void accumulate_(std::vector<Tensor> total, std::vector<std::optional<Tensor>> v
   // Items grouped by dtype, in list order within a dtype.
   std::vector<std::pair<ScalarType, std::vector<AccumulateItem>>> groups;
   std::vector<Tensor> keep;  // contiguous copies of non-contiguous values, alive until the work is queued
+  keep.reserve(values.size());
   const Tensor* any = nullptr;
   for (size_t i = 0; i < total.size(); ++i) {
     const Tensor& t = total[i];

@@ -26,6 +26,7 @@ void check_launch() { STD_CUDA_KERNEL_LAUNCH_CHECK(); }
 struct CudaBackend {
   static constexpr const char* kName = "CUDA";
   static constexpr int64_t kPartials = cuda::kMaxPartials;
+  static bool on_device(const torch::stable::Tensor& t) { return t.is_cuda(); }
 
   // The tensors' device is the current device for the duration of a call.
   struct Guard {
