@@ -20,7 +20,7 @@ import savae_fast as sf
 from savae_fast.reference import optim_n2n, unrolled
 from savae_fast.testing import Problem, relative_error, training_step
 from benchmarks import harness
-from benchmarks.configs import CONFIGS, DecoderConfig, make_problem
+from benchmarks.configs import DecoderConfig, make_problem
 
 
 def _refine(hvp: str, backend: str = "auto", **options) -> Callable:

@@ -6,7 +6,7 @@ import torch
 import savae_fast as sf
 from savae_fast.ops import torch_impl
 from savae_fast.ops.constants import FD_CENTRAL, FD_EXACT, FD_FORWARD
-from savae_fast.testing import (OP_TOL, accumulate_case, assert_outputs_close, assert_reverse_direction_close,
+from savae_fast.testing import (accumulate_case, assert_outputs_close, assert_reverse_direction_close,
                                 forward_step_args, op_err, op_state, reverse_direction_args, reverse_update_args)
 
 SHAPES = [(1, 1), (3, 5), (17, 16), (33, 7), (64, 130)]

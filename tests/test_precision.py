@@ -10,7 +10,6 @@ import warnings
 import pytest
 import torch
 
-import savae_fast as sf
 from savae_fast.testing import cpu_tf32_enabled, make_problem, max_rel_err, refine_grads, reference_grads, round_to_tf32
 from savae_fast.refine import precision
 from savae_fast.refine.validation import DEFAULT_FD_EPS, make_config

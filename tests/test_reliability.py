@@ -1,7 +1,6 @@
 """Reliability: property-based checks against the references, fuzzing of the compiled
 operators, non-finite values, extreme log-variances, torch.compile, threads."""
 
-import math
 import threading
 
 import pytest

@@ -8,7 +8,7 @@ import savae_fast as sf
 from savae_fast.ops import torch_impl
 from savae_fast.ops.constants import FD_CENTRAL, FD_EXACT, FD_FORWARD
 from savae_fast.testing import make_problem, max_rel_err, refine_grads, reference_grads
-from savae_fast.testing import (OP_TOL, assert_outputs_close, assert_reverse_direction_close, forward_step_args,
+from savae_fast.testing import (assert_outputs_close, assert_reverse_direction_close, forward_step_args,
                       reverse_direction_args, reverse_update_args, op_state)
 
 pytestmark = [

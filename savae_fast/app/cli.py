@@ -7,10 +7,7 @@ options) print one line and exit with status 2.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
-import os
-import sys
 
 from savae_fast.app.devices import resolve_device
 from savae_fast.app.errors import CheckpointError, UserError, report_user_error
