@@ -11,7 +11,7 @@ from benchmarks.refinement import METHODS
 from savae_fast.testing import relative_error, training_step
 from savae_fast.reference import unrolled
 
-ACCURACY_METHODS = ("refine fd_forward", "refine fd_central", "refine exact", "optim_n2n (authors)")
+ACCURACY_METHODS = ("refine fd_forward", "refine fd_central", "refine exact", "refine jvp", "optim_n2n (authors)")
 
 
 def bench_accuracy(device: str, config: str = "small_lstm", shapes=((8, 10), (32, 20)), seeds: int = 5,

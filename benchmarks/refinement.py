@@ -34,6 +34,7 @@ METHODS: dict[str, Callable] = {
     "refine fd_forward": _refine("fd_forward"),
     "refine fd_central": _refine("fd_central"),
     "refine exact": _refine("exact"),
+    "refine jvp": _refine("jvp"),
     "refine fd_forward (torch ops)": _refine("fd_forward", backend="torch"),
     "optim_n2n (authors)": optim_n2n,
     "unrolled (autograd)": unrolled,

@@ -147,3 +147,42 @@ def test_bundled_lstm_decoder_on_cuda(hvp, seed):
     _, ref = reference_grads(p)
     worst, errs = max_rel_err(ours, ref)
     assert worst <= {"exact": 1e-10, "fd_central": 1e-7}[hvp], f"seed={seed} {errs}"
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.5])
+def test_jvp_runs_rnns_without_cudnn_for_forward_mode(cudnn_path, dropout, seed):
+    """The stand-in, like cuDNN's (and oneDNN's) RNN kernels, has no forward-mode derivative:
+    hvp="jvp" reruns those evaluations without them (dropout replayed) and is exact."""
+    p = _problem(torch.float64, dropout)
+    p.decoder.train()
+    state = torch.get_rng_state()
+    _, ours = refine_grads(p, hvp="jvp")
+    assert torch.backends.cudnn.enabled and torch.backends.mkldnn.enabled  # restored
+    torch.set_rng_state(state)
+    _, ref = reference_grads(p)
+    worst, errs = max_rel_err(ours, ref)
+    assert worst <= 1e-11, f"seed={seed} {errs}"
+
+
+class _NoForwardMode(torch.autograd.Function):
+    """A differentiable op with no forward-mode derivative (no jvp)."""
+
+    @staticmethod
+    def forward(ctx, z):
+        ctx.save_for_backward(z)
+        return torch.tanh(z)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (z,) = ctx.saved_tensors
+        return grad * (1 - torch.tanh(z) ** 2)
+
+
+def test_jvp_names_the_missing_forward_derivative():
+    p = _problem(torch.float64)
+    p.nll_fn = lambda z: (_NoForwardMode.apply(z) ** 2).sum(1)
+    flags = (torch.backends.cudnn.enabled, torch.backends.mkldnn.enabled)
+    with pytest.raises(RuntimeError, match=r"hvp='jvp'\) needs forward-mode derivatives.*hvp='exact'"):
+        refine_grads(p, hvp="jvp")
+    assert (torch.backends.cudnn.enabled, torch.backends.mkldnn.enabled) == flags  # restored after the error
+    refine_grads(p, hvp="exact")  # double backward works for it

@@ -19,7 +19,7 @@ def test_dropout_fd_central_agrees_with_exact(kind, seed):
     assert worst <= 1e-5, f"seed={seed} {errs}"
 
 
-@pytest.mark.parametrize("hvp", ["fd_central", "fd_forward", "exact"])
+@pytest.mark.parametrize("hvp", ["fd_central", "fd_forward", "exact", "jvp"])
 def test_dropout_matches_unrolled_reference(hvp, seed):
     """unrolled calls nll_fn once per step from the same generator state, so with correct
     replay the dropout masks of every evaluation agree and so do the gradients."""
@@ -30,7 +30,7 @@ def test_dropout_matches_unrolled_reference(hvp, seed):
     torch.set_rng_state(state)
     _, ref = reference_grads(p)
     worst, errs = max_rel_err(ours, ref)
-    assert worst <= {"fd_central": 1e-7, "fd_forward": 1e-6, "exact": 1e-11}[hvp], f"seed={seed} {errs}"
+    assert worst <= {"fd_central": 1e-7, "fd_forward": 1e-6, "exact": 1e-11, "jvp": 1e-11}[hvp], f"seed={seed} {errs}"
 
 
 def test_without_replay_the_difference_quotient_is_noise():
@@ -57,7 +57,7 @@ def deterministic_algorithms():
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("hvp", ["fd_central", "fd_forward", "exact"])
+@pytest.mark.parametrize("hvp", ["fd_central", "fd_forward", "exact", "jvp"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_same_seed_bit_identical(hvp, dtype, device, deterministic_algorithms):
     p = make_problem("lstm", dtype, batch=8, latent=4, steps=6, dropout=0.5).to(device=device)

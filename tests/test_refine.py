@@ -16,6 +16,8 @@ TOLERANCE = {
     ("fd_forward", torch.float64): 1e-6,
     ("exact", torch.float64): 1e-11,  # float rounding
     ("exact", torch.float32): 2e-5,  # float32 rounding through K steps
+    ("jvp", torch.float64): 1e-11,  # forward-over-reverse: exact as double backward
+    ("jvp", torch.float32): 2e-5,
 }
 
 # The PixelCNN's output-layer bias gradient is a sum over B x H x W pixel terms that
@@ -24,7 +26,7 @@ TOLERANCE = {
 # fd_central, 800 for the others): fd_central 3.4e-4, fd_forward 2.1e-3, exact 2.8e-5.
 # MLP and LSTM decoders keep the bounds above (largest seen over 400-600 draws: 4.4e-6,
 # 9.6e-5, 5.0e-7).
-PIXELCNN_FLOAT32_TOLERANCE = {"fd_central": 1.5e-3, "fd_forward": 1e-2, "exact": 1.5e-4}
+PIXELCNN_FLOAT32_TOLERANCE = {"fd_central": 1.5e-3, "fd_forward": 1e-2, "exact": 1.5e-4, "jvp": 1.5e-4}
 
 
 def _clip_setting(p, clip):
@@ -38,7 +40,8 @@ def _clip_setting(p, clip):
 @pytest.mark.parametrize(
     "hvp,dtype",
     [("fd_central", torch.float64), ("fd_central", torch.float32), ("fd_forward", torch.float32),
-     ("fd_forward", torch.float64), ("exact", torch.float64), ("exact", torch.float32)],
+     ("fd_forward", torch.float64), ("exact", torch.float64), ("exact", torch.float32), ("jvp", torch.float64),
+     ("jvp", torch.float32)],
 )
 def test_gradients_match_unrolled(kind, clip, hvp, dtype, backend, seed):
     p = make_problem(kind, dtype, batch=32, latent=8, steps=10)

@@ -67,8 +67,10 @@ def refine(
         hvp: how the backward gets the decoder's second-order terms:
             "fd_forward" (default; 2K+1 decoder passes per training step, one
             parameter-sized buffer), "fd_central" (3K+1 passes, most
-            accurate finite difference, no parameter-sized state) or "exact"
-            (double backward; the decoder must be twice differentiable).
+            accurate finite difference, no parameter-sized state), "exact"
+            (double backward; the decoder must be twice differentiable) or "jvp"
+            (forward-over-reverse: exact to rounding without a second-order graph;
+            every decoder op needs a forward-mode derivative).
         fd_eps: finite-difference step. Default: by ``hvp`` and the decoder's
             precision, which is the autocast dtype if refine is called inside an
             autocast region (bfloat16/float16 decoders need ~100x larger steps),

@@ -105,3 +105,44 @@ class TwiceDifferentiable:
             rng.restore()
         with cudnn_disabled():
             return fn()
+
+    def evaluate_forward_ad(self, fn: Callable[[], object]):
+        """``fn()`` for an evaluation with forward-mode tangents (hvp="jvp"). The RNN kernels of
+        cuDNN (GPU) and oneDNN (float32 on CPU) have no forward-mode derivative and raise; the
+        evaluation then runs again with both off (the random-number state replayed), and so
+        do the later ones. Any other error propagates."""
+        if self.without_cudnn:
+            with vendor_rnn_disabled():
+                return fn()
+        capturing = self.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+        rng = None if capturing else RngState(self.device)
+        try:
+            return fn()
+        except (RuntimeError, NotImplementedError) as exc:
+            if not _is_missing_forward_derivative(exc):
+                raise
+            self.without_cudnn = True
+            if rng is not None:
+                rng.restore()
+        with vendor_rnn_disabled():
+            return fn()
+
+
+def _is_missing_forward_derivative(exc: BaseException) -> bool:
+    # PyTorch: "Trying to use forward AD with <op> that does not support it", and for custom
+    # Functions "You must implement the jvp function ... to use it with forward mode AD".
+    msg = str(exc)
+    return "forward AD" in msg or "forward mode AD" in msg
+
+
+@contextlib.contextmanager
+def vendor_rnn_disabled():
+    """cuDNN and oneDNN (mkldnn) off inside the block: PyTorch's own RNN implementation, which
+    has forward-mode derivatives (restored on exit, exceptions included)."""
+    before = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = False
+    try:
+        with cudnn_disabled():
+            yield
+    finally:
+        torch.backends.mkldnn.enabled = before

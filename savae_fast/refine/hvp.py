@@ -23,7 +23,7 @@ from savae_fast.ops import Backend
 from savae_fast.ops.constants import FdMode
 from savae_fast.refine.config import NonFinite
 from savae_fast.refine.cudnn import TwiceDifferentiable
-from savae_fast.refine.decoder import decoder_grads, decoder_hvp
+from savae_fast.refine.decoder import decoder_grads, decoder_hvp, decoder_jvp
 from savae_fast.refine.nonfinite import zero_nonfinite
 from savae_fast.refine.precision import TF32
 from savae_fast.refine.tape import Tape, accumulation_dtype
@@ -186,4 +186,26 @@ class ExactHvp(HvpMethod):
         return DecoderTerms(hvp_a, None, 1.0, (hvp_a,))
 
 
-HVP_METHODS: dict[str, HvpMethod] = {m.name: m for m in (ForwardDifference(), CentralDifference(), ExactHvp())}
+class JvpHvp(HvpMethod):
+    """Forward-over-reverse differentiation: the decoder's gradient evaluated at the dual
+    number z + u dz gives Hzz u and d/dtheta (g_z . u) as tangents, exact to rounding, in
+    one pass of about twice a gradient's cost and without a second-order graph. Every op
+    of the decoder needs a forward-mode derivative (cuDNN RNNs have none: those
+    evaluations run without cuDNN)."""
+
+    name = "jvp"
+    fd_mode = FdMode.EXACT
+
+    def begin(self, run, lbar_mu, lbar_logvar):
+        run.evaluations = TwiceDifferentiable(lbar_mu.device)
+        return super().begin(run, lbar_mu, lbar_logvar)
+
+    def decoder_terms(self, run, k, z_eval, u, row_weight, replay):
+        replay()
+        hvp_a, g_mixed = decoder_jvp(run.nll_fn, z_eval[0], u, run.params, run.evaluations)
+        run.add_param_grads(g_mixed, -run.cfg.scale)
+        return DecoderTerms(hvp_a, None, 1.0, (hvp_a,))
+
+
+HVP_METHODS: dict[str, HvpMethod] = {m.name: m for m in (ForwardDifference(), CentralDifference(), ExactHvp(),
+                                                         JvpHvp())}
