@@ -50,7 +50,9 @@ echo "wheel: $(basename "$wheel") built in $(( $(date +%s) - start )) s"
 # 3. That wheel under the newest and the oldest supported torch.
 "$WORK/venv-$NEWEST/bin/python" -m pip install --quiet --disable-pip-version-check "$wheel"
 op_tests "$WORK/venv-$NEWEST"
+rm -rf "$WORK/venv-$NEWEST"  # a CUDA build of torch is several GB: one environment at a time
 fresh_env "$WORK/venv-$OLDEST" "$OLDEST"
 "$WORK/venv-$OLDEST/bin/python" -m pip install --quiet --disable-pip-version-check --no-deps "$wheel"
 op_tests "$WORK/venv-$OLDEST"
+rm -rf "$WORK/venv-$OLDEST"
 echo "wheel check passed: $(basename "$wheel") under torch $NEWEST and $OLDEST"
