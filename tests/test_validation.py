@@ -78,3 +78,60 @@ def test_model_entry_points_reject_bad_inputs():
         image.nll(torch.rand(2, 1, 7, 7), torch.randn(2, 2))
     with pytest.raises(ValueError, match="'z' is required"):
         image.nll(torch.rand(2, 1, 8, 8))
+
+
+@pytest.mark.parametrize("fd_eps", [1e3, 1e10, 1.5, 1e-13, 1e-30, 1e-300])
+def test_refine_rejects_fd_eps_outside_its_range(fd_eps):
+    """A relative step above 1 or below 1e-12 gives gradients wrong by orders of magnitude."""
+    mu, logvar, nll_fn = _ok()
+    with pytest.raises(ValueError, match=r"'fd_eps' must be in \[1e-12, 1\]"):
+        sf.refine(mu, logvar, nll_fn, fd_eps=fd_eps)
+
+
+@pytest.mark.parametrize("name", ["mu", "logvar", "noise"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_refine_rejects_non_finite_inputs_up_front(name, bad):
+    mu, logvar, nll_fn = _ok()
+    kw = dict(mu=mu, logvar=logvar, noise=torch.randn(3, 4, 3))
+    kw[name] = kw[name].clone()
+    kw[name].view(-1)[5] = bad
+    with pytest.raises(ValueError, match=f"'{name}' has non-finite values"):
+        sf.refine(kw.pop("mu"), kw.pop("logvar"), nll_fn, steps=3, **kw)
+    # on_nonfinite="ignore" (CUDA-graph capture) does no host read, and so no check
+    kw = dict(mu=mu, logvar=logvar, noise=torch.randn(3, 4, 3))
+    kw[name] = kw[name].clone()
+    kw[name].view(-1)[5] = bad
+    sf.refine(kw.pop("mu"), kw.pop("logvar"), nll_fn, steps=3, on_nonfinite="ignore", **kw)
+
+
+@pytest.mark.parametrize("hvp", ["fd_forward", "fd_central", "exact", "jvp"])
+@pytest.mark.parametrize("how", ["no_grad", "inference_mode", "detach"])
+def test_decoder_without_a_graph_to_z_is_an_error(how, hvp):
+    """A decoder that computes without autograd (or detaches z) would give dNLL/dz = 0: the
+    refinement would silently ignore it."""
+    mu, logvar, _ = _ok()
+    w = torch.randn(3, requires_grad=True)
+    ctx = {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode}
+
+    def nll_fn(z):
+        if how == "detach":
+            return ((z.detach() * w) ** 2).sum(1)
+        with ctx[how]():
+            return ((z * w) ** 2).sum(1)
+
+    with pytest.raises(RuntimeError, match="no autograd graph back to z"):
+        mu_k, lv_k = sf.refine(mu.requires_grad_(), logvar, nll_fn, [w], steps=3, hvp=hvp)
+        (mu_k.sum() + lv_k.sum()).backward()
+
+
+def test_refine_under_inference_mode_equals_no_grad():
+    """refine called under torch.inference_mode computes the same refinement as under no_grad
+    (its decoder gradients need autograd, which it enables for them)."""
+    mu, logvar, nll_fn = _ok()
+    noise = torch.randn(5, 4, 3)
+    with torch.no_grad():
+        expected = sf.refine(mu, logvar, nll_fn, steps=5, noise=noise)
+    with torch.inference_mode():
+        got = sf.refine(mu, logvar, nll_fn, steps=5, noise=noise)
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+    assert not torch.equal(got[0], mu)  # the decoder moved it

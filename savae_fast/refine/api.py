@@ -10,8 +10,9 @@ from torch import Tensor
 from savae_fast.ops import get_backend
 from savae_fast.refine.function import RefineFunction, run_forward
 from savae_fast.refine.precision import reduced_fp32_settings, warn_reduced_precision
-from savae_fast.refine.validation import (DEFAULTS, check_backend, check_noise, check_state, collect_params,
-                                          make_config, noise_or_draw)
+from savae_fast.refine.config import NonFinite
+from savae_fast.refine.validation import (DEFAULTS, check_backend, check_finite_inputs, check_noise, check_state,
+                                          collect_params, make_config, noise_or_draw)
 
 # Under torch.compile, refine is one graph break: its loop differentiates the user's
 # decoder (torch.autograd.grad), which Dynamo would otherwise split into many pieces.
@@ -120,7 +121,10 @@ def refine(
         if noise is not None:
             check_noise(noise, 0, mu)
         return mu, logvar
+    given_noise = noise is not None
     noise = noise_or_draw(noise, cfg.steps, mu)
+    if cfg.on_nonfinite is not NonFinite.IGNORE:  # (no host read where graph capture needs none)
+        check_finite_inputs(mu=mu, logvar=logvar, noise=noise if given_noise else None)
     be = get_backend(backend, mu.device)
     if cfg.process_group is not None and cfg.max_grad_norm > 0:
         from savae_fast.refine.distributed import clip_coupled_backend

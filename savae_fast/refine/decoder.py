@@ -15,6 +15,13 @@ from savae_fast.refine.cudnn import TwiceDifferentiable
 from savae_fast.refine.precision import full_fp32
 
 
+def no_graph_error() -> RuntimeError:
+    return RuntimeError(
+        "refine: nll_fn's output has no autograd graph back to z, so dNLL/dz cannot be computed: nll_fn runs "
+        "under torch.no_grad() or torch.inference_mode(), detaches z, or does not depend on z. Let nll_fn "
+        "compute with autograd (refine itself may be called under no_grad or inference_mode)")
+
+
 def check_nll(nll, batch: int) -> None:
     if not isinstance(nll, Tensor):
         raise TypeError(f"refine: nll_fn must return a Tensor of per-example NLL, got {type(nll).__name__}")
@@ -37,6 +44,9 @@ def decoder_grads(nll_fn: Callable, z: Tensor, params: Sequence[Tensor], weight:
 
     Returns (grad_z, param_grads) with None for parameters the loss does not use.
     """
+    if torch.is_inference_mode_enabled():  # the gradient needs autograd: leave inference mode here
+        with torch.inference_mode(False):
+            return decoder_grads(nll_fn, z.clone(), params, weight)
     batch = z.shape[0]
     grad_was_enabled = torch.is_grad_enabled()
     _set_grad_enabled(True)
@@ -45,13 +55,14 @@ def decoder_grads(nll_fn: Callable, z: Tensor, params: Sequence[Tensor], weight:
         nll = nll_fn(z)
         check_nll(nll, batch)
         loss = nll.sum() if weight is None else (nll * weight.to(nll.dtype)).sum()
-        if not loss.requires_grad:  # decoder ignores z and has no trainable parameters
-            return torch.zeros_like(z), [None] * len(params)
+        if not loss.requires_grad:
+            raise no_graph_error()
         grads = torch.autograd.grad(loss, (z, *params), allow_unused=True)
     finally:
         _set_grad_enabled(grad_was_enabled)
-    grad_z = grads[0] if grads[0] is not None else torch.zeros_like(z)
-    return grad_z, list(grads[1:])
+    if grads[0] is None:  # the NLL reaches the parameters but not z
+        raise no_graph_error()
+    return grads[0], list(grads[1:])
 
 
 def decoder_hvp(nll_fn: Callable, z: Tensor, u: Tensor, params: Sequence[Tensor], evaluations: TwiceDifferentiable):
@@ -65,7 +76,7 @@ def decoder_hvp(nll_fn: Callable, z: Tensor, u: Tensor, params: Sequence[Tensor]
         nll = evaluations.evaluate(functools.partial(nll_fn, z))
         check_nll(nll, batch)
         if not nll.requires_grad:
-            return torch.zeros_like(z), [None] * len(params)
+            raise no_graph_error()
         advice = ("Use hvp='fd_central' or hvp='fd_forward', or make the decoder twice differentiable "
                   "(once_differentiable functions are not; cuDNN RNNs are run without cuDNN for this)")
         try:
@@ -102,7 +113,7 @@ def decoder_jvp(nll_fn: Callable, z: Tensor, u: Tensor, params: Sequence[Tensor]
             nll = nll_fn(z_dual)
             check_nll(nll, batch)
             if not nll.requires_grad:
-                return torch.zeros_like(z), [None] * len(params)
+                raise no_graph_error()
             grads = torch.autograd.grad(nll.sum(), (z_dual, *params), allow_unused=True)
             return [None if g is None else fwAD.unpack_dual(g).tangent for g in grads]
 
@@ -111,14 +122,14 @@ def decoder_jvp(nll_fn: Callable, z: Tensor, u: Tensor, params: Sequence[Tensor]
     try:
         tangents = evaluations.evaluate_forward_ad(evaluate)
     except (RuntimeError, NotImplementedError) as exc:
+        if "no autograd graph back to z" in str(exc):
+            raise
         raise RuntimeError(
             "refine(hvp='jvp') needs forward-mode derivatives of every operation in the decoder (and of "
             "their backward), and this decoder has one without: use hvp='exact' (double backward) or a finite "
             f"difference (original error: {exc})") from exc
     finally:
         _set_grad_enabled(grad_was_enabled)
-    if isinstance(tangents, tuple):  # the decoder ignores z and has no trainable parameters
-        return tangents
     hzz_u = tangents[0] if tangents[0] is not None else torch.zeros_like(z)
     return hzz_u, tangents[1:]
 

@@ -14,6 +14,7 @@ from torch import Tensor
 from savae_fast.ops.constants import BACKENDS
 from savae_fast.refine.config import NonFinite, RefineConfig
 from savae_fast.refine.hvp import HVP_METHODS
+from savae_fast.refine.nonfinite import all_finite
 from savae_fast.refine.precision import decoder_precision
 
 
@@ -49,6 +50,11 @@ DEFAULT_FD_EPS = {(m.name, precision): eps for m in HVP_METHODS.values()
                   for precision, eps in m.default_fd_eps.items()}
 
 FP32_PRECISIONS = ("inherit", "ieee")
+
+# fd_eps is a relative step (fd_forward: of the normalised direction; fd_central: of
+# (1 + |z_b|)): above 1 the difference quotient no longer estimates a derivative, and
+# below 1e-12 it is rounding noise even in float64 (the defaults are 3e-8 to 1e-1).
+FD_EPS_RANGE = (1e-12, 1.0)
 NONFINITE_MODES = tuple(m.value for m in NonFinite)
 
 
@@ -128,6 +134,16 @@ def noise_or_draw(noise, steps: int, mu: Tensor) -> Tensor:
     return check_noise(noise, steps, mu)
 
 
+def check_finite_inputs(**tensors: Tensor | None) -> None:
+    """Each given tensor finite, with one host read for all of them (the error names the argument)."""
+    given = {name: t for name, t in tensors.items() if t is not None}
+    if all_finite(*given.values()):
+        return
+    for name, t in given.items():
+        if not all_finite(t):
+            raise ValueError(f"refine: argument '{name}' has non-finite values (NaN or Inf)")
+
+
 def check_backend(backend) -> str:
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"refine: argument 'backend' must be one of {BACKENDS}, got {backend!r}")
@@ -173,6 +189,9 @@ def make_config(mu: Tensor, *, steps, lr, momentum, max_grad_norm, kl_weight, re
         fd_eps = method.default_fd_eps.get(decoder_precision(mu, full_fp32=fp32_precision == "ieee"), 0.0)
     else:
         fd_eps = real("fd_eps", fd_eps, low=0.0, low_open=True)
+        if not FD_EPS_RANGE[0] <= fd_eps <= FD_EPS_RANGE[1]:
+            raise ValueError(f"refine: argument 'fd_eps' must be in [{FD_EPS_RANGE[0]:g}, {FD_EPS_RANGE[1]:g}] "
+                             f"(a relative step; None picks one for the decoder's precision), got {fd_eps:g}")
     if not isinstance(preserve_rng_state, bool):
         raise TypeError("refine: argument 'preserve_rng_state' must be a bool")
     if on_nonfinite not in NONFINITE_MODES:
