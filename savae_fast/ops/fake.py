@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from savae_fast.ops.constants import FD_CENTRAL
+from savae_fast.ops.constants import FdMode
 
 
 @torch.library.register_fake("savae_fast::sample")
@@ -25,7 +25,7 @@ def _forward_step_fake(mu, logvar, p_mu, p_logvar, eps, grad_z, eps_next, scale,
 @torch.library.register_fake("savae_fast::reverse_direction")
 def _reverse_direction_fake(lbar_mu, lbar_logvar, pbar_mu, pbar_logvar, mu, logvar, eps, grad_z, grad_norms,
                             scale, kl_weight, lr_mu, lr_logvar, max_grad_norm, fd_mode, fd_step):
-    n_eval = 2 if fd_mode == FD_CENTRAL else 1
+    n_eval = FdMode(fd_mode).eval_points
     batch, latent = mu.shape
     return (torch.empty_like(mu), torch.empty_like(mu), torch.empty_like(mu), torch.empty_like(mu),
             torch.empty_like(mu), mu.new_empty((n_eval, batch, latent)), mu.new_empty((batch,)))

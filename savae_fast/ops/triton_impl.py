@@ -30,7 +30,7 @@ except ImportError as exc:  # pragma: no cover - triton ships with CUDA builds o
     _TRITON_ERROR = exc
 
 from savae_fast.ops import torch_impl
-from savae_fast.ops.constants import CLIP_EPS, FD_CENTRAL, FD_FORWARD
+from savae_fast.ops.constants import CLIP_EPS, FD_CENTRAL, FD_FORWARD, FdMode
 
 BLOCK = 1024  # elements per program of the elementwise kernels
 MAX_PROGRAMS = 1024  # programs of a reduction (fixed: the workspace size never changes)
@@ -355,7 +355,7 @@ def reverse_direction(lbar_mu, lbar_logvar, pbar_mu, pbar_logvar, mu, logvar, ep
                                       float(scale), float(kl_weight), float(lr_mu), float(lr_logvar),
                                       HAS_CLIP=has_clip, BLOCK=BLOCK)
     v_mu, v_lv, u = torch.empty_like(mu), torch.empty_like(mu), torch.empty_like(mu)
-    z_eval = mu.new_empty((2 if fd_mode == FD_CENTRAL else 1, rows, cols))
+    z_eval = mu.new_empty((FdMode(fd_mode).eval_points, rows, cols))
     row_weight = mu.new_empty((rows,))
     _reverse_rows_kernel[(max(1, triton.cdiv(rows, ROWS)),)](
         pbm_n, pbl_n, mu, logvar, eps, grad_z, grad_norms, partial, v_mu, v_lv, u, z_eval, row_weight,

@@ -42,7 +42,3 @@ class RefineConfig:
     @property
     def scalars(self) -> StepScalars:
         return StepScalars(self.scale, self.kl_weight, self.lr_mu, self.lr_logvar, self.momentum, self.max_grad_norm)
-
-    @property
-    def fd_mode(self) -> int:
-        return self.hvp.fd_mode

@@ -174,6 +174,8 @@ class ExactHvp(HvpMethod):
 
     name = "exact"
     fd_mode = FdMode.EXACT
+    # (nll_fn, z, u, params, evaluations) -> (Hzz u, d/dtheta (g_z . u)), exactly
+    second_order = staticmethod(decoder_hvp)
 
     def begin(self, run, lbar_mu, lbar_logvar):
         run.evaluations = TwiceDifferentiable(lbar_mu.device)
@@ -181,12 +183,12 @@ class ExactHvp(HvpMethod):
 
     def decoder_terms(self, run, k, z_eval, u, row_weight, replay):
         replay()
-        hvp_a, g_mixed = decoder_hvp(run.nll_fn, z_eval[0], u, run.params, run.evaluations)
+        hvp_a, g_mixed = self.second_order(run.nll_fn, z_eval[0], u, run.params, run.evaluations)
         run.add_param_grads(g_mixed, -run.cfg.scale)
         return DecoderTerms(hvp_a, None, 1.0, (hvp_a,))
 
 
-class JvpHvp(HvpMethod):
+class JvpHvp(ExactHvp):
     """Forward-over-reverse differentiation: the decoder's gradient evaluated at the dual
     number z + u dz gives Hzz u and d/dtheta (g_z . u) as tangents, exact to rounding, in
     one pass of about twice a gradient's cost and without a second-order graph. Every op
@@ -194,17 +196,7 @@ class JvpHvp(HvpMethod):
     evaluations run without cuDNN)."""
 
     name = "jvp"
-    fd_mode = FdMode.EXACT
-
-    def begin(self, run, lbar_mu, lbar_logvar):
-        run.evaluations = TwiceDifferentiable(lbar_mu.device)
-        return super().begin(run, lbar_mu, lbar_logvar)
-
-    def decoder_terms(self, run, k, z_eval, u, row_weight, replay):
-        replay()
-        hvp_a, g_mixed = decoder_jvp(run.nll_fn, z_eval[0], u, run.params, run.evaluations)
-        run.add_param_grads(g_mixed, -run.cfg.scale)
-        return DecoderTerms(hvp_a, None, 1.0, (hvp_a,))
+    second_order = staticmethod(decoder_jvp)
 
 
 HVP_METHODS: dict[str, HvpMethod] = {m.name: m for m in (ForwardDifference(), CentralDifference(), ExactHvp(),
