@@ -329,3 +329,90 @@ def test_refine_from_two_threads_on_different_models():
     assert not errors, errors
     for got, want in zip(results, expected):
         assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+def _deterministic_problem(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    dec = MLPDecoder(4, hidden=8, vocab=5, length=3).double()
+    x = torch.randint(0, 5, (6, 3), generator=g)
+    return dec, x, torch.randn(6, 4, generator=g, dtype=torch.float64)
+
+
+def _default_refine_step(dec, x, mu0):
+    """One refine forward + backward with the default options (noise drawn, RNG state preserved)."""
+    mu = mu0.clone().requires_grad_(True)
+    mk, lk = sf.refine(mu, torch.zeros_like(mu), lambda z: dec.nll(x, z), dec.parameters(), steps=6)
+    (mk.sum() + lk.sum()).backward()
+    return mk.detach()
+
+
+@pytest.fixture
+def idle_thread():
+    """Another Python thread alive during the test (as a data loader's or a logger's would be)."""
+    stop = threading.Event()
+    th = threading.Thread(target=stop.wait)
+    th.start()
+    yield th
+    stop.set()
+    th.join()
+
+
+def test_default_options_do_not_rewind_the_generators_for_other_threads():
+    """A thread drawing random numbers while another runs refine (deterministic decoder,
+    default options) never sees a value twice, and concurrent default-noise refine calls
+    draw different noise."""
+    dec, x, mu0 = _deterministic_problem()
+    draws, outputs, errors = [], [[], []], []
+    running = threading.Event()
+    running.set()
+
+    def drawer():
+        while running.is_set():
+            draws.append(torch.randint(0, 2**62, (16,)))
+
+    def refiner(i):
+        try:
+            for _ in range(25):
+                outputs[i].append(_default_refine_step(dec, x, mu0))
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=drawer)] + [threading.Thread(target=refiner, args=(i,)) for i in range(2)]
+    for th in threads:
+        th.start()
+    for th in threads[1:]:
+        th.join()
+    running.clear()
+    threads[0].join()
+    assert not errors, errors
+    values = torch.cat(draws)
+    assert values.numel() > 100 and values.unique().numel() == values.numel(), "a drawing thread saw repeats"
+    results = torch.stack(outputs[0] + outputs[1]).flatten(1)
+    assert results.unique(dim=0).shape[0] == results.shape[0], "two refine calls drew the same noise"
+
+
+@pytest.mark.parametrize("with_thread", [False, True])
+def test_deterministic_decoder_never_sets_the_generators(monkeypatch, request, with_thread):
+    if with_thread:
+        request.getfixturevalue("idle_thread")
+    calls = []
+    real = torch.set_rng_state
+    monkeypatch.setattr(torch, "set_rng_state", lambda state: (calls.append(1), real(state)))
+    _default_refine_step(*_deterministic_problem())
+    assert calls == []
+
+
+@pytest.mark.parametrize("hvp", ["fd_forward", "fd_central"])
+def test_dropout_replay_with_other_threads_alive(hvp, idle_thread, seed):
+    """With other threads alive the decoder's random draws are found per operator (a
+    generator that moved may be another thread's doing); the replay still happens."""
+    from savae_fast.testing import make_problem, reference_grads, refine_grads
+
+    p = make_problem("lstm", torch.float64, batch=16, latent=6, steps=8, dropout=0.5)
+    p.decoder.train()
+    state = torch.get_rng_state()
+    _, ours = refine_grads(p, hvp=hvp)
+    torch.set_rng_state(state)
+    _, ref = reference_grads(p)
+    worst, errs = max_rel_err(ours, ref)
+    assert worst <= 1e-6, f"seed={seed} {errs}"

@@ -81,8 +81,9 @@ def refine(
             default generator of mu's device otherwise (before the first step).
         backend: "auto", "cpp", "triton" or "torch" (kernels of the Gaussian math).
         preserve_rng_state: replay each step's RNG state in the backward so that
-            stochastic decoders (dropout) see the same masks; disable only for
-            deterministic decoders.
+            stochastic decoders (dropout) see the same masks. Only done when the
+            first inner step finds that the decoder draws random numbers; a
+            deterministic decoder leaves the process-wide generators alone.
         process_group: for data-parallel training (torch.distributed): each process
             passes its share of the global batch and gets what one process refining
             the whole batch would get (``"mean"`` averages over the global batch; the

@@ -24,7 +24,7 @@ from savae_fast.refine.config import NonFinite, RefineConfig
 from savae_fast.refine.decoder import decoder_grads, decoder_precision_scope
 from savae_fast.refine.hvp import ReverseRun
 from savae_fast.refine.nonfinite import all_finite, nonfinite_error, zero_nonfinite
-from savae_fast.refine.rng import RngState
+from savae_fast.refine.rng import RandomnessCheck, RngState
 from savae_fast.refine.tape import Tape
 
 
@@ -49,9 +49,15 @@ def _forward_steps(cfg: RefineConfig, be: Backend, nll_fn: Callable, mu: Tensor,
     eps = noise.unbind(0)
     z = be.sample(mu, logvar, eps[0])
     for k in range(steps):
+        step_fn = nll_fn
         if save_rng:
             tape.rng.append(RngState(mu.device))
-        grad_z, param_grads = decoder_grads(nll_fn, z, decoder_params)
+            if k == 0:
+                step_fn = RandomnessCheck(nll_fn, tape.rng[0])
+        grad_z, param_grads = decoder_grads(step_fn, z, decoder_params)
+        if step_fn is not nll_fn and not step_fn.found:
+            # a decoder without random draws needs no replay: never set the process-wide generators
+            save_rng, tape.rng = False, None
         if policy is NonFinite.ZERO:
             grad_z = zero_nonfinite(grad_z)
             param_grads = [zero_nonfinite(g) for g in param_grads]
@@ -88,14 +94,15 @@ def reverse_pass(cfg: RefineConfig, be: Backend, nll_fn: Callable, noise: Tensor
     # raise: the decoder's second-order terms of every reverse step, kept (K x [B, D],
     # like the tape) and looked at only if the result is not finite, to name the step
     screened = []
-    caller_rng = RngState(lbar_mu.device) if cfg.preserve_rng_state else None
+    replays = cfg.preserve_rng_state and bool(tape.rng)
+    caller_rng = RngState(lbar_mu.device) if replays else None
     try:
         for k in reversed(range(cfg.steps)):
             logvar_k, eps_k, grad_z_k = tape.logvar[k], eps[k], tape.grad_z[k]
             pbar_mu, pbar_logvar, v_mu, v_logvar, u, z_eval, row_weight = be.reverse_direction(
                 lbar_mu, lbar_logvar, pbar_mu, pbar_logvar, tape.mu[k], logvar_k, eps_k, grad_z_k,
                 tape.grad_norms[k], *direction_scalars)
-            replay = tape.rng[k].restore if cfg.preserve_rng_state else _no_replay
+            replay = tape.rng[k].restore if replays else _no_replay
             terms = method.decoder_terms(run, k, z_eval, u, row_weight, replay)
             hvp_a, hvp_b, hvp_scale = terms.hvp_a, terms.hvp_b, terms.hvp_scale
             if policy is NonFinite.ZERO:  # a non-finite second-order term contributes nothing

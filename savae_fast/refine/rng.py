@@ -6,11 +6,23 @@ quotients are noise. As torch.utils.checkpoint does, we save the CPU
 generator and the generator of the tensors' CUDA device before each forward
 step's decoder call and restore it for the reverse-pass calls; the caller's
 generator state is put back afterwards.
+
+Those generators are process-wide: restoring an old state rewinds them for
+every thread. So the first inner step finds out whether the decoder draws
+random numbers at all, and a decoder that does not (eval mode, no dropout)
+gets no capture and no replay: the generators are then never set.
 """
 
 from __future__ import annotations
 
+import threading
+from typing import Callable
+
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+_SEEDED = torch.Tag.nondeterministic_seeded
+_dropout_arguments: dict = {}
 
 
 class RngState:
@@ -38,3 +50,69 @@ class RngState:
         torch.set_rng_state(self.cpu)
         if self.cuda is not None:
             torch.cuda.set_rng_state(self.cuda, self.cuda_index)
+
+    def is_current(self) -> bool:
+        """Whether the generators are still in this state (nothing was drawn since)."""
+        if not torch.equal(self.cpu, torch.get_rng_state()):
+            return False
+        return self.cuda is None or torch.equal(self.cuda, torch.cuda.get_rng_state(self.cuda_index))
+
+
+def _dropout_argument_positions(func):
+    """(index of the dropout probability, index of ``train``) for operators that take both
+    (RNNs, dropout): tagged as seeded, they draw only with a probability > 0 in training."""
+    if func not in _dropout_arguments:
+        names = [a.name for a in func._schema.arguments]
+        prob = next((i for i, n in enumerate(names) if n in ("dropout", "p")), None)
+        _dropout_arguments[func] = (prob, names.index("train")) if prob is not None and "train" in names else None
+    return _dropout_arguments[func]
+
+
+def _is_random_call(func, args, kwargs) -> bool:
+    if _SEEDED not in func.tags:
+        return False
+    positions = _dropout_argument_positions(func)
+    if positions is None or kwargs or len(args) <= max(positions):
+        return True  # in doubt, random
+    prob, train = args[positions[0]], args[positions[1]]
+    return train is not False and prob > 0
+
+
+class RandomOpProbe(TorchDispatchMode):
+    """Notes whether any operator run in this thread inside the block draws random
+    numbers (PyTorch tags them ``nondeterministic_seeded``). Dispatch modes are
+    per thread, so other threads' draws are not seen."""
+
+    def __init__(self):
+        super().__init__()
+        self.found = False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not self.found and _is_random_call(func, args, kwargs):
+            self.found = True
+        return func(*args, **(kwargs or {}))
+
+
+class RandomnessCheck:
+    """``nll_fn`` for one decoder call that also finds out whether the call draws from the
+    default generators (``found``), given their state ``before`` it.
+
+    Alone in the process, a generator that did not move says no and one that moved says
+    yes: one state read. With other Python threads alive a moved generator may be their
+    doing, so the call runs under RandomOpProbe instead (a Python hook per operator of
+    this one call)."""
+
+    __slots__ = ("nll_fn", "before", "found")
+
+    def __init__(self, nll_fn: Callable, before: RngState):
+        self.nll_fn, self.before, self.found = nll_fn, before, None
+
+    def __call__(self, z):
+        if threading.active_count() > 1:
+            with RandomOpProbe() as probe:
+                out = self.nll_fn(z)
+            self.found = probe.found
+        else:
+            out = self.nll_fn(z)
+            self.found = not self.before.is_current()
+        return out

@@ -21,13 +21,14 @@ def accumulation_dtype(p: Tensor) -> torch.dtype:
 class Tape:
     """Per forward step k: lambda_k = (mu_k, logvar_k) before the step, the decoder's
     dNLL/dz at z_k, the clip norms |g_mu|, |g_logvar| ([2]) and the RNG state the
-    decoder saw (all [B, D] but the norms)."""
+    decoder saw (all [B, D] but the norms; ``rng`` is None when the decoder draws no
+    random numbers)."""
 
     mu: list[Tensor] = field(default_factory=list)
     logvar: list[Tensor] = field(default_factory=list)
     grad_z: list[Tensor] = field(default_factory=list)
     grad_norms: list[Tensor] = field(default_factory=list)
-    rng: list[RngState] = field(default_factory=list)
+    rng: list[RngState] | None = field(default_factory=list)
     # fd_forward: sum over the steps of dNLL/dtheta at z_k, one buffer per parameter
     # (float32 for float16/bfloat16 parameters). A plain sum: compensated summation
     # (twice the memory) measured 4.0e-5 instead of 5.1e-5 relative gradient error on
