@@ -188,6 +188,51 @@ def test_accumulate_opcheck_and_errors():
 
 
 @needs_ext
+@pytest.mark.parametrize("name,position", [("sample", 2), ("sample", 0), ("forward_step", 5), ("forward_step", 6),
+                                           ("reverse_direction", 8), ("reverse_update", 9)])
+def test_mixing_meta_and_cpu_tensors_is_an_error(name, position):
+    """The dispatcher sends a call with any meta tensor to the fake kernel: it must refuse
+    the mix by argument name (it returned an uninitialised CPU tensor, or did nothing)."""
+    args = {"sample": lambda: [op_state((5, 4), torch.float32)[k] for k in ("mu", "logvar", "eps")],
+            "forward_step": lambda: forward_step_args((5, 4), torch.float32, "active"),
+            "reverse_direction": lambda: reverse_direction_args((5, 4), torch.float32, "active", FD_FORWARD),
+            "reverse_update": lambda: reverse_update_args((5, 4), torch.float32)}[name]()
+    args = list(args)
+    args[position] = args[position].to("meta")
+    with pytest.raises(RuntimeError, match=f"savae_fast::{name}: argument '\\w+' is on"):
+        _compiled(name)(*args)
+
+
+@needs_ext
+def test_accumulate_mixing_meta_and_cpu_is_an_error():
+    total, values = accumulate_case(torch.float32)
+    before = [t.clone() for t in total]
+    with pytest.raises(RuntimeError, match="'values'\\[0\\] .* does not match 'total'\\[0\\]"):
+        _compiled("accumulate_")(total, [values[0].to("meta")] + values[1:])
+    with pytest.raises(RuntimeError, match="'total' has 1 tensors but 'values' has 2"):
+        _compiled("accumulate_")([torch.zeros(3, device="meta")], [None, None])
+    assert all(torch.equal(a, b) for a, b in zip(total, before))
+
+
+@needs_ext
+def test_accumulate_refuses_tensors_that_require_grad_under_grad_mode():
+    """Like PyTorch's in-place ops on leaves: refused under grad mode (the sum has no
+    derivative), allowed under no_grad (as optimisers update parameters)."""
+    op = _compiled("accumulate_")
+    leaf = torch.zeros(3, requires_grad=True)
+    with pytest.raises(RuntimeError, match="'total'\\[0\\] is a leaf tensor that requires grad"):
+        op([leaf], [torch.ones(3)])
+    assert torch.equal(leaf.detach(), torch.zeros(3))
+    with pytest.raises(RuntimeError, match="'values'\\[0\\] is a leaf tensor that requires grad"):
+        op([torch.zeros(3)], [torch.ones(3, requires_grad=True)])
+    with pytest.raises(RuntimeError, match="'total'\\[0\\] is a tensor that requires grad"):
+        op([leaf * 1], [torch.ones(3)])
+    with torch.no_grad():
+        op([leaf], [torch.ones(3)])
+    assert torch.equal(leaf.detach(), torch.ones(3))
+
+
+@needs_ext
 def test_loop_backend_is_the_registered_operators():
     """refine's loop calls the operator overloads themselves (what torch.compile and
     dispatch modes see too), and they reject bad arguments by name."""

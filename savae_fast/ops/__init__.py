@@ -34,6 +34,7 @@ from savae_fast.ops.extension import (
 from savae_fast.ops.constants import BACKENDS, FD_CENTRAL, FD_EXACT, FD_FORWARD, FdMode, StepScalars
 
 if extension_loaded():
+    from savae_fast.ops import autograd as _autograd  # noqa: F401  (accumulate_'s grad-mode check)
     from savae_fast.ops import fake as _fake  # noqa: F401  (registers the fake kernels)
 
 __all__ = [

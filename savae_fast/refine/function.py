@@ -62,7 +62,7 @@ def _forward_steps(cfg: RefineConfig, be: Backend, nll_fn: Callable, mu: Tensor,
             grad_z = zero_nonfinite(grad_z)
             param_grads = [zero_nonfinite(g) for g in param_grads]
         if sum_param_grads:
-            tape.accumulate_param_grads(be, param_grads)
+            tape.accumulate_param_grads(param_grads)
         param_grads = None  # not alive during the next decoder pass
         mu_n, logvar_n, p_mu, p_logvar, z, norms = be.forward_step(
             mu, logvar, p_mu, p_logvar, eps[k], grad_z, eps[k + 1] if k + 1 < steps else None, *scalars)

@@ -130,7 +130,7 @@ class ForwardDifference(HvpMethod):
         hvp_a, g_theta = decoder_grads(run.nll_fn, z_eval[0], run.params)
         if run.tape.param_grad_sum is not None:
             run.tape.accumulate_param_grads(
-                run.be, [zero_nonfinite(g) for g in g_theta] if run.zero_nonfinite else g_theta)
+                [zero_nonfinite(g) for g in g_theta] if run.zero_nonfinite else g_theta)
         # hvp_b is the forward's dNLL/dz, finite once the forward's check passed.
         return DecoderTerms(hvp_a, run.tape.grad_z[k], 1.0 / run.cfg.fd_eps, (hvp_a,))
 
