@@ -135,3 +135,21 @@ def test_refine_under_inference_mode_equals_no_grad():
         got = sf.refine(mu, logvar, nll_fn, steps=5, noise=noise)
     assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
     assert not torch.equal(got[0], mu)  # the decoder moved it
+
+
+def test_process_group_must_be_a_process_group_of_an_initialised_torch_distributed(tmp_path):
+    """It was accepted and ignored (the refinement silently ran as one process)."""
+    import torch.distributed as dist
+
+    mu = torch.zeros(3, 2, requires_grad=True)
+    dec = lambda z: (z ** 2).sum(1)  # noqa: E731
+    assert not dist.is_initialized()
+    with pytest.raises(ValueError, match="'process_group' was given but torch.distributed is not initialised"):
+        sf.refine(mu, torch.zeros_like(mu), dec, (), steps=2, process_group=object())
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        with pytest.raises(TypeError, match="'process_group' must be a torch.distributed.ProcessGroup or None"):
+            sf.refine(mu, torch.zeros_like(mu), dec, (), steps=2, process_group=object())
+        sf.refine(mu, torch.zeros_like(mu), dec, (), steps=2, process_group=dist.group.WORLD)
+    finally:
+        dist.destroy_process_group()

@@ -57,8 +57,25 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser whose usage errors are one line too (exit status 2)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="savae-fast", description="Semi-amortized VAEs with fast SVI refinement.")
+    parser = ArgumentParser(prog="savae-fast", description="Semi-amortized VAEs with fast SVI refinement.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train one model (mode: autoreg, vae, svi, vae+svi, vae+svi+kl, savae)")
@@ -68,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="evaluate a checkpoint (NLL bound, KL, PPL, IW NLL, MI, active units)")
     p.add_argument("checkpoint")
     p.add_argument("--split", default="test", choices=("train", "valid", "test"))
-    p.add_argument("--samples", type=int, default=None, help="importance samples per example")
+    p.add_argument("--samples", type=positive_int, default=None, help="importance samples per example")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_eval)
 
@@ -87,7 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # a usage error (one line, status 2) or --help (status 0)
+        return exc.code
     try:
         return args.func(args)
     except UserError as exc:

@@ -17,9 +17,20 @@ class CheckpointError(UserError, RuntimeError):
     """A missing, truncated or corrupted checkpoint."""
 
 
+class MissingDependency(UserError, ImportError):
+    """An optional package a feature needs is not installed."""
+
+
 def report_user_error(command: str, exc: UserError) -> int:
     """Print ``<command>: error: <message>`` on stderr; the exit status 2."""
     import sys
 
     print(f"{command}: error: {exc}", file=sys.stderr)
     return 2
+
+
+def notice(message: str) -> None:
+    """One line on stderr about something the application did that the user should know."""
+    import sys
+
+    print(f"savae-fast: {message}", file=sys.stderr, flush=True)

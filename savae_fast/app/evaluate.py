@@ -32,8 +32,9 @@ def posterior(model, cfg, x: Tensor, beta: float = 1.0) -> tuple[Tensor, Tensor]
 
 @torch.no_grad()
 def evaluate(model, cfg, batches: list[Tensor], device, num_tokens: int = 0, iw_samples: int | None = None,
-             elbo_samples: int | None = None, full: bool = True) -> dict:
-    """Metrics over ``batches`` (model in eval mode). ``full=False`` skips the costly IW/MI/AU."""
+             elbo_samples: int | None = None, full: bool = True, progress=None) -> dict:
+    """Metrics over ``batches`` (model in eval mode). ``full=False`` skips the costly IW/MI/AU.
+    ``progress``: an object with ``update()`` called after each batch (metrics.Progress)."""
     was_training = model.training
     model.eval()
     iw_samples = cfg.eval_samples if iw_samples is None else iw_samples
@@ -59,6 +60,8 @@ def evaluate(model, cfg, batches: list[Tensor], device, num_tokens: int = 0, iw_
                 mus.append(mu.cpu())
                 logvars.append(logvar.cpu())
         n += x.shape[0]
+        if progress is not None:
+            progress.update()
     model.train(was_training)
     out = {"examples": n, "nll_bound": nll_sum / n, "kl": kl_sum / n}
     if num_tokens:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 import os
 
-from savae_fast.app.errors import DataError
+from savae_fast.app.errors import DataError, MissingDependency
 
 
 def read_metrics(run_dir: str) -> list[dict]:
@@ -22,7 +22,11 @@ def read_metrics(run_dir: str) -> list[dict]:
 def plot_panels(panels: list[dict], path: str, title: str | None = None) -> str:
     """Side-by-side line plots, one per panel: ``{"xlabel", "ylabel", "title" (optional),
     "lines": {label: (xs, ys)}, "marker" (optional)}``; written as a PNG to ``path``."""
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError as exc:
+        raise MissingDependency("drawing curves needs matplotlib: pip install matplotlib "
+                                "(or savae_fast[models])") from exc
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -17,6 +17,19 @@ import torch.distributed as dist
 from savae_fast.ops import Backend, torch_impl
 
 
+def check_process_group(group) -> None:
+    """None, or a ProcessGroup of an initialised torch.distributed (anything else would
+    silently refine as one process)."""
+    if group is None:
+        return
+    if not dist.is_available() or not dist.is_initialized():
+        raise ValueError("refine: argument 'process_group' was given but torch.distributed is not initialised "
+                         "(call torch.distributed.init_process_group first, or pass process_group=None)")
+    if not isinstance(group, dist.ProcessGroup):
+        raise TypeError(f"refine: argument 'process_group' must be a torch.distributed.ProcessGroup or None, "
+                        f"got {type(group).__name__}")
+
+
 def world_size(group) -> int:
     return dist.get_world_size(group) if group is not None and dist.is_initialized() else 1
 

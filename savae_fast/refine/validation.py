@@ -154,8 +154,9 @@ def make_config(mu: Tensor, *, steps, lr, momentum, max_grad_norm, kl_weight, re
                 preserve_rng_state, process_group=None, on_nonfinite="raise",
                 fp32_precision="inherit") -> RefineConfig:
     """Validate the hyper-parameters of a refine call (errors name the argument)."""
-    from savae_fast.refine.distributed import global_batch as total_batch, world_size
+    from savae_fast.refine.distributed import check_process_group, global_batch as total_batch, world_size
 
+    check_process_group(process_group)
     if world_size(process_group) == 1:
         process_group = None
     global_batch = total_batch(mu.shape[0], process_group)

@@ -14,6 +14,7 @@ about 3.5 nats of information that a collapsed posterior loses.
 from __future__ import annotations
 
 import math
+import dataclasses
 from dataclasses import asdict, dataclass
 
 import torch
@@ -37,6 +38,22 @@ class SyntheticSpec:
     valid: int = 500
     test: int = 500
     seed: int = 0
+
+
+def check_overrides(overrides: dict) -> SyntheticSpec:
+    """The spec with ``overrides`` (field name -> value); ValueError naming a bad field."""
+    fields = {f.name: f for f in dataclasses.fields(SyntheticSpec)}
+    unknown = sorted(set(overrides) - set(fields))
+    if unknown:
+        raise ValueError(f"unknown fields {unknown}; known: {sorted(fields)}")
+    for name, value in overrides.items():
+        kind = type(getattr(SyntheticSpec, name))
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not isinstance(value, int)):
+            raise ValueError(f"{name} must be {'an integer' if kind is int else 'a number'}, got {value!r}")
+        low = 0 if name in ("seed",) else (3 if name == "vocab_size" else 1)
+        if not math.isfinite(value) or (value < low if kind is int else value <= 0):
+            raise ValueError(f"{name} must be {'>= ' + str(low) if kind is int else '> 0'}, got {value!r}")
+    return dataclasses.replace(SyntheticSpec(), **overrides)
 
 
 def true_model(spec: SyntheticSpec) -> LSTMDecoder:

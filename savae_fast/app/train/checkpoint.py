@@ -14,6 +14,17 @@ from savae_fast.app.errors import CheckpointError
 FORMAT = "savae_fast.checkpoint/1"
 
 
+def _new_file_mode() -> int:
+    """0666 less the process umask (read without changing it where /proc says it)."""
+    try:
+        with open("/proc/self/status") as f:
+            umask = next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError):
+        umask = os.umask(0o022)
+        os.umask(umask)
+    return 0o666 & ~umask
+
+
 def save(obj: dict, path: str) -> None:
     """torch.save into a temporary file in the same directory, fsync, then rename, so that
     a reader never sees a partial file; a SHA-256 of the payload detects later corruption."""
@@ -25,6 +36,7 @@ def save(obj: dict, path: str) -> None:
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=directory)
     try:
+        os.fchmod(fd, _new_file_mode())  # mkstemp's 0600 -> what open() would give (0644 under umask 022)
         with os.fdopen(fd, "wb") as f:
             torch.save(blob, f)
             f.flush()

@@ -11,6 +11,18 @@ from savae_fast.app.errors import ConfigError, UserError, report_user_error
 from savae_fast.app.train.config import TrainConfig
 
 
+NO_LIMIT = object()  # an option given as 'none' (None itself means: not given)
+
+
+def _int_or_none(text: str):
+    if text.strip().lower() == "none":
+        return NO_LIMIT
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer or 'none', got {text!r}") from None
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """--config, --resume, --no-progress and one --option per TrainConfig field (defaults from the dataclass)."""
     p.add_argument("--config", help="JSON file with TrainConfig fields (options below override it)")
@@ -26,8 +38,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                            help=f"comma-separated (default {','.join(map(str, default))})")
         elif isinstance(default, dict):
             p.add_argument(flag, type=json.loads, default=None, help="JSON object")
-        elif f.name in ("data_path", "max_length", "max_batches_per_epoch"):
-            p.add_argument(flag, type=(str if f.name == "data_path" else int), default=None)
+        elif f.name == "data_path":
+            p.add_argument(flag, default=None)
+        elif f.name in ("max_length", "max_batches_per_epoch"):
+            p.add_argument(flag, type=_int_or_none, default=None,
+                           help=f"an integer, or 'none' for no limit (default {default})")
         else:
             p.add_argument(flag, type=type(default), default=None, help=f"(default {default})")
 
@@ -44,7 +59,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     for f in dataclasses.fields(TrainConfig):
         value = getattr(args, f.name, None)
         if value is not None:
-            base[f.name] = value
+            base[f.name] = None if value is NO_LIMIT else value
     try:
         return TrainConfig.from_dict(base)
     except TypeError as exc:
@@ -68,10 +83,15 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m savae_fast.app.train",
+    from savae_fast.app.cli import ArgumentParser
+
+    parser = ArgumentParser(prog="python -m savae_fast.app.train",
                                      description="Train one model (mode: autoreg, vae, svi, vae+svi, vae+svi+kl, savae).")
     add_arguments(parser)
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # a usage error (one line, status 2) or --help (status 0)
+        return exc.code
     try:
         return run(args)
     except UserError as exc:

@@ -4,10 +4,43 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 
 from savae_fast.app.errors import ConfigError
 from savae_fast.refine.validation import DEFAULTS
+
+def _option(name: str) -> str:
+    return f"{name} (--{name.replace('_', '-')})"
+
+
+def _integer(cfg, name: str, low: int) -> None:
+    value = getattr(cfg, name)
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ConfigError(f"{_option(name)} must be an integer >= {low}, got {value!r}")
+
+
+def _real(cfg, name: str, low=None, low_open=False, high=None, high_open=False) -> None:
+    value = getattr(cfg, name)
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (low is None or value > low or (value == low and not low_open))
+    ok = ok and (high is None or value < high or (value == high and not high_open))
+    if not ok:
+        bounds = " and ".join(b for b in (
+            None if low is None else f"{'>' if low_open else '>='} {low}",
+            None if high is None else f"{'<' if high_open else '<='} {high}") if b)
+        raise ConfigError(f"{_option(name)} must be a finite number{' ' + bounds if bounds else ''}, got {value!r}")
+
+
+def _is_device(name: str) -> bool:
+    import torch
+
+    try:
+        torch.device(name)
+    except (RuntimeError, ValueError):
+        return False
+    return True
+
 
 MODES = ("autoreg", "vae", "svi", "vae+svi", "vae+svi+kl", "savae")
 DATASETS = ("synthetic", "text", "ptb", "digits", "omniglot", "mnist")
@@ -19,7 +52,7 @@ class TrainConfig:
     dataset: str = "synthetic"
     data_path: str | None = None  # text: directory with train.txt/valid.txt/test.txt; omniglot/mnist: file or dir
     max_vocab: int = 20000
-    max_length: int | None = None
+    max_length: int | None = 500  # text: longer sentences are left out (a note says how many); None: no limit
     synthetic: dict = field(default_factory=dict)  # overrides of savae_fast.app.data.synthetic.SyntheticSpec
     # model (text: latent/embed/hidden/dropout; images: latent/enc_channels/dec_channels/kernels)
     mode: str = "savae"
@@ -58,6 +91,11 @@ class TrainConfig:
     max_batches_per_epoch: int | None = None  # for quick runs
 
     def validate(self) -> "TrainConfig":
+        """Every field checked before anything runs; errors name the field and its option."""
+        from savae_fast.app.data.synthetic import check_overrides
+        from savae_fast.ops.constants import BACKENDS
+        from savae_fast.refine.hvp import HVP_METHODS
+
         if self.mode not in MODES:
             raise ConfigError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.dataset not in DATASETS:
@@ -66,19 +104,40 @@ class TrainConfig:
             raise ConfigError(f"dataset {self.dataset!r} needs --data-path")
         if self.optimizer not in ("sgd", "adam"):
             raise ConfigError(f"optimizer must be 'sgd' or 'adam', got {self.optimizer!r}")
-        for name in ("epochs", "batch_size", "svi_steps", "eval_samples", "eval_elbo_samples", "log_every"):
-            if int(getattr(self, name)) != getattr(self, name) or getattr(self, name) < (0 if name in (
-                    "svi_steps", "epochs") else 1):
-                raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
-        if self.mode != "autoreg" and self.latent_dim < 1:
-            raise ConfigError(f"mode {self.mode!r} needs latent_dim >= 1")
-        for name in ("lr", "svi_lr"):
-            if not getattr(self, name) > 0:
-                raise ConfigError(f"{name} must be > 0, got {getattr(self, name)!r}")
-        if not 0 <= self.dropout < 1:
-            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if self.hvp not in HVP_METHODS:
+            raise ConfigError(f"hvp must be one of {tuple(HVP_METHODS)}, got {self.hvp!r}")
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        for name in ("batch_size", "embed_dim", "hidden_dim", "enc_channels", "dec_channels", "eval_samples",
+                     "eval_elbo_samples", "log_every", "max_vocab"):
+            _integer(self, name, low=1)
+        for name in ("epochs", "svi_steps", "decay_start_epoch", "warmup_epochs", "seed"):
+            _integer(self, name, low=0)
+        for name in ("max_length", "max_batches_per_epoch"):
+            if getattr(self, name) is not None:
+                _integer(self, name, low=1)
+        _integer(self, "latent_dim", low=0 if self.mode == "autoreg" else 1)
+        if not isinstance(self.kernels, tuple) or not self.kernels or not all(
+                isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in self.kernels):
+            raise ConfigError(f"kernels (--kernels) must be a non-empty list of positive integers, got {self.kernels!r}")
+        _real(self, "lr", low=0.0, low_open=True)
+        _real(self, "min_lr", low=0.0)
+        _real(self, "max_grad_norm", low=0.0)
+        _real(self, "warmup_start", low=0.0, high=1.0)
+        _real(self, "dropout", low=0.0, high=1.0, high_open=True)
+        _real(self, "svi_lr", low=0.0, low_open=True)
+        _real(self, "svi_momentum", low=0.0, high=1.0, high_open=True)
+        _real(self, "svi_max_grad_norm")
+        if not isinstance(self.device, str) or (self.device != "auto" and not _is_device(self.device)):
+            raise ConfigError(f"device (--device) must be 'auto' or a torch device such as 'cpu' or 'cuda:0', "
+                              f"got {self.device!r}")
+        if not isinstance(self.synthetic, dict):
+            raise ConfigError(f"synthetic (--synthetic) must be a JSON object, got {self.synthetic!r}")
+        try:
+            check_overrides(self.synthetic)
+        except ValueError as exc:
+            raise ConfigError(f"synthetic (--synthetic): {exc}") from exc
         return self
-
 
     def refine_options(self, beta: float) -> dict:
         """Keyword arguments of savae_fast.refine for this configuration's inner optimiser."""

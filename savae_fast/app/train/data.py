@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import array
+import hashlib
+import itertools
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
 from savae_fast.app.data import images as image_data
 from savae_fast.app.data import synthetic as synthetic_data
 from savae_fast.app.data.text import TextCorpus, bucket_batches
-from savae_fast.app.errors import DataError
+from savae_fast.app.errors import DataError, notice
 from savae_fast.app.train.config import TrainConfig
 
 
@@ -29,6 +32,19 @@ class RunData:
             return bucket_batches(self.splits[split], batch_size, shuffle, seed)
         return image_data.image_batches(self.splits[split], batch_size, shuffle, seed)
 
+    def fingerprint(self) -> str:
+        """SHA-256 of the splits' content (token ids or image bits): a resumed run checks it."""
+        h = hashlib.sha256(f"{self.kind}:{self.vocab_size}:{self.image_size}".encode())
+        for name in sorted(self.splits):
+            split = self.splits[name]
+            h.update(name.encode())
+            if self.kind == "text":
+                h.update(array.array("q", [len(s) for s in split]).tobytes())
+                h.update(array.array("q", itertools.chain.from_iterable(split)).tobytes())
+            else:
+                h.update(split.contiguous().numpy().tobytes())
+        return h.hexdigest()
+
     def num_tokens(self, split: str) -> int:
         """Predicted tokens (words + </s>) of a text split, for perplexity."""
         return sum(len(s) - 1 for s in self.splits[split]) if self.kind == "text" else 0
@@ -36,7 +52,7 @@ class RunData:
 
 def load_data(cfg: TrainConfig) -> RunData:
     if cfg.dataset == "synthetic":
-        spec = replace(synthetic_data.SyntheticSpec(), **cfg.synthetic)
+        spec = synthetic_data.check_overrides(cfg.synthetic)
         gen = synthetic_data.generate(spec)
         splits = {k: [row.tolist() for row in v] for k, v in gen["splits"].items()}
         return RunData("text", splits, vocab_size=spec.vocab_size, true_test_nll=gen["true_test_nll"], seed=cfg.seed)
@@ -47,9 +63,14 @@ def load_data(cfg: TrainConfig) -> RunData:
             paths = {s: os.path.join(cfg.data_path, f"{s}.txt") for s in ("train", "valid", "test")}
             if not os.path.isdir(cfg.data_path):
                 raise DataError(f"text data directory not found: {cfg.data_path}")
-            corpus = TextCorpus.from_files(paths["train"], paths["valid"],
-                                           paths["test"] if os.path.isfile(paths["test"]) else None,
-                                           cfg.max_vocab, cfg.max_length)
+            missing = [os.path.basename(p) for p in paths.values() if not os.path.isfile(p)]
+            if missing:  # found now, not after training (the final evaluation reads test.txt)
+                raise DataError(f"text data directory {cfg.data_path} lacks {', '.join(missing)} "
+                                "(it needs train.txt, valid.txt and test.txt)")
+            corpus = TextCorpus.from_files(paths["train"], paths["valid"], paths["test"], cfg.max_vocab,
+                                           cfg.max_length)
+        for line in corpus.notes:
+            notice(line)
         return RunData("text", corpus.splits, vocab_size=len(corpus.vocab), seed=cfg.seed)
     if cfg.dataset == "digits":
         splits = image_data.digits(cfg.seed)

@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 from savae_fast.app import evaluate as ev
 from savae_fast.app.devices import resolve_device
-from savae_fast.app.errors import CheckpointError
+from savae_fast.app.errors import CheckpointError, ConfigError, notice
 from savae_fast.app.train import checkpoint
 from savae_fast.app.train.config import TrainConfig
 from savae_fast.app.train.data import RunData, build_model, load_data
@@ -24,15 +24,37 @@ from savae_fast.app.train.metrics import Progress, append_metrics
 from savae_fast.app.train.rng import rng_state, set_rng_state
 
 
+# Options a resumed run may change: none of them changes what is computed.
+RESUMABLE_CHANGES = frozenset({"epochs", "out_dir", "device", "log_every", "eval_samples", "eval_elbo_samples",
+                               "data_path", "backend"})
+
+
+def check_run_directory(path: str) -> None:
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ConfigError(f"out_dir (--out-dir) names a file, not a directory: {path}")
+
+
+def make_run_directory(path: str) -> None:
+    check_run_directory(path)
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot create out_dir (--out-dir) {path}: {exc.strerror}") from exc
+
+
 class Trainer:
     """Trains one configuration: epochs, validation, checkpoints (last.pt, best.pt), metrics."""
 
     def __init__(self, cfg: TrainConfig, resume: bool = False, progress: bool = True, data: RunData | None = None):
         self.cfg = cfg.validate()
+        self.out_dir = cfg.out_dir
+        if resume and not os.path.isfile(self._path("last.pt")):
+            raise CheckpointError(f"cannot resume: {self._path('last.pt')} not found")
         self.d = Distributed()
         self.device = resolve_device(cfg.device, self.d.local_rank)
         self.d.init(self.device)
         self.progress = progress and self.d.is_main
+        check_run_directory(self.out_dir)
         self._steps_per_epoch = None
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
@@ -48,13 +70,13 @@ class Trainer:
         self.optimizer = (torch.optim.SGD(params, lr=cfg.lr) if cfg.optimizer == "sgd"
                           else torch.optim.Adam(params, lr=cfg.lr))
         self.state = {"epoch": 0, "step": 0, "lr": cfg.lr, "best_val": math.inf, "best_epoch": -1, "history": []}
-        self.out_dir = cfg.out_dir
-        if self.d.is_main:
-            os.makedirs(self.out_dir, exist_ok=True)
-            with open(os.path.join(self.out_dir, "config.json"), "w") as f:
-                f.write(cfg.to_json())
+        self.data_fingerprint = self.data.fingerprint()
         if resume:
             self._load_last()
+        if self.d.is_main:  # after a resume was accepted: a rejected one leaves the run as it was
+            make_run_directory(self.out_dir)
+            with open(os.path.join(self.out_dir, "config.json"), "w") as f:
+                f.write(cfg.to_json())
 
     # ------------------------------------------------------------------ checkpoints
     def _path(self, name: str) -> str:
@@ -64,8 +86,8 @@ class Trainer:
         if not self.d.is_main:
             return
         checkpoint.save({"config": self.cfg.to_dict(), "model": self.model.state_dict(),
-                         "optimizer": self.optimizer.state_dict(), "state": self.state, "rng": rng_state()},
-                        self._path("last.pt"))
+                         "optimizer": self.optimizer.state_dict(), "state": self.state, "rng": rng_state(),
+                         "data_fingerprint": self.data_fingerprint}, self._path("last.pt"))
 
     def _save_best(self, epoch: int, val: dict) -> None:
         if not self.d.is_main:
@@ -75,15 +97,24 @@ class Trainer:
                         self._path("best.pt"))
 
     def _load_last(self) -> None:
-        ck = checkpoint.load(self._path("last.pt"), map_location=self.device)
+        path = self._path("last.pt")
+        ck = checkpoint.load(path, map_location=self.device)
         saved = TrainConfig.from_dict(ck["config"])
-        for key in ("mode", "dataset", "latent_dim", "embed_dim", "hidden_dim", "batch_size", "seed"):
-            if getattr(saved, key) != getattr(self.cfg, key):
+        for key, value in saved.to_dict().items():
+            if key not in RESUMABLE_CHANGES and value != self.cfg.to_dict()[key]:
                 raise CheckpointError(
-                    f"cannot resume: the checkpoint was written with {key}={getattr(saved, key)!r}, "
-                    f"this run has {key}={getattr(self.cfg, key)!r}")
-        self.model.load_state_dict(ck["model"])
-        self.optimizer.load_state_dict(ck["optimizer"])
+                    f"cannot resume: {path} was written with {key}={value!r}, this run has "
+                    f"{key}={self.cfg.to_dict()[key]!r} (only {', '.join(sorted(RESUMABLE_CHANGES))} may change)")
+        saved_data = ck.get("data_fingerprint")
+        if saved_data is not None and saved_data != self.data_fingerprint:
+            raise CheckpointError(f"cannot resume: {path} was trained on different data (fingerprint "
+                                  f"{saved_data[:12]}, this run's data {self.data_fingerprint[:12]})")
+        try:
+            self.model.load_state_dict(ck["model"])
+            self.optimizer.load_state_dict(ck["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise CheckpointError(f"cannot resume: {path} does not match this run's model "
+                                  f"({str(exc).splitlines()[0]})") from exc
         self.state = ck["state"]
         set_rng_state(ck["rng"])
 
@@ -131,9 +162,10 @@ class Trainer:
         loss, nll, kl, n = self.d.sum(totals, self.device)
         return {"train_loss": loss / max(n, 1), "train_nll": nll / max(n, 1), "train_kl": kl / max(n, 1)}
 
-    def validate(self, split: str = "valid", full: bool = False) -> dict:
+    def validate(self, split: str = "valid", full: bool = False, progress: Progress | None = None) -> dict:
         batches = self.data.batches(split, self.cfg.batch_size, shuffle=False)
-        return ev.evaluate(self.model, self.cfg, batches, self.device, self.data.num_tokens(split), full=full)
+        return ev.evaluate(self.model, self.cfg, batches, self.device, self.data.num_tokens(split), full=full,
+                           progress=progress)
 
     def fit(self) -> dict:
         c = self.cfg
@@ -171,7 +203,15 @@ class Trainer:
         best = self._path("best.pt")
         if os.path.exists(best):
             self.model.load_state_dict(checkpoint.load(best, map_location=self.device)["model"])
-        res = self.validate("test", full=True)
+        c = self.cfg
+        batches = len(self.data.batches("test", c.batch_size, shuffle=False))
+        what = "exact NLL" if c.mode == "autoreg" else f"{c.eval_samples} importance samples per example"
+        if self.d.is_main:  # the full test evaluation can take long: say so even with --no-progress
+            notice(f"testing {'best.pt' if os.path.exists(best) else 'the last model'} on the test split "
+                   f"({len(self.data.splits['test'])} examples, {batches} batches, {what})")
+        bar = Progress(self.progress, batches, f"{c.mode} test", estimate=self.d.is_main)
+        res = self.validate("test", full=True, progress=bar)
+        bar.close()
         if self.data.true_test_nll is not None:
             res["true_nll"] = self.data.true_test_nll
         if self.d.is_main:

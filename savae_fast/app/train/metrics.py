@@ -7,6 +7,7 @@ import csv
 import json
 import os
 import sys
+import time
 
 
 def append_metrics(out_dir: str, record: dict, history: list[dict]) -> None:
@@ -23,20 +24,62 @@ def append_metrics(out_dir: str, record: dict, history: list[dict]) -> None:
 
 
 class Progress:
-    """A tqdm bar over one epoch's batches on stderr, or nothing (``enabled=False``)."""
+    """Progress over ``total`` items on stderr.
 
-    def __init__(self, enabled: bool, total: int, desc: str):
+    ``enabled``: a tqdm bar on a terminal; in a log file (stderr not a terminal) a plain
+    line at most every ``interval`` seconds and one at the end, instead of thousands of
+    carriage-return updates. Not enabled: nothing, or with ``estimate=True`` (long jobs
+    run with --no-progress) one line after the first item saying how long the rest may take.
+    """
+
+    def __init__(self, enabled: bool, total: int, desc: str, interval: float = 30.0, estimate: bool = False):
+        self.total, self.desc, self.interval = total, desc, interval
+        self.done, self.postfix = 0, {}
+        self.start = self.last_line = time.monotonic()
         self.bar = None
-        if enabled:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, desc=desc, leave=False, file=sys.stderr, dynamic_ncols=True)
+        self.mode = None
+        if enabled and total > 0:
+            self.mode = "lines"
+            if sys.stderr.isatty():
+                try:
+                    from tqdm import tqdm
+                except ImportError:  # an optional dependency: plain lines instead
+                    pass
+                else:
+                    self.mode = "bar"
+                    self.bar = tqdm(total=total, desc=desc, leave=False, file=sys.stderr, dynamic_ncols=True)
+        elif estimate and total > 1:
+            self.mode = "estimate"
 
     def update(self, **postfix) -> None:
-        if self.bar is not None:
+        self.done += 1
+        self.postfix = postfix
+        if self.mode == "bar":
             self.bar.update(1)
-            self.bar.set_postfix(**postfix)
+            if postfix:
+                self.bar.set_postfix(**postfix)
+            return
+        now = time.monotonic()
+        if self.mode == "lines" and (now - self.last_line >= self.interval or self.done == self.total):
+            self.last_line = now
+            self._line(f"{self.done}/{self.total}")
+        elif self.mode == "estimate" and self.done == 1:
+            left = (now - self.start) * (self.total - 1)
+            self._line(f"1/{self.total} took {now - self.start:.1f} s; the rest may take about {_duration(left)}")
+
+    def _line(self, what: str) -> None:
+        extra = " ".join(f"{k} {v}" for k, v in self.postfix.items())
+        print(f"{self.desc}: {what}{' | ' + extra if extra else ''} ({_duration(time.monotonic() - self.start)})",
+              file=sys.stderr, flush=True)
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"

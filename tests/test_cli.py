@@ -1,0 +1,251 @@
+"""The command line with bad input: one line naming the problem on stderr, exit status 2,
+and nothing written that a later run would misread. Also what a run tells the user
+(notes about the data, progress in logs, the long final evaluation)."""
+
+import gzip
+import json
+import os
+import stat
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from savae_fast.app.cli import main as cli_main
+from savae_fast.app.data.text import TextCorpus
+from savae_fast.app.train.metrics import Progress
+
+TINY_SYNTHETIC = json.dumps({"train": 32, "valid": 8, "test": 8})
+TINY = ["--latent-dim", "2", "--embed-dim", "8", "--hidden-dim", "8", "--epochs", "1", "--batch-size", "8",
+        "--optimizer", "adam", "--lr", "0.01", "--svi-steps", "2", "--eval-samples", "2", "--eval-elbo-samples", "1",
+        "--no-progress"]
+
+
+def _one_line_error(capsys, code, *needles):
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert err.count("\n") == 0, err
+    assert ": error: " in err and all(n in err for n in needles), err
+    return err
+
+
+def _write_text(d, lines_per_split=None, words=30, seed=0, extra_train=()):
+    os.makedirs(d, exist_ok=True)
+    gen = np.random.default_rng(seed)
+    for split, n in (lines_per_split or {"train": 24, "valid": 8, "test": 8}).items():
+        lines = [" ".join(f"w{j}" for j in gen.integers(0, words, gen.integers(3, 8))) for _ in range(n)]
+        if split == "train":
+            lines += list(extra_train)
+        with open(os.path.join(d, f"{split}.txt"), "w") as f:
+            f.write("\n".join(lines) + "\n")
+    return str(d)
+
+
+BAD_TRAIN_OPTIONS = [
+    (["--svi-momentum", "1.0"], "svi_momentum"),
+    (["--hvp", "bogus"], "hvp must be one of"),
+    (["--backend", "bogus"], "backend must be one of"),
+    (["--svi-max-grad-norm", "nan"], "svi_max_grad_norm"),
+    (["--svi-lr", "inf"], "svi_lr"),
+    (["--warmup-start", "-5"], "warmup_start"),
+    (["--max-batches-per-epoch", "-1"], "max_batches_per_epoch"),
+    (["--synthetic", '{"bogus": 1}'], "unknown fields ['bogus']"),
+    (["--synthetic", "[1]"], "must be a JSON object"),
+    (["--synthetic", '{"train": 0}'], "train must be >= 1"),
+    (["--synthetic", '{"vocab_size": 2.5}'], "vocab_size must be an integer"),
+    (["--hidden-dim", "0"], "hidden_dim"),
+    (["--embed-dim", "-1"], "embed_dim"),
+    (["--max-length", "0"], "max_length"),
+    (["--device", "bogus"], "device"),
+    (["--epochs", "x"], "--epochs"),
+]
+
+
+@pytest.mark.parametrize("options,needle", BAD_TRAIN_OPTIONS, ids=[" ".join(o) for o, _ in BAD_TRAIN_OPTIONS])
+def test_bad_train_option_is_one_line_exit_2(tmp_path, capsys, options, needle):
+    out = tmp_path / "run"
+    code = cli_main(["train", "--dataset", "synthetic", "--synthetic", TINY_SYNTHETIC, *TINY, "--out-dir", str(out),
+                     *options])
+    _one_line_error(capsys, code, needle)
+    assert not out.exists()  # found before anything was written
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_cuda_device_without_a_gpu(tmp_path, capsys):
+    code = cli_main(["train", "--synthetic", TINY_SYNTHETIC, *TINY, "--device", "cuda", "--out-dir",
+                     str(tmp_path / "run")])
+    _one_line_error(capsys, code, "no CUDA GPU")
+
+
+def test_out_dir_naming_a_file(tmp_path, capsys):
+    f = tmp_path / "a_file"
+    f.write_text("keep me")
+    code = cli_main(["train", "--synthetic", TINY_SYNTHETIC, *TINY, "--out-dir", str(f)])
+    _one_line_error(capsys, code, "names a file")
+    assert f.read_text() == "keep me"
+
+
+def test_eval_bad_samples(tmp_path, capsys):
+    code = cli_main(["train", "--mode", "vae", "--synthetic", TINY_SYNTHETIC, *TINY, "--out-dir", str(tmp_path)])
+    assert code == 0
+    capsys.readouterr()
+    for bad in ("-5", "0", "x"):
+        code = cli_main(["eval", str(tmp_path / "best.pt"), "--samples", bad])
+        _one_line_error(capsys, code, "--samples", "positive integer")
+
+
+def test_text_directory_without_test_file_fails_before_training(tmp_path, capsys):
+    d = _write_text(tmp_path / "text", {"train": 24, "valid": 8})
+    code = cli_main(["train", "--dataset", "text", "--data-path", d, *TINY, "--out-dir", str(tmp_path / "run")])
+    _one_line_error(capsys, code, "lacks test.txt")
+    assert not (tmp_path / "run" / "config.json").exists()
+
+
+def _train_text(tmp_path, data, out, *extra):
+    return cli_main(["train", "--mode", "savae", "--dataset", "text", "--data-path", data, *TINY, "--out-dir", out,
+                     *extra])
+
+
+def test_rejected_resume_keeps_the_run_and_names_the_difference(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    data = _write_text(tmp_path / "a", seed=0)
+    assert _train_text(tmp_path, data, out) == 0
+    config_before = open(os.path.join(out, "config.json")).read()
+    last_before = open(os.path.join(out, "last.pt"), "rb").read()
+    capsys.readouterr()
+
+    # other data with another vocabulary size (this was a size-mismatch traceback)
+    other_vocab = _write_text(tmp_path / "b", words=50, seed=1)
+    _one_line_error(capsys, _train_text(tmp_path, other_vocab, out, "--resume", "--epochs", "2"), "different data")
+    # other data of the same vocabulary size (this was accepted silently)
+    same_vocab = _write_text(tmp_path / "c", seed=2)
+    assert len(TextCorpus.from_files(*(os.path.join(same_vocab, f"{s}.txt") for s in ("train", "valid", "test")))
+               .vocab) == len(TextCorpus.from_files(*(os.path.join(data, f"{s}.txt")
+                                                      for s in ("train", "valid", "test"))).vocab)
+    _one_line_error(capsys, _train_text(tmp_path, same_vocab, out, "--resume", "--epochs", "2"), "different data")
+    # a changed option that changes what is computed
+    _one_line_error(capsys, _train_text(tmp_path, data, out, "--resume", "--epochs", "2", "--svi-lr", "0.5"),
+                    "svi_lr=1.0", "svi_lr=0.5")
+    assert open(os.path.join(out, "config.json")).read() == config_before
+    assert open(os.path.join(out, "last.pt"), "rb").read() == last_before
+    # the same data from another directory, more epochs: accepted
+    moved = tmp_path / "moved"
+    os.rename(data, moved)
+    assert _train_text(tmp_path, str(moved), out, "--resume", "--epochs", "2") == 0
+
+
+def test_resume_with_other_synthetic_data_is_refused(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    args = ["train", "--mode", "vae", *TINY, "--out-dir", out]
+    assert cli_main([*args, "--synthetic", TINY_SYNTHETIC]) == 0
+    capsys.readouterr()
+    other = json.dumps({"train": 32, "valid": 8, "test": 8, "seed": 5})
+    _one_line_error(capsys, cli_main([*args, "--synthetic", other, "--resume", "--epochs", "2"]), "synthetic")
+
+
+def test_checkpoints_have_the_mode_of_other_run_files(tmp_path):
+    out = tmp_path / "run"
+    assert cli_main(["train", "--mode", "vae", "--synthetic", TINY_SYNTHETIC, *TINY, "--out-dir", str(out)]) == 0
+    mode = lambda name: stat.S_IMODE(os.stat(out / name).st_mode)  # noqa: E731
+    assert mode("best.pt") == mode("last.pt") == mode("config.json") == mode("metrics.csv")
+
+
+def _mnist_args(tmp_path, path):
+    return ["train", "--mode", "vae", "--dataset", "mnist", "--data-path", str(path), *TINY,
+            "--out-dir", str(tmp_path / "run")]
+
+
+def _idx(path, n, truncate=0):
+    data = (2051).to_bytes(4, "big") + n.to_bytes(4, "big") + (28).to_bytes(4, "big") + (28).to_bytes(4, "big")
+    data += bytes(n * 784 - truncate)
+    with gzip.open(path, "wb") as f:
+        f.write(data)
+
+
+@pytest.mark.parametrize("case", ["npz_without_x_test", "garbage_npz", "truncated_idx", "too_few_images"])
+def test_bad_mnist_files(tmp_path, capsys, case):
+    if case == "npz_without_x_test":
+        path = tmp_path / "mnist.npz"
+        np.savez(path, x_train=np.zeros((10010, 28, 28), np.uint8))
+        needle = "lacks x_test"
+    elif case == "garbage_npz":
+        path = tmp_path / "mnist.npz"
+        path.write_bytes(b"this is not a zip file" * 10)
+        needle = "not a readable mnist.npz"
+    else:
+        path = tmp_path / "idx"
+        path.mkdir()
+        _idx(path / "t10k-images-idx3-ubyte.gz", 3)
+        if case == "truncated_idx":
+            _idx(path / "train-images-idx3-ubyte.gz", 10010, truncate=100)
+            needle = "truncated"
+        else:
+            _idx(path / "train-images-idx3-ubyte.gz", 50)
+            needle = "50 training"
+    _one_line_error(capsys, cli_main(_mnist_args(tmp_path, path)), needle)
+
+
+def test_plot_without_matplotlib_is_one_line(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    assert cli_main(["train", "--mode", "vae", "--synthetic", TINY_SYNTHETIC, *TINY, "--out-dir", str(out)]) == 0
+    capsys.readouterr()
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import fails as if not installed
+    _one_line_error(capsys, cli_main(["plot", str(out)]), "needs matplotlib")
+
+
+def test_a_very_long_line_is_left_out_with_a_note(tmp_path, capsys):
+    """A 20,000-token line made training crawl with no message; it is now left out, and said."""
+    data = _write_text(tmp_path / "text", extra_train=[" ".join(["w1"] * 20000)])
+    assert _train_text(tmp_path, data, str(tmp_path / "run")) == 0
+    err = capsys.readouterr().err
+    assert "train.txt: left out 1 of 25 sentences longer than 500 words (the longest has 20000" in err
+
+
+def test_literal_reserved_tokens_are_words_not_padding(tmp_path, capsys):
+    data = _write_text(tmp_path / "text", extra_train=["a <pad> b", "<s> c </s>"])
+    paths = [os.path.join(data, f"{s}.txt") for s in ("train", "valid", "test")]
+    corpus = TextCorpus.from_files(*paths)
+    train = corpus.splits["train"]
+    pad_row, bos_row = train[-2], train[-1]
+    unk = corpus.vocab.stoi["<unk>"]
+    assert pad_row[2] == unk and 0 not in pad_row  # counted in the loss (padding id 0 is not)
+    assert bos_row[1] == unk and bos_row[3] == unk
+    assert any("3 occurrence(s) of the reserved tokens" in n for n in corpus.notes)
+
+
+def test_progress_in_a_log_is_a_few_plain_lines(capsys):
+    bar = Progress(True, 1000, "savae epoch 1/1", interval=3600.0)
+    for _ in range(1000):
+        bar.update(loss="1.00")
+    bar.close()
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    assert err.strip().splitlines() == [l for l in err.strip().splitlines() if "1000/1000" in l]  # only the last
+
+
+def test_final_evaluation_is_announced_without_progress(tmp_path, capsys):
+    assert cli_main(["train", "--mode", "savae", "--synthetic", TINY_SYNTHETIC, *TINY, "--out-dir",
+                     str(tmp_path / "run")]) == 0
+    err = capsys.readouterr().err
+    assert "testing best.pt on the test split (8 examples, 1 batches, 2 importance samples per example)" in err
+
+
+def test_training_progress_without_tqdm(capsys, monkeypatch):
+    """tqdm is optional: on a terminal without it, progress is plain lines (it crashed)."""
+    monkeypatch.setitem(sys.modules, "tqdm", None)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    bar = Progress(True, 3, "vae epoch 1/1", interval=0.0)
+    for _ in range(3):
+        bar.update(loss="2.00")
+    bar.close()
+    assert capsys.readouterr().err.count("vae epoch 1/1: ") == 3
+
+
+def test_omniglot_without_scipy_is_one_line(tmp_path, capsys, monkeypatch):
+    path = tmp_path / "chardata.mat"
+    path.write_bytes(b"x")
+    monkeypatch.setitem(sys.modules, "scipy.io", None)
+    code = cli_main(["train", "--mode", "vae", "--dataset", "omniglot", "--data-path", str(path), *TINY,
+                     "--out-dir", str(tmp_path / "run")])
+    _one_line_error(capsys, code, "needs SciPy")
