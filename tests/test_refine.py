@@ -179,3 +179,38 @@ def test_zero_incoming_gradient_gives_zero():
     mu_k, _ = sf.refine(mu0, p.logvar0, p.nll_fn, p.params, steps=3, noise=p.noise, hvp="fd_forward")
     grads = torch.autograd.grad((mu_k * 0).sum(), [mu0, *p.params])
     assert all(torch.count_nonzero(g) == 0 for g in grads)
+
+
+def test_decoder_gradients_equal_autograd_grad_on_every_path(monkeypatch):
+    """refine's gradient call (the autograd engine directly for plain tensors) returns what
+    torch.autograd.grad returns: for plain tensors and parameters, for a Tensor subclass
+    (public path), and after the engine's signature ever fails (public path from then on)."""
+    from savae_fast.refine import decoder
+
+    class Sub(torch.Tensor):
+        pass
+
+    w = torch.nn.Parameter(torch.randn(4, 3, dtype=torch.float64))
+    unused = torch.randn(2, dtype=torch.float64, requires_grad=True)
+
+    def case(z):
+        return (z @ w).sin().sum()
+
+    z = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    want = torch.autograd.grad(case(z), (z, w, unused), allow_unused=True)
+
+    def check(z):
+        got = decoder.gradients(case(z), (z, w, unused))
+        assert got[2] is None and all(torch.equal(a, b) for a, b in zip(got[:2], want[:2]))
+
+    check(z)
+    check(z.detach().as_subclass(Sub).requires_grad_(True))
+
+    class OldEngine:
+        def run_backward(self, *args):
+            raise TypeError("run_backward() takes 6 positional arguments")
+
+    monkeypatch.setattr(decoder, "_ENGINE", OldEngine())
+    monkeypatch.setattr(decoder, "_engine_usable", True)
+    check(z)
+    assert decoder._engine_usable is False

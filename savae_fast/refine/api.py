@@ -109,14 +109,15 @@ def refine(
     if not callable(nll_fn):
         raise TypeError(f"refine: argument 'nll_fn' must be callable, got {type(nll_fn).__name__}")
     params = collect_params(params)
+    # read once: they pick the default difference step and say whether to warn
+    reduced = (reduced_fp32_settings(mu.device.type) if mu.dtype == torch.float32 and fp32_precision != "ieee"
+               else {})
     cfg = make_config(mu, steps=steps, lr=lr, momentum=momentum, max_grad_norm=max_grad_norm,
                       kl_weight=kl_weight, reduction=reduction, hvp=hvp, fd_eps=fd_eps,
                       preserve_rng_state=preserve_rng_state, process_group=process_group,
-                      on_nonfinite=on_nonfinite, fp32_precision=fp32_precision)
-    if mu.dtype == torch.float32 and not cfg.full_fp32:
-        reduced = reduced_fp32_settings(mu.device.type)
-        if reduced:
-            warn_reduced_precision(mu.device.type, reduced)
+                      on_nonfinite=on_nonfinite, fp32_precision=fp32_precision, reduced_fp32=reduced)
+    if reduced:
+        warn_reduced_precision(mu.device.type, reduced)
     check_backend(backend)
     if cfg.steps == 0:
         if noise is not None:

@@ -72,11 +72,12 @@ def reduced_fp32_settings(device_type: str) -> dict[str, str]:
     return out
 
 
-def decoder_precision(mu: Tensor, full_fp32: bool = False) -> torch.dtype | str:
+def decoder_precision(mu: Tensor, full_fp32: bool = False, reduced: dict | None = None) -> torch.dtype | str:
     """The precision the decoder computes in: the autocast dtype when refine is called
     inside an autocast region for mu's device; "tf32" (or bfloat16) for float32 state on
     a device whose float32 matmuls/convolutions/RNNs are set to reduced precision (unless
-    ``full_fp32``: refine switches that off around its decoder evaluations); else mu's dtype."""
+    ``full_fp32``: refine switches that off around its decoder evaluations); else mu's dtype.
+    ``reduced``: reduced_fp32_settings(mu's device type) when the caller has read them already."""
     device_type = mu.device.type
     try:
         if torch.is_autocast_enabled(device_type):
@@ -86,7 +87,7 @@ def decoder_precision(mu: Tensor, full_fp32: bool = False) -> torch.dtype | str:
     except (RuntimeError, TypeError):  # device type without autocast support
         pass
     if mu.dtype == torch.float32 and not full_fp32:
-        reduced = set(reduced_fp32_settings(device_type).values())
+        reduced = set((reduced_fp32_settings(device_type) if reduced is None else reduced).values())
         if "bf16" in reduced:
             return torch.bfloat16
         if reduced:

@@ -152,8 +152,9 @@ def check_backend(backend) -> str:
 
 def make_config(mu: Tensor, *, steps, lr, momentum, max_grad_norm, kl_weight, reduction, hvp, fd_eps,
                 preserve_rng_state, process_group=None, on_nonfinite="raise",
-                fp32_precision="inherit") -> RefineConfig:
-    """Validate the hyper-parameters of a refine call (errors name the argument)."""
+                fp32_precision="inherit", reduced_fp32: dict | None = None) -> RefineConfig:
+    """Validate the hyper-parameters of a refine call (errors name the argument).
+    ``reduced_fp32``: precision.reduced_fp32_settings for mu's device if already read."""
     from savae_fast.refine.distributed import check_process_group, global_batch as total_batch, world_size
 
     check_process_group(process_group)
@@ -187,7 +188,8 @@ def make_config(mu: Tensor, *, steps, lr, momentum, max_grad_norm, kl_weight, re
     if fp32_precision not in FP32_PRECISIONS:
         raise ValueError(f"refine: argument 'fp32_precision' must be one of {FP32_PRECISIONS}, got {fp32_precision!r}")
     if fd_eps is None:
-        fd_eps = method.default_fd_eps.get(decoder_precision(mu, full_fp32=fp32_precision == "ieee"), 0.0)
+        fd_eps = method.default_fd_eps.get(decoder_precision(mu, full_fp32=fp32_precision == "ieee", reduced=reduced_fp32),
+                                         0.0)
     else:
         fd_eps = real("fd_eps", fd_eps, low=0.0, low_open=True)
         if not FD_EPS_RANGE[0] <= fd_eps <= FD_EPS_RANGE[1]:
