@@ -17,7 +17,8 @@ from benchmarks import harness
 from benchmarks.accuracy import accuracy_table, bench_accuracy
 from benchmarks.configs import CONFIGS
 from benchmarks.op_level import QUICK_SIZES, SIZES, bench_ops, ops_table
-from benchmarks.refinement import bench_memory, bench_scaling_batch, bench_scaling_k, bench_step, step_table
+from benchmarks.refinement import (bench_graphed_step, bench_memory, bench_scaling_batch, bench_scaling_k,
+                                   bench_step, graphed_step_table, step_table)
 
 SECTIONS = ("ops", "step", "accuracy", "scaling", "memory")
 
@@ -85,6 +86,16 @@ def main(argv=None) -> int:
             errors_on = "" if r["error_batch"] == cfg.batch else f"; errors on the first {r['error_batch']} examples"
             report += [f"## SA-VAE training step: {name} (B={cfg.batch}, D={cfg.latent}, K={cfg.steps}, "
                        f"{r['decoder_params']:,} decoder parameters{errors_on})", step_table(r), ""]
+            if dev == "cuda" and cfg.kind == "lstm":
+                try:
+                    g = bench_graphed_step(cfg, dev, rounds=min(rounds, cfg.max_rounds or rounds))
+                except Exception as exc:  # noqa: BLE001 - reported in the results, the suite goes on
+                    g = {"config": name, "error": f"{type(exc).__name__}: {exc}"}
+                    report += [f"## {name} as one CUDA graph: failed ({g['error'][:300]})", ""]
+                else:
+                    report += [f"## SA-VAE training step as one CUDA graph (sf.GraphedStep): {name}",
+                               graphed_step_table(g), ""]
+                results.setdefault("graphed_step", []).append(g)
     if "accuracy" in sections:
         shapes = ((32, 20),) if quick else ((8, 10), (32, 20))
         acc = bench_accuracy(dev, "small_lstm", shapes=shapes, seeds=2 if quick else 5)

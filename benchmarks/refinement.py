@@ -114,6 +114,55 @@ def bench_step(cfg: DecoderConfig, device: str, rounds: int, include_slow: bool 
             "rows": rows}
 
 
+def bench_graphed_step(cfg: DecoderConfig, device: str, rounds: int, fallback: bool = False) -> dict:
+    """CUDA: the training step with refine fd_forward and the decoder floor, each captured as
+    one CUDA graph by sf.GraphedStep and timed by replay, next to the eager step and floor.
+    The graphed floor is the 2K + 1 decoder passes' loss (gradients w.r.t. z and every
+    parameter) in one backward. ``fallback=True`` lets GraphedStep run eagerly (CPU smoke test)."""
+    p = make_problem(cfg, device)
+    params = list(p.params)
+    mu0 = p.mu0.clone().requires_grad_(True)
+    logvar0 = p.logvar0.clone().requires_grad_(True)
+    z_leaf = p.mu0.clone().requires_grad_(True)
+
+    def step_loss(noise, final_eps):
+        mu_k, logvar_k = sf.refine(mu0, logvar0, p.nll_fn, params, steps=noise.shape[0], noise=noise,
+                                   preserve_rng_state=False, on_nonfinite="ignore")
+        z = mu_k + torch.exp(0.5 * logvar_k) * final_eps
+        kl = 0.5 * (mu_k ** 2 + logvar_k.exp() - logvar_k - 1).sum(1)
+        return (p.nll_fn(z) + kl).mean()
+
+    def floor_loss(noise, final_eps):
+        return sum(p.nll_fn(z_leaf).sum() for _ in range(2 * p.noise.shape[0] + 1))
+
+    inputs = (p.noise, p.final_eps)
+    step = sf.GraphedStep(step_loss, inputs, [mu0, logvar0, *params], fallback=fallback)
+    floor = sf.GraphedStep(floor_loss, inputs, [z_leaf, *params], fallback=fallback)
+    candidates = {
+        "decoder floor, one CUDA graph": lambda: floor(*inputs),
+        "refine fd_forward step, one CUDA graph": lambda: step(*inputs),
+        "decoder floor, eager": lambda: decoder_floor(p),
+        "refine fd_forward step, eager": lambda: training_step(METHODS["refine fd_forward"], p),
+    }
+    times = harness.interleaved(candidates, rounds, device)
+    rows = [{"method": name, **harness.summary(samples)} for name, samples in times.items()]
+    for row, den in zip(rows, (None, "decoder floor, one CUDA graph", None, "decoder floor, eager")):
+        if den is not None:
+            row["vs_floor"] = harness.ratio(times, row["method"], den)
+    rows[1]["speedup_vs_eager"] = harness.ratio(times, "refine fd_forward step, eager", rows[1]["method"])
+    return {"config": cfg.name, "device": device, "rounds": rounds, "rows": rows}
+
+
+def graphed_step_table(result: dict) -> str:
+    rows = [{"method": r["method"], "ms": r["median_s"] * 1e3,
+             "floor": r.get("vs_floor", {}).get("median_of_ratios"),
+             "floor_min": r.get("vs_floor", {}).get("ratio_of_minima"),
+             "eager": r.get("speedup_vs_eager", {}).get("median_of_ratios")} for r in result["rows"]]
+    return harness.markdown_table(rows, [
+        ("method", "method", ""), ("time / step (ms)", "ms", "{:.2f}"), ("/ its floor", "floor", "{:.3f}"),
+        ("/ its floor (minima)", "floor_min", "{:.3f}"), ("speed-up vs eager step", "eager", "{:.2f}x")])
+
+
 def step_table(result: dict) -> str:
     rows = []
     for r in result["rows"]:

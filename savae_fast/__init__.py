@@ -7,7 +7,8 @@
 from savae_fast import ops, reference
 from savae_fast.refine import refine
 from savae_fast.refine.graph import RefineGraph
+from savae_fast.step_graph import GraphedStep
 
 __version__ = "0.1.0"
 
-__all__ = ["refine", "RefineGraph", "ops", "reference", "__version__"]
+__all__ = ["refine", "RefineGraph", "GraphedStep", "ops", "reference", "__version__"]

@@ -44,3 +44,20 @@ def test_memory_benchmark_child_measures_a_training_step():
     out = peak_memory("small_lstm", "refine fd_forward", 2, "cpu")
     assert out["peak_bytes"] >= out["base_bytes"] > 0
     assert out["params"] == make_problem(CONFIGS["small_lstm"], "cpu", steps=2).num_params()
+
+
+def test_graphed_step_benchmark_runs_eagerly_on_cpu():
+    """The CUDA-graph section's code path (on CPU GraphedStep falls back to eager)."""
+    import warnings
+
+    sys.path.insert(0, ROOT)
+    from benchmarks.configs import CONFIGS
+    from benchmarks.refinement import bench_graphed_step, graphed_step_table
+
+    cfg = CONFIGS["small_lstm"].with_(batch=4, steps=2, length=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        result = bench_graphed_step(cfg, "cpu", rounds=1, fallback=True)
+    table = graphed_step_table(result)
+    assert "one CUDA graph" in table and len(result["rows"]) == 4
+    assert result["rows"][1]["vs_floor"]["median_of_ratios"] > 0

@@ -99,3 +99,115 @@ def test_autocast_selects_low_precision_steps():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert decoder_precision(mu) == torch.bfloat16
         assert DEFAULT_FD_EPS[("fd_central", torch.bfloat16)] > 10 * DEFAULT_FD_EPS[("fd_central", torch.float32)]
+
+
+# --------------------------------------------------------------------------- GraphedStep
+def _graphed_problem(device="cpu", steps=4, **refine_options):
+    p = make_problem("mlp", torch.float32, batch=8, latent=4, steps=steps).to(device=device)
+    enc = torch.nn.Linear(p.x.shape[1], 8).to(device)
+    dec = p.decoder
+    params = [*enc.parameters(), *dec.parameters()]
+    options = {"preserve_rng_state": False, "on_nonfinite": "ignore", **refine_options}
+
+    def loss_fn(x, noise, final_eps):
+        mu, logvar = enc(x.float()).chunk(2, dim=1)
+        mu_k, logvar_k = sf.refine(mu, logvar, lambda z: dec.nll(x, z), dec.parameters(), steps=steps,
+                                   noise=noise, **options)
+        z = mu_k + torch.exp(0.5 * logvar_k) * final_eps
+        kl = 0.5 * (mu_k ** 2 + logvar_k.exp() - logvar_k - 1).sum(1)
+        return (dec.nll(x, z) + kl).mean()
+
+    return loss_fn, (p.x, p.noise, p.final_eps), params
+
+
+def _eager_grads(loss_fn, inputs, params):
+    for q in params:
+        q.grad = None
+    loss = loss_fn(*inputs)
+    loss.backward()
+    return loss.detach(), [q.grad.clone() for q in params]
+
+
+def test_graphed_step_validates_its_arguments():
+    loss_fn, inputs, params = _graphed_problem()
+    with pytest.raises(TypeError, match="'loss_fn' must be callable"):
+        sf.GraphedStep(None, inputs, params)
+    with pytest.raises(TypeError, match=r"'example_inputs'\[1\] must be a Tensor, got int"):
+        sf.GraphedStep(loss_fn, (inputs[0], 3), params)
+    with pytest.raises(ValueError, match="'params' is empty"):
+        sf.GraphedStep(loss_fn, inputs, [])
+    with pytest.raises(ValueError, match=r"'params'\[0\] does not require grad"):
+        sf.GraphedStep(loss_fn, inputs, [torch.zeros(2)])
+    with pytest.raises(ValueError, match="'warmup' must be an int >= 1"):
+        sf.GraphedStep(loss_fn, inputs, params, warmup=0)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU fallback")
+def test_graphed_step_without_cuda_falls_back_to_eager_with_one_warning():
+    loss_fn, inputs, params = _graphed_problem()
+    with pytest.warns(RuntimeWarning, match="running the step eagerly .*CUDA is not available"):
+        step = sf.GraphedStep(loss_fn, inputs, params)
+    assert not step.captured and "CUDA is not available" in step.reason
+    want_loss, want = _eager_grads(loss_fn, inputs, params)
+    for q in params:
+        q.grad = torch.full_like(q, 7.0)  # overwritten, not accumulated
+    loss = step(*inputs)
+    assert torch.equal(loss, want_loss) and all(torch.equal(q.grad, g) for q, g in zip(params, want))
+    with pytest.raises(RuntimeError, match="cannot be captured as a CUDA graph: CUDA is not available"):
+        sf.GraphedStep(loss_fn, inputs, params, fallback=False)
+
+
+def test_graphed_step_refuses_other_shapes_by_input():
+    """Also when running eagerly: a CPU dry run finds what a capture would refuse."""
+    loss_fn, inputs, params = _graphed_problem()
+    with pytest.warns(RuntimeWarning) if not torch.cuda.is_available() else _no_warning():
+        step = sf.GraphedStep(loss_fn, inputs, params)
+    x, noise, final_eps = inputs
+    with pytest.raises(ValueError, match=rf"input 0 is \[8, 3\] int64 on \w+ but the step was captured for "
+                                         rf"\[8, {x.shape[1]}\]"):
+        step(x[:, :3], noise, final_eps)
+    with pytest.raises(ValueError, match="input 2 is .* float64"):
+        step(x, noise, final_eps.double())
+    with pytest.raises(TypeError, match="expected 3 input tensors"):
+        step(x, noise)
+
+
+class _no_warning:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+@cuda
+@pytest.mark.cuda
+def test_graphed_step_replay_equals_eager():
+    """A deterministic decoder: every replay gives the eager loss and gradients, for new
+    inputs too, and the gradients land in p.grad even after zero_grad(set_to_none=True)."""
+    loss_fn, inputs, params = _graphed_problem("cuda")
+    step = sf.GraphedStep(loss_fn, inputs, params, fallback=False)
+    assert step.captured
+    other = (inputs[0].flip(0), torch.randn_like(inputs[1]), torch.randn_like(inputs[2]))
+    for data in (inputs, other, inputs):
+        want_loss, want = _eager_grads(loss_fn, data, params)
+        for q in params:
+            q.grad = None
+        loss = step(*data)
+        # replay may run other GEMM kernels than eager (rounding differences), which the
+        # difference quotient divides by fd_eps = 1e-3: compare at fd_forward's float32 accuracy
+        assert torch.allclose(loss, want_loss, rtol=1e-4, atol=1e-6)
+        assert max_rel_err([q.grad for q in params], want)[0] < 1e-3
+
+
+@cuda
+@pytest.mark.cuda
+def test_graphed_step_refuses_capture_with_rng_preservation():
+    loss_fn, inputs, params = _graphed_problem("cuda", preserve_rng_state=True)
+    with pytest.raises(RuntimeError, match="preserve_rng_state=False"):
+        sf.GraphedStep(loss_fn, inputs, params, fallback=False)
+    with pytest.warns(RuntimeWarning, match="running the step eagerly"):
+        step = sf.GraphedStep(loss_fn, inputs, params)
+    assert not step.captured
+    want_loss, _ = _eager_grads(loss_fn, inputs, params)
+    assert torch.allclose(step(*inputs), want_loss)
