@@ -293,6 +293,19 @@ def test_model_calling_refine_compiles_with_one_graph_break():
     assert max_rel_err(out, ref)[0] < 1e-6
 
 
+def test_fullgraph_compile_cannot_include_refine():
+    """As README says: refine is excluded from compilation (torch.compiler.disable), so a
+    fullgraph=True compile of a step calling it fails instead of silently breaking the graph."""
+    dec = MLPDecoder(4, hidden=8, vocab=5, length=3)
+    x, mu = torch.randint(0, 5, (6, 3)), torch.randn(6, 4)
+
+    def step(mu):
+        return sf.refine(mu, torch.zeros_like(mu), lambda z: dec.nll(x, z), steps=2)[0].sum()
+
+    with pytest.raises(Exception, match="(?i)disable|skip|graph break|unsupported"):
+        torch.compile(step, fullgraph=True, backend="aot_eager")(mu)
+
+
 def test_refine_from_two_threads_on_different_models():
     def problem(seed):
         g = torch.Generator().manual_seed(seed)
