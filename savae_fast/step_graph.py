@@ -28,6 +28,8 @@ from typing import Callable, Iterable, Sequence
 import torch
 from torch import Tensor
 
+from savae_fast.refine.validation import collect_params
+
 _HOST_SYNC_HINTS = ("operation not permitted when stream is capturing", "stream is capturing",
                     "cudaErrorStreamCapture", "capture")
 
@@ -68,7 +70,7 @@ class GraphedStep:
             if not isinstance(t, Tensor):
                 raise TypeError(f"GraphedStep: argument 'example_inputs'[{i}] must be a Tensor, got "
                                 f"{type(t).__name__} (pass non-tensor settings through loss_fn's closure)")
-        self.params = _unique_params(params)
+        self.params = _trained_params(params)
         if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 1:
             raise ValueError(f"GraphedStep: argument 'warmup' must be an int >= 1, got {warmup!r}")
         if not isinstance(fallback, bool):
@@ -145,27 +147,15 @@ class GraphedStep:
         return self._static_loss.clone()
 
 
-def _unique_params(params) -> tuple[Tensor, ...]:
-    if isinstance(params, Tensor):
-        params = (params,)
-    try:
-        params = tuple(params)
-    except TypeError:
-        raise TypeError(f"GraphedStep: argument 'params' must be an iterable of Tensors, got "
-                        f"{type(params).__name__}") from None
-    seen, unique = set(), []
+def _trained_params(params) -> tuple[Tensor, ...]:
+    params = collect_params(params, who="GraphedStep")
     for i, p in enumerate(params):
-        if not isinstance(p, Tensor):
-            raise TypeError(f"GraphedStep: argument 'params'[{i}] must be a Tensor, got {type(p).__name__}")
         if not p.requires_grad:
             raise ValueError(f"GraphedStep: argument 'params'[{i}] does not require grad (pass the parameters "
                              "the step trains)")
-        if id(p) not in seen:
-            seen.add(id(p))
-            unique.append(p)
-    if not unique:
+    if not params:
         raise ValueError("GraphedStep: argument 'params' is empty")
-    return tuple(unique)
+    return params
 
 
 def _not_capturable(inputs, params) -> str | None:

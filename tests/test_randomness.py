@@ -1,5 +1,7 @@
 """Stochastic decoders (dropout): RNG replay, determinism, the caller's generator."""
 
+import threading
+
 import pytest
 import torch
 
@@ -19,14 +21,26 @@ def test_dropout_fd_central_agrees_with_exact(kind, seed):
     assert worst <= 1e-5, f"seed={seed} {errs}"
 
 
-@pytest.mark.parametrize("hvp", ["fd_central", "fd_forward", "exact", "jvp"])
-def test_dropout_matches_unrolled_reference(hvp, seed):
+@pytest.mark.parametrize("hvp,other_thread", [("fd_central", False), ("fd_forward", False), ("exact", False),
+                                              ("jvp", False), ("fd_forward", True), ("fd_central", True)])
+def test_dropout_matches_unrolled_reference(hvp, other_thread, seed):
     """unrolled calls nll_fn once per step from the same generator state, so with correct
-    replay the dropout masks of every evaluation agree and so do the gradients."""
+    replay the dropout masks of every evaluation agree and so do the gradients. With
+    another thread alive refine finds the decoder's draws per operator (a generator that
+    moved may be that thread's doing) and still replays them."""
     p = make_problem("lstm", torch.float64, batch=16, latent=6, steps=8, dropout=0.5)
     p.decoder.train()
+    stop = threading.Event()
+    idle = threading.Thread(target=stop.wait)
+    if other_thread:
+        idle.start()
     state = torch.get_rng_state()
-    _, ours = refine_grads(p, hvp=hvp)
+    try:
+        _, ours = refine_grads(p, hvp=hvp)
+    finally:
+        stop.set()
+        if other_thread:
+            idle.join()
     torch.set_rng_state(state)
     _, ref = reference_grads(p)
     worst, errs = max_rel_err(ours, ref)

@@ -413,19 +413,3 @@ def test_deterministic_decoder_never_sets_the_generators(monkeypatch, request, w
     monkeypatch.setattr(torch, "set_rng_state", lambda state: (calls.append(1), real(state)))
     _default_refine_step(*_deterministic_problem())
     assert calls == []
-
-
-@pytest.mark.parametrize("hvp", ["fd_forward", "fd_central"])
-def test_dropout_replay_with_other_threads_alive(hvp, idle_thread, seed):
-    """With other threads alive the decoder's random draws are found per operator (a
-    generator that moved may be another thread's doing); the replay still happens."""
-    from savae_fast.testing import make_problem, reference_grads, refine_grads
-
-    p = make_problem("lstm", torch.float64, batch=16, latent=6, steps=8, dropout=0.5)
-    p.decoder.train()
-    state = torch.get_rng_state()
-    _, ours = refine_grads(p, hvp=hvp)
-    torch.set_rng_state(state)
-    _, ref = reference_grads(p)
-    worst, errs = max_rel_err(ours, ref)
-    assert worst <= 1e-6, f"seed={seed} {errs}"

@@ -94,18 +94,18 @@ def check_state(mu, logvar) -> None:
         raise ValueError(f"refine: argument 'logvar' is on {logvar.device} but 'mu' is on {mu.device}")
 
 
-def collect_params(params) -> tuple[Tensor, ...]:
+def collect_params(params, who: str = "refine") -> tuple[Tensor, ...]:
     """The tensors of ``params`` (one Tensor or an iterable), each once."""
     if isinstance(params, Tensor):
         params = (params,)
     try:
         params = tuple(params)
     except TypeError:
-        raise TypeError(f"refine: argument 'params' must be an iterable of Tensors, got {type(params).__name__}")
+        raise TypeError(f"{who}: argument 'params' must be an iterable of Tensors, got {type(params).__name__}")
     seen, unique = set(), []
     for i, p in enumerate(params):
         if not isinstance(p, Tensor):
-            raise TypeError(f"refine: argument 'params'[{i}] must be a Tensor, got {type(p).__name__}")
+            raise TypeError(f"{who}: argument 'params'[{i}] must be a Tensor, got {type(p).__name__}")
         if id(p) not in seen:  # a parameter listed twice must not get its gradient twice
             seen.add(id(p))
             unique.append(p)
