@@ -102,6 +102,11 @@ def main(argv=None) -> int:
         results["accuracy"] = acc
         report += [f"## Gradient relative error vs float64 unrolled autograd, small_lstm decoder "
                    f"(worst of {acc['rows'][0]['seeds']} random problems)", accuracy_table(acc), ""]
+        large = bench_accuracy(dev, "large_weight_lstm", shapes=((8, 10),), seeds=2 if quick else 5)
+        results["accuracy_large_weight"] = large
+        report += ["## Gradient relative error vs float64 unrolled autograd, large-weight LSTM decoder (V 50, "
+                   "E 16, H 32, T 30, weights uniform in [-0.5, 0.5]; worst of "
+                   f"{large['rows'][0]['seeds']} random problems)", accuracy_table(large), ""]
     if "scaling" in sections:
         cfg = CONFIGS["small_lstm"]
         ks = (1, 5, 10) if quick else (1, 5, 10, 20, 40)

@@ -22,6 +22,9 @@ class DecoderConfig:
     devices: tuple = ("cpu", "cuda")
     max_rounds: int | None = None  # cap on timing rounds (slow decoders)
     note: str = ""
+    # every decoder parameter drawn uniform in [-a, a]: weights of the size trained decoders
+    # have (strongly curved gradients, where difference quotients lose accuracy)
+    init_uniform: float | None = None
 
     def with_(self, **kw) -> "DecoderConfig":
         return DecoderConfig(**{**self.__dict__, **kw})
@@ -46,6 +49,11 @@ CONFIGS = {
                                        model=dict(image_size=28, channels=32,
                                                   kernels=(9, 9, 9, 7, 7, 7, 5, 5, 5, 3, 3, 3), cond_channels=4),
                                        devices=("cuda",)),
+    # The authors' text decoder at the sizes of the gradient-fidelity measurements (V 50, E 16,
+    # H 32), with weights as large as trained decoders have (uniform in [-0.5, 0.5]) and
+    # 30-token sentences: accuracy only.
+    "large_weight_lstm": DecoderConfig("large_weight_lstm", "lstm", batch=8, latent=8, steps=10, length=30,
+                                       model=dict(vocab_size=50, embed_dim=16, hidden_dim=32), init_uniform=0.5),
     # A >= 5M-parameter decoder for the memory comparison.
     "lstm_5m": DecoderConfig("lstm_5m", "lstm", batch=16, latent=16, steps=20, length=8,
                              model=dict(vocab_size=10000, embed_dim=256, hidden_dim=256)),
@@ -68,7 +76,12 @@ def make_problem(cfg: DecoderConfig, device: str, dtype=torch.float32, seed: int
     batch = cfg.batch if batch is None else batch
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    decoder = build_decoder(cfg).to(device=device, dtype=dtype)
+    decoder = build_decoder(cfg)
+    if cfg.init_uniform is not None:
+        with torch.no_grad():
+            for param in decoder.parameters():
+                param.uniform_(-cfg.init_uniform, cfg.init_uniform, generator=gen)
+    decoder = decoder.to(device=device, dtype=dtype)
     if cfg.kind == "lstm":
         x = torch.randint(1, cfg.model["vocab_size"], (batch, cfg.length), generator=gen)
     else:
