@@ -107,6 +107,11 @@ def main(argv=None) -> int:
         report += ["## Gradient relative error vs float64 unrolled autograd, large-weight LSTM decoder (V 50, "
                    "E 16, H 32, T 30, weights uniform in [-0.5, 0.5]; worst of "
                    f"{large['rows'][0]['seeds']} random problems)", accuracy_table(large), ""]
+        trained = bench_accuracy(dev, "trained_synthetic_lstm", shapes=((8, 10), (32, 20)), seeds=2 if quick else 5)
+        results["accuracy_trained"] = trained
+        report += ["## Gradient relative error vs float64 unrolled autograd, trained decoder (the demo's SA-VAE "
+                   "text row after 8 epochs: V 100, E 32, H 64, D 2, T 10; benchmarks/trained_decoder.py; worst of "
+                   f"{trained['rows'][0]['seeds']} random problems)", accuracy_table(trained), ""]
     if "scaling" in sections:
         cfg = CONFIGS["small_lstm"]
         ks = (1, 5, 10) if quick else (1, 5, 10, 20, 40)

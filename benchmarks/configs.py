@@ -54,6 +54,9 @@ CONFIGS = {
     # 30-token sentences: accuracy only.
     "large_weight_lstm": DecoderConfig("large_weight_lstm", "lstm", batch=8, latent=8, steps=10, length=30,
                                        model=dict(vocab_size=50, embed_dim=16, hidden_dim=32), init_uniform=0.5),
+    # The decoder of the demo's SA-VAE text row after training (benchmarks/trained_decoder.py
+    # makes the fixture): accuracy only.
+    "trained_synthetic_lstm": DecoderConfig("trained_synthetic_lstm", "trained", batch=8, latent=2, steps=10),
     # A >= 5M-parameter decoder for the memory comparison.
     "lstm_5m": DecoderConfig("lstm_5m", "lstm", batch=16, latent=16, steps=20, length=8,
                              model=dict(vocab_size=10000, embed_dim=256, hidden_dim=256)),
@@ -67,6 +70,10 @@ def build_decoder(cfg: DecoderConfig) -> torch.nn.Module:
         from savae_fast.models import GatedPixelCNNDecoder
 
         return GatedPixelCNNDecoder(latent_dim=cfg.latent, **cfg.model)
+    if cfg.kind == "trained":
+        from benchmarks.trained_decoder import load
+
+        return load()[0]
     raise ValueError(cfg.kind)
 
 
@@ -84,6 +91,11 @@ def make_problem(cfg: DecoderConfig, device: str, dtype=torch.float32, seed: int
     decoder = decoder.to(device=device, dtype=dtype)
     if cfg.kind == "lstm":
         x = torch.randint(1, cfg.model["vocab_size"], (batch, cfg.length), generator=gen)
+    elif cfg.kind == "trained":  # test sentences of the decoder's own data, a different set per seed
+        from benchmarks.trained_decoder import load
+
+        sentences = load()[1]
+        x = sentences[torch.randperm(len(sentences), generator=gen)[:batch]]
     else:
         size = cfg.model.get("image_size", 28)
         x = (torch.rand((batch, 1, size, size), generator=gen) < 0.3).to(dtype)
