@@ -15,13 +15,13 @@ ACCURACY_METHODS = ("refine fd_forward", "refine fd_central", "refine exact", "r
 
 
 def bench_accuracy(device: str, config: str = "small_lstm", shapes=((8, 10), (32, 20)), seeds: int = 5,
-                   dtypes=(torch.float32, torch.float64)) -> dict:
+                   dtypes=(torch.float32, torch.float64), methods=ACCURACY_METHODS, first_seed: int = 0) -> dict:
     cfg = CONFIGS[config]
-    methods = list(ACCURACY_METHODS)
+    methods = list(methods)
     rows = []
     for batch, steps in shapes:
         errors = {(m, dt): [] for m in methods for dt in dtypes}
-        for seed in range(seeds):
+        for seed in range(first_seed, first_seed + seeds):
             p32 = make_problem(cfg, device, seed=seed, batch=batch, steps=steps)
             q = p32.to(torch.float64)
             exact = training_step(unrolled, q)
@@ -44,3 +44,29 @@ def accuracy_table(result: dict) -> str:
             for (m, dt), v in table.items()]
     return harness.markdown_table(rows, [("method", "method", ""), ("dtype", "dtype", "")]
                                   + [(f"B = {b}, K = {k}", f"B={b}, K={k}", "{:.1e}") for b, k in shapes])
+
+
+def main() -> None:
+    """``python -m benchmarks.accuracy --config C --seeds N [--first-seed S] [--shapes 8x10,4x20]
+    [--dtype float32] [--methods fd_forward,fd_central]``: worst and median error over many draws."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__.splitlines()[0])
+    parser.add_argument("--config", default="small_lstm", choices=sorted(CONFIGS))
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--seeds", type=int, default=40)
+    parser.add_argument("--first-seed", type=int, default=100)
+    parser.add_argument("--shapes", default="8x10,32x20", help="BxK,...")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "float64"))
+    parser.add_argument("--methods", default="fd_forward,fd_central", help="refine hvp modes, comma-separated")
+    args = parser.parse_args()
+    shapes = tuple(tuple(int(v) for v in s.split("x")) for s in args.shapes.split(","))
+    result = bench_accuracy(args.device, args.config, shapes, args.seeds, (getattr(torch, args.dtype),),
+                            [f"refine {m}" for m in args.methods.split(",")], args.first_seed)
+    for r in result["rows"]:
+        print(f"{args.config} {r['method']} {r['dtype']} B={r['batch']} K={r['steps']}: median {r['median']:.1e}, "
+              f"worst {r['worst']:.1e} of {r['seeds']} draws (seeds {args.first_seed}..)")
+
+
+if __name__ == "__main__":
+    main()
