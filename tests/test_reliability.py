@@ -406,10 +406,36 @@ def test_default_options_do_not_rewind_the_generators_for_other_threads():
 
 @pytest.mark.parametrize("with_thread", [False, True])
 def test_deterministic_decoder_never_sets_the_generators(monkeypatch, request, with_thread):
+    """Nor does it pay for the per-operator probe while the generator does not move (an idle
+    thread, as tqdm's monitor or a data loader's, does not make it ambiguous)."""
+    from savae_fast.refine import rng
+
     if with_thread:
         request.getfixturevalue("idle_thread")
-    calls = []
-    real = torch.set_rng_state
+    calls, probes = [], []
+    real, real_probe_init = torch.set_rng_state, rng.RandomOpProbe.__init__
     monkeypatch.setattr(torch, "set_rng_state", lambda state: (calls.append(1), real(state)))
+    monkeypatch.setattr(rng.RandomOpProbe, "__init__", lambda self: (probes.append(1), real_probe_init(self))[1])
     _default_refine_step(*_deterministic_problem())
-    assert calls == []
+    assert calls == [] and probes == []
+
+
+def test_a_moved_generator_with_other_threads_alive_is_settled_by_the_probe(monkeypatch, idle_thread):
+    """Dropout with another thread alive: the first step cannot tell whose draw moved the
+    generator, the second runs under the probe, which finds the dropout; replay follows."""
+    from savae_fast.refine import rng
+    from savae_fast.testing import make_problem, refine_grads
+
+    found = []
+    real_call = rng.RandomnessCheck.__call__
+
+    def spy(self, z):
+        out = real_call(self, z)
+        found.append((self.probe, self.found))
+        return out
+
+    monkeypatch.setattr(rng.RandomnessCheck, "__call__", spy)
+    p = make_problem("mlp", torch.float64, batch=6, latent=3, steps=4, dropout=0.5)
+    p.decoder.train()
+    refine_grads(p)
+    assert found == [(False, None), (True, True)]

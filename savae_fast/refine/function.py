@@ -48,16 +48,19 @@ def _forward_steps(cfg: RefineConfig, be: Backend, nll_fn: Callable, mu: Tensor,
     p_logvar = torch.zeros_like(logvar)
     eps = noise.unbind(0)
     z = be.sample(mu, logvar, eps[0])
+    undecided = save_rng  # whether the decoder draws random numbers (rng.RandomnessCheck)
     for k in range(steps):
         step_fn = nll_fn
         if save_rng:
             tape.rng.append(RngState(mu.device))
-            if k == 0:
-                step_fn = RandomnessCheck(nll_fn, tape.rng[0])
+            if undecided:  # the first step, or the next one with the probe when it could not tell
+                step_fn = RandomnessCheck(nll_fn, tape.rng[k], probe=k > 0)
         grad_z, param_grads = decoder_grads(step_fn, z, decoder_params)
-        if step_fn is not nll_fn and not step_fn.found:
-            # a decoder without random draws needs no replay: never set the process-wide generators
-            save_rng, tape.rng = False, None
+        if step_fn is not nll_fn:
+            undecided = step_fn.found is None
+            if step_fn.found is False:
+                # a decoder without random draws needs no replay: never set the process-wide generators
+                save_rng, tape.rng = False, None
         if policy is NonFinite.ZERO:
             grad_z = zero_nonfinite(grad_z)
             param_grads = [zero_nonfinite(g) for g in param_grads]

@@ -8,9 +8,10 @@ step's decoder call and restore it for the reverse-pass calls; the caller's
 generator state is put back afterwards.
 
 Those generators are process-wide: restoring an old state rewinds them for
-every thread. So the first inner step finds out whether the decoder draws
-random numbers at all, and a decoder that does not (eval mode, no dropout)
-gets no capture and no replay: the generators are then never set.
+every thread. So the first inner step (or, where other threads make it
+ambiguous, the second) finds out whether the decoder draws random numbers at
+all, and a decoder that does not (eval mode, no dropout) gets no capture and no
+replay: the generators are then never set.
 """
 
 from __future__ import annotations
@@ -95,24 +96,29 @@ class RandomOpProbe(TorchDispatchMode):
 
 class RandomnessCheck:
     """``nll_fn`` for one decoder call that also finds out whether the call draws from the
-    default generators (``found``), given their state ``before`` it.
+    default generators, given their state ``before`` it: ``found`` is True, False, or None
+    when it cannot tell.
 
-    Alone in the process, a generator that did not move says no and one that moved says
-    yes: one state read. With other Python threads alive a moved generator may be their
-    doing, so the call runs under RandomOpProbe instead (a Python hook per operator of
-    this one call)."""
+    A generator that did not move says no (one state read), whatever else runs. One that
+    moved says yes when no other Python thread is alive; otherwise the move may be another
+    thread's doing and ``found`` is None: the caller asks again at its next decoder call
+    with ``probe=True``, which runs the call under RandomOpProbe (a Python hook per
+    operator, this call only)."""
 
-    __slots__ = ("nll_fn", "before", "found")
+    __slots__ = ("nll_fn", "before", "probe", "found")
 
-    def __init__(self, nll_fn: Callable, before: RngState):
-        self.nll_fn, self.before, self.found = nll_fn, before, None
+    def __init__(self, nll_fn: Callable, before: RngState, probe: bool = False):
+        self.nll_fn, self.before, self.probe, self.found = nll_fn, before, probe, None
 
     def __call__(self, z):
-        if threading.active_count() > 1:
+        if self.probe:
             with RandomOpProbe() as probe:
                 out = self.nll_fn(z)
             self.found = probe.found
-        else:
-            out = self.nll_fn(z)
-            self.found = not self.before.is_current()
+            return out
+        out = self.nll_fn(z)
+        if self.before.is_current():
+            self.found = False
+        elif threading.active_count() == 1:
+            self.found = True
         return out
