@@ -87,8 +87,13 @@ class GraphedStep:
 
     # ------------------------------------------------------------------ capture
     def _capture(self) -> None:
+        self.device = self.params[0].device  # _not_capturable checked: everything is on it
+        with torch.cuda.device(self.device):
+            self._capture_on_device()
+
+    def _capture_on_device(self) -> None:
         self._static_inputs = tuple(t.detach().clone() for t in self.example)
-        side = torch.cuda.Stream(device=self.example[0].device if self.example else None)
+        side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # errors here are loss_fn's own: they propagate
             for _ in range(self.warmup):
@@ -139,9 +144,10 @@ class GraphedStep:
                     "a CUDA graph replays fixed shapes (make one GraphedStep per shape, e.g. per sentence length)")
         if not self.captured:
             return self._eager_step(inputs)
-        for static, t in zip(self._static_inputs, inputs):
-            static.copy_(t, non_blocking=True)
-        self._graph.replay()
+        with torch.cuda.device(self.device):
+            for static, t in zip(self._static_inputs, inputs):
+                static.copy_(t, non_blocking=True)
+            self._graph.replay()
         for p, g in zip(self.params, self._static_grads):
             p.grad = g  # back in place after a zero_grad(set_to_none=True)
         return self._static_loss.clone()
