@@ -31,7 +31,7 @@ class DecoderConfig:
 
 
 CONFIGS = {
-    # The core issue's CPU config: small enough that the refinement's overhead matters.
+    # The main CPU config: small enough that the refinement's overhead matters.
     "small_lstm": DecoderConfig("small_lstm", "lstm", batch=32, latent=16, steps=20, length=12,
                                 model=dict(vocab_size=200, embed_dim=32, hidden_dim=64)),
     # The SA-VAE synthetic experiment's generative model size (see savae_fast.app.data.synthetic).
