@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from dataclasses import dataclass, field
 
 from savae_fast.app.errors import ConfigError
-from savae_fast.refine.validation import DEFAULTS
+from savae_fast.refine.validation import DEFAULTS, real
+
 
 def _option(name: str) -> str:
     return f"{name} (--{name.replace('_', '-')})"
@@ -20,26 +20,12 @@ def _integer(cfg, name: str, low: int) -> None:
         raise ConfigError(f"{_option(name)} must be an integer >= {low}, got {value!r}")
 
 
-def _real(cfg, name: str, low=None, low_open=False, high=None, high_open=False) -> None:
-    value = getattr(cfg, name)
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    ok = ok and (low is None or value > low or (value == low and not low_open))
-    ok = ok and (high is None or value < high or (value == high and not high_open))
-    if not ok:
-        bounds = " and ".join(b for b in (
-            None if low is None else f"{'>' if low_open else '>='} {low}",
-            None if high is None else f"{'<' if high_open else '<='} {high}") if b)
-        raise ConfigError(f"{_option(name)} must be a finite number{' ' + bounds if bounds else ''}, got {value!r}")
-
-
-def _is_device(name: str) -> bool:
-    import torch
-
+def _real(cfg, name: str, **bounds) -> None:
+    """refine's check of a finite real number within bounds, as a ConfigError naming the option."""
     try:
-        torch.device(name)
-    except (RuntimeError, ValueError):
-        return False
-    return True
+        real(name, getattr(cfg, name), who="configuration", **bounds)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{exc} (--{name.replace('_', '-')})") from None
 
 
 MODES = ("autoreg", "vae", "svi", "vae+svi", "vae+svi+kl", "savae")
@@ -93,6 +79,7 @@ class TrainConfig:
     def validate(self) -> "TrainConfig":
         """Every field checked before anything runs; errors name the field and its option."""
         from savae_fast.app.data.synthetic import check_overrides
+        from savae_fast.app.devices import parse_device
         from savae_fast.ops.constants import BACKENDS
         from savae_fast.refine.hvp import HVP_METHODS
 
@@ -128,9 +115,8 @@ class TrainConfig:
         _real(self, "svi_lr", low=0.0, low_open=True)
         _real(self, "svi_momentum", low=0.0, high=1.0, high_open=True)
         _real(self, "svi_max_grad_norm")
-        if not isinstance(self.device, str) or (self.device != "auto" and not _is_device(self.device)):
-            raise ConfigError(f"device (--device) must be 'auto' or a torch device such as 'cpu' or 'cuda:0', "
-                              f"got {self.device!r}")
+        if self.device != "auto":
+            parse_device(self.device)
         if not isinstance(self.synthetic, dict):
             raise ConfigError(f"synthetic (--synthetic) must be a JSON object, got {self.synthetic!r}")
         try:

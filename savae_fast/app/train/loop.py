@@ -99,12 +99,12 @@ class Trainer:
     def _load_last(self) -> None:
         path = self._path("last.pt")
         ck = checkpoint.load(path, map_location=self.device)
-        saved = TrainConfig.from_dict(ck["config"])
-        for key, value in saved.to_dict().items():
-            if key not in RESUMABLE_CHANGES and value != self.cfg.to_dict()[key]:
+        saved, current = TrainConfig.from_dict(ck["config"]).to_dict(), self.cfg.to_dict()
+        for key, value in saved.items():
+            if key not in RESUMABLE_CHANGES and value != current[key]:
                 raise CheckpointError(
                     f"cannot resume: {path} was written with {key}={value!r}, this run has "
-                    f"{key}={self.cfg.to_dict()[key]!r} (only {', '.join(sorted(RESUMABLE_CHANGES))} may change)")
+                    f"{key}={current[key]!r} (only {', '.join(sorted(RESUMABLE_CHANGES))} may change)")
         saved_data = ck.get("data_fingerprint")
         if saved_data is not None and saved_data != self.data_fingerprint:
             raise CheckpointError(f"cannot resume: {path} was trained on different data (fingerprint "
@@ -204,7 +204,7 @@ class Trainer:
         if os.path.exists(best):
             self.model.load_state_dict(checkpoint.load(best, map_location=self.device)["model"])
         c = self.cfg
-        batches = len(self.data.batches("test", c.batch_size, shuffle=False))
+        batches = math.ceil(len(self.data.splits["test"]) / c.batch_size)  # as data.batches chunks them
         what = "exact NLL" if c.mode == "autoreg" else f"{c.eval_samples} importance samples per example"
         if self.d.is_main:  # the full test evaluation can take long: say so even with --no-progress
             notice(f"testing {'best.pt' if os.path.exists(best) else 'the last model'} on the test split "
