@@ -7,6 +7,11 @@
 #   WHEEL=path/to/savae_fast-*.whl OUT=... bash benchmarks/gpu_check.sh
 #       installs that wheel (built elsewhere, against another torch: the stable-ABI
 #       property) instead of building here, then runs the same checks
+#   TESTS="tests/test_cuda_build.py ..." limits the test run to those paths (default: all)
+#   TEST_SECONDS=200 BENCH_SECONDS=150 stop the tests / the benchmark after that long
+#       (SIGINT: pytest still prints its summary), so a lease's time limit is never hit blind
+#   GIT_COMMIT=abc123 names the commit where the copy has no .git
+#   BENCH_ARGS="--only ops,step" replaces the benchmark's arguments (after --device/--out)
 # Results, flat in $OUT: env.txt (device, versions, commit, commands), build.log, pytest.log
 # (with --durations), benchmarks.log and the benchmark's results .json/.md/.png.
 set -uo pipefail
@@ -16,14 +21,16 @@ mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 bench_args=(--quick)
 [ "${1:-}" = "--full" ] && bench_args=()
+[ -n "${BENCH_ARGS:-}" ] && read -r -a bench_args <<< "$BENCH_ARGS"
+read -r -a test_paths <<< "${TESTS:-}"
 
 export FORCE_CUDA=1 MAX_JOBS=${MAX_JOBS:-16}
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$("$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")}
 export CUBLAS_WORKSPACE_CONFIG=${CUBLAS_WORKSPACE_CONFIG:-:4096:8}
 {
   echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
-  echo "commit: $(git rev-parse HEAD 2>/dev/null || echo unknown)$(git diff --quiet 2>/dev/null || echo ' (modified)')"
-  echo "command: bash benchmarks/gpu_check.sh $*"
+  echo "commit: ${GIT_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)$(git diff --quiet 2>/dev/null || echo ' (modified)')}"
+  echo "command: TESTS='${TESTS:-}' BENCH_ARGS='${BENCH_ARGS:-}' bash benchmarks/gpu_check.sh $*"
   "$PY" -c "import sys, torch; print('python', sys.version.split()[0]); print('torch', torch.__version__, 'cuda', torch.version.cuda); print('device', torch.cuda.get_device_name()); import triton; print('triton', triton.__version__)"
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null
 } > "$OUT/env.txt" 2>&1
@@ -45,13 +52,15 @@ echo "build: $(( $(date +%s) - t0 )) s"
 
 # The whole suite on the GPU machine's cores; per-test time limit against hangs.
 t0=$(date +%s)
-"$PY" -m pytest -q -p no:cacheprovider -n auto --timeout 300 --durations 25 -rfE > "$OUT/pytest.log" 2>&1
+timeout -s INT -k 20 "${TEST_SECONDS:-900}" "$PY" -m pytest -q -p no:cacheprovider -n auto --timeout 300 \
+  --durations 25 -rfE "${test_paths[@]}" > "$OUT/pytest.log" 2>&1
 status=$?
 tail -40 "$OUT/pytest.log"
 echo "tests: $(( $(date +%s) - t0 )) s, exit $status" | tee -a "$OUT/env.txt"
 
 t0=$(date +%s)
-"$PY" -m benchmarks --device cuda --out "$OUT" "${bench_args[@]}" > "$OUT/benchmarks.log" 2>&1
+PYTHONUNBUFFERED=1 timeout -s INT -k 20 "${BENCH_SECONDS:-900}" "$PY" -m benchmarks --device cuda --out "$OUT" \
+  "${bench_args[@]}" > "$OUT/benchmarks.log" 2>&1
 bench_status=$?
 tail -60 "$OUT/benchmarks.log"
 echo "benchmarks: $(( $(date +%s) - t0 )) s, exit $bench_status" | tee -a "$OUT/env.txt"
