@@ -16,7 +16,7 @@ import torch
 from benchmarks import harness
 from benchmarks.accuracy import accuracy_table, bench_accuracy
 from benchmarks.configs import CONFIGS
-from benchmarks.op_level import QUICK_SIZES, SIZES, bench_ops, ops_table
+from benchmarks.op_level import QUICK_SIZES, SIZES, bench_latency, bench_ops, latency_table, ops_table
 from benchmarks.refinement import (bench_graphed_step, bench_memory, bench_scaling_batch, bench_scaling_k,
                                    bench_step, graphed_step_table, step_table)
 
@@ -54,8 +54,14 @@ def main(argv=None) -> int:
     p.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}")
     p.add_argument("--out", default=harness.RESULTS_DIR)
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile in the op benchmarks")
+    p.add_argument("--rounds", type=int, default=None, help="timed rounds per candidate (default 20, 5 with --quick)")
+    p.add_argument("--configs", default=None,
+                   help="comma-separated decoder configs of the step section (default: all, or small_lstm with --quick)")
     args = p.parse_args(argv)
     sections = set(args.only.split(","))
+    unknown = [n for n in (args.configs.split(",") if args.configs else []) if n not in CONFIGS]
+    if unknown:
+        p.error(f"--configs: unknown {unknown}; known: {sorted(CONFIGS)}")
     dev, quick = args.device, args.quick
     start = time.time()
     info = harness.machine(dev)
@@ -66,13 +72,25 @@ def main(argv=None) -> int:
               f"threads {info['torch_threads']}{', quick' if quick else ''}", ""]
 
     if "ops" in sections:
-        r = bench_ops(dev, QUICK_SIZES if quick else SIZES, rounds=5 if quick else 20,
+        r = bench_ops(dev, QUICK_SIZES if quick else SIZES, rounds=args.rounds or (5 if quick else 20),
                       compile_=not (args.no_compile or quick))
         results["ops"] = r
         report += ["## Fused operators", ops_table(r), ""]
+        if dev == "cuda":
+            try:
+                lat = bench_latency(dev, rounds=20 if quick else 50)
+            except Exception as exc:  # noqa: BLE001 - reported in the results, the suite goes on
+                lat = {"error": f"{type(exc).__name__}: {exc}"}
+                report += [f"## Launch latency: failed ({lat['error'][:300]})", ""]
+            else:
+                report += ["## Launch latency per operator call (CUDA; see benchmarks/op_level.py: _latency)",
+                           latency_table(lat), ""]
+            results["op_latency"] = lat
     if "step" in sections:
         results["step"] = []
-        if quick:
+        if args.configs:
+            names = args.configs.split(",")
+        elif quick:
             names = ["small_lstm"]
         else:
             names = ["small_lstm", "synthetic_lstm", "pixelcnn_small", "yahoo_lstm", "pixelcnn_omniglot"]
@@ -80,8 +98,13 @@ def main(argv=None) -> int:
             cfg = CONFIGS[name]
             if dev not in cfg.devices:
                 continue
-            rounds = 5 if quick else 20
-            r = bench_step(cfg, dev, rounds=min(rounds, cfg.max_rounds or rounds), include_slow=not quick)
+            rounds = args.rounds or (5 if quick else 20)
+            try:
+                r = bench_step(cfg, dev, rounds=min(rounds, cfg.max_rounds or rounds), include_slow=not quick)
+            except Exception as exc:  # noqa: BLE001 - reported in the results, the suite goes on
+                results["step"].append({"config": name, "error": f"{type(exc).__name__}: {exc}"})
+                report += [f"## SA-VAE training step: {name}: failed ({type(exc).__name__}: {str(exc)[:300]})", ""]
+                continue
             results["step"].append(r)
             errors_on = "" if r["error_batch"] == cfg.batch else f"; errors on the first {r['error_batch']} examples"
             report += [f"## SA-VAE training step: {name} (B={cfg.batch}, D={cfg.latent}, K={cfg.steps}, "

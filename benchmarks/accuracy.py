@@ -7,7 +7,7 @@ import torch
 
 from benchmarks import harness
 from benchmarks.configs import CONFIGS, make_problem
-from benchmarks.refinement import METHODS
+from benchmarks.refinement import METHODS, supported
 from savae_fast.testing import relative_error, training_step
 from savae_fast.reference import unrolled
 
@@ -17,7 +17,7 @@ ACCURACY_METHODS = ("refine fd_forward", "refine fd_central", "refine exact", "r
 def bench_accuracy(device: str, config: str = "small_lstm", shapes=((8, 10), (32, 20)), seeds: int = 5,
                    dtypes=(torch.float32, torch.float64), methods=ACCURACY_METHODS, first_seed: int = 0) -> dict:
     cfg = CONFIGS[config]
-    methods = list(methods)
+    methods = [m for m in methods if supported(m, cfg, device)]
     rows = []
     for batch, steps in shapes:
         errors = {(m, dt): [] for m in methods for dt in dtypes}

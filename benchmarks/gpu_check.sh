@@ -10,6 +10,7 @@
 #   TESTS="tests/test_cuda_build.py ..." limits the test run to those paths (default: all)
 #   TEST_SECONDS=200 BENCH_SECONDS=150 stop the tests / the benchmark after that long
 #       (SIGINT: pytest still prints its summary), so a lease's time limit is never hit blind
+#   PYTEST_K="cuda or graph" adds -k to the test run
 #   GIT_COMMIT=abc123 names the commit where the copy has no .git
 #   BENCH_ARGS="--only ops,step" replaces the benchmark's arguments (after --device/--out)
 # Results, flat in $OUT: env.txt (device, versions, commit, commands), build.log, pytest.log
@@ -23,6 +24,7 @@ bench_args=(--quick)
 [ "${1:-}" = "--full" ] && bench_args=()
 [ -n "${BENCH_ARGS:-}" ] && read -r -a bench_args <<< "$BENCH_ARGS"
 read -r -a test_paths <<< "${TESTS:-}"
+# PYTEST_K: a -k expression selecting tests within those paths
 
 export FORCE_CUDA=1 MAX_JOBS=${MAX_JOBS:-16}
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$("$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")}
@@ -30,7 +32,7 @@ export CUBLAS_WORKSPACE_CONFIG=${CUBLAS_WORKSPACE_CONFIG:-:4096:8}
 {
   echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
   echo "commit: ${GIT_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)$(git diff --quiet 2>/dev/null || echo ' (modified)')}"
-  echo "command: TESTS='${TESTS:-}' BENCH_ARGS='${BENCH_ARGS:-}' bash benchmarks/gpu_check.sh $*"
+  echo "command: TESTS='${TESTS:-}' PYTEST_K='${PYTEST_K:-}' BENCH_ARGS='${BENCH_ARGS:-}' bash benchmarks/gpu_check.sh $*"
   "$PY" -c "import sys, torch; print('python', sys.version.split()[0]); print('torch', torch.__version__, 'cuda', torch.version.cuda); print('device', torch.cuda.get_device_name()); import triton; print('triton', triton.__version__)"
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null
 } > "$OUT/env.txt" 2>&1
@@ -49,11 +51,13 @@ else
 fi
 "$PY" -c "import savae_fast as sf; print('build', sf.ops.build_info())" | tee -a "$OUT/build.log" "$OUT/env.txt"
 echo "build: $(( $(date +%s) - t0 )) s"
+# AFTER_BUILD="bash some/diagnostics.sh": run once the extension is built
+[ -n "${AFTER_BUILD:-}" ] && bash -c "$AFTER_BUILD"
 
 # The whole suite on the GPU machine's cores; per-test time limit against hangs.
 t0=$(date +%s)
 timeout -s INT -k 20 "${TEST_SECONDS:-900}" "$PY" -m pytest -q -p no:cacheprovider -n auto --timeout 300 \
-  --durations 25 -rfE "${test_paths[@]}" > "$OUT/pytest.log" 2>&1
+  --durations 25 -rfE ${PYTEST_K:+-k "$PYTEST_K"} "${test_paths[@]}" > "$OUT/pytest.log" 2>&1
 status=$?
 tail -40 "$OUT/pytest.log"
 echo "tests: $(( $(date +%s) - t0 )) s, exit $status" | tee -a "$OUT/env.txt"

@@ -85,3 +85,115 @@ def ops_table(result: dict) -> str:
         ("median (us)", "median_us", "{:.1f}"), ("GB/s", "gb_per_s", "{:.1f}"),
         ("speed-up vs eager", "speedup_vs_eager", "{:.2f}x"), ("vs torch.compile", "speedup_vs_compile", "{:.2f}x"),
         ("of copy bw", "fraction_of_copy_bw", "{:.0%}")])
+
+
+# ------------------------------------------------------------------ launch latency (CUDA)
+LATENCY_SIZES = [(32, 32), (256, 64)]  # 1,024 and 16,384 elements: launch-bound
+
+
+def _latency(fn, rounds: int, burst: int = 100) -> dict:
+    """Per call, in microseconds: ``host_sync`` (host clock around one call with a device
+    synchronisation before and after: what a caller waiting on the result sees),
+    ``host_issue`` (host clock over ``burst`` back-to-back calls and one synchronisation:
+    the issue rate, max(host work, device work)), ``events`` (CUDA events around one call:
+    its span on the device timeline, launch gaps included) and ``graph`` (``burst`` calls
+    captured in one CUDA graph, timed by events over a replay: the device work alone)."""
+    import statistics
+    import time
+
+    sync = torch.cuda.synchronize
+    for _ in range(3):
+        fn()
+    host_sync, events = [], []
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    for _ in range(rounds):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        host_sync.append(time.perf_counter() - t0)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        events.append(start.elapsed_time(end) * 1e-3)
+    issue = []
+    for _ in range(max(3, rounds // 4)):
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(burst):
+            fn()
+        sync()
+        issue.append((time.perf_counter() - t0) / burst)
+    out = {"host_sync_us": statistics.median(host_sync) * 1e6, "host_issue_us": statistics.median(issue) * 1e6,
+           "events_us": statistics.median(events) * 1e6, "graph_us": None}
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(burst):
+                fn()
+        graph.replay()
+        replays = []
+        for _ in range(max(3, rounds // 4)):
+            start.record()
+            graph.replay()
+            end.record()
+            end.synchronize()
+            replays.append(start.elapsed_time(end) * 1e-3 / burst)
+        out["graph_us"] = statistics.median(replays) * 1e6
+    except RuntimeError as exc:  # a candidate that cannot be captured: reported, not fatal
+        out["graph_error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+    return out
+
+
+def bench_latency(device: str = "cuda", sizes=LATENCY_SIZES, rounds: int = 50,
+                  ops=("forward_step", "reverse_direction", "reverse_update")) -> dict:
+    """Launch latency of each fused operator (both CUDA reduction paths where they differ),
+    the eager op sequence, and two references of what any PyTorch op costs here: one
+    ``torch.add`` and one ``torch.empty``."""
+    from savae_fast.ops import extension
+
+    if device != "cuda":
+        raise ValueError("bench_latency measures CUDA launches")
+    rows = []
+    x = torch.randn(32, 32, device=device)
+    for ref, fn in (("torch.add (one kernel)", lambda: torch.add(x, x)),
+                    ("torch.empty (no kernel)", lambda: torch.empty(32, 32, device=device))):
+        rows.append({"op": "reference", "elements": x.numel(), "candidate": ref, **_latency(fn, rounds)})
+    limit = extension.cuda_single_block_max_elements()
+    for name in ops:
+        for b, d in sizes:
+            args = op_args(name, b, d, device)
+            cands = {"eager torch ops": (None, lambda f=getattr(torch_impl, name): f(*args))}
+            if sf.ops.available(device):
+                op = getattr(torch.ops.savae_fast, name).default
+                if name == "reverse_update" or limit is None:
+                    cands["fused cuda"] = (None, lambda f=op: f(*args))
+                else:  # the same operator through each reduction path
+                    cands["fused cuda, one block"] = (1 << 40, lambda f=op: f(*args))
+                    cands["fused cuda, two launches"] = (0, lambda f=op: f(*args))
+            if sf.ops.triton_available(device):
+                from savae_fast.ops import triton_impl
+
+                cands["fused triton"] = (None, lambda f=getattr(triton_impl, name): f(*args))
+            for cand, (path_limit, fn) in cands.items():
+                if path_limit is not None:
+                    extension.set_cuda_single_block_max_elements(path_limit)
+                try:
+                    rows.append({"op": name, "elements": b * d, "candidate": cand, **_latency(fn, rounds)})
+                finally:
+                    if path_limit is not None:
+                        extension.set_cuda_single_block_max_elements(limit)
+    return {"device": device, "default_single_block_max_elements": limit, "rows": rows}
+
+
+def latency_table(result: dict) -> str:
+    return harness.markdown_table(result["rows"], [
+        ("op", "op", ""), ("B x D", "elements", "{:,}"), ("candidate", "candidate", ""),
+        ("host, sync (us)", "host_sync_us", "{:.1f}"), ("host issue (us)", "host_issue_us", "{:.1f}"),
+        ("events (us)", "events_us", "{:.1f}"), ("in a graph (us)", "graph_us", "{:.1f}")])

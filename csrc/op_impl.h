@@ -6,7 +6,7 @@
 //
 //   struct Backend {
 //     static constexpr const char* kName;         // "CPU", "CUDA": the dispatch key
-//     static constexpr int64_t kPartials;         // rows of the [k, 2] reduction workspace (0: none)
+//     static int64_t partials_rows(int64_t numel); // rows of the [k, 2] reduction workspace (0: none)
 //     static bool on_device(const torch::stable::Tensor&);  // a tensor this backend's kernels can read
 //     struct Guard { explicit Guard(const torch::stable::Tensor&); };  // current device
 //     template <typename T> static void sample(const SampleParams<T>&);
@@ -215,11 +215,13 @@ StepScalars<T> step_scalars(double scale, double kl_weight, double lr_mu, double
   return {T(scale), T(kl_weight), T(lr_mu), T(lr_logvar), T(momentum), T(max_grad_norm)};
 }
 
-// The CUDA reductions' workspace; an undefined tensor (no allocation) on CPU.
+// The reductions' workspace where the backend needs one for this size (two-launch
+// CUDA reductions); none (no allocation) on CPU and for small CUDA tensors.
 template <class Backend, size_t N>
 std::optional<Tensor> partials_workspace(const MatrixArgs<N>& m) {
-  if (Backend::kPartials == 0) return std::nullopt;
-  return empty_as(m.first(), {Backend::kPartials, 2});
+  const int64_t rows = Backend::partials_rows(m.rows * m.cols);
+  if (rows == 0) return std::nullopt;
+  return empty_as(m.first(), {rows, 2});
 }
 
 // ------------------------------------------------------------- operators

@@ -13,6 +13,9 @@
 #include <string>
 
 #include "cpu/kernels.h"
+#ifdef SAVAE_FAST_WITH_CUDA
+#include "cuda/kernels.h"
+#endif
 
 STABLE_TORCH_LIBRARY(savae_fast, m) {
   // z = mu + exp(logvar / 2) * eps
@@ -81,8 +84,9 @@ std::string build_info_json() {
 }  // namespace
 
 // A small C interface for what is not an operator (read with ctypes by
-// savae_fast/ops/_extension.py): how the extension was built, and the switch
-// between the AVX2 and portable CPU loops.
+// savae_fast/ops/extension.py): how the extension was built, the switch
+// between the AVX2 and portable CPU loops, and the size limit of the one-block
+// CUDA reductions.
 #define SAVAE_FAST_C_API extern "C" __attribute__((visibility("default")))
 
 SAVAE_FAST_C_API const char* savae_fast_build_info() {
@@ -98,6 +102,16 @@ SAVAE_FAST_C_API int savae_fast_set_cpu_vector_kernels(int enabled) {
   savae_fast::cpu::set_vector_kernels(enabled != 0);
   return 0;
 }
+
+#ifdef SAVAE_FAST_WITH_CUDA
+// Up to how many elements forward_step / reverse_direction run as one launch of one block.
+SAVAE_FAST_C_API int64_t savae_fast_cuda_single_block_max_elements() {
+  return savae_fast::cuda::single_block_max_elements();
+}
+SAVAE_FAST_C_API void savae_fast_set_cuda_single_block_max_elements(int64_t numel) {
+  savae_fast::cuda::set_single_block_max_elements(numel);
+}
+#endif
 
 // Importing savae_fast._C loads this library, whose static initialisers register
 // the operators; the module itself is empty.

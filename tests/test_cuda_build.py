@@ -48,10 +48,33 @@ def _run(name, args):
     return getattr(torch.ops.savae_fast, name).default(*args)
 
 
+@pytest.fixture(params=["one_block", "two_launches"])
+def reduction_path(request):
+    """forward_step / reverse_direction on the same shapes through both CUDA reduction paths."""
+    before = sf.ops.cuda_single_block_max_elements()
+    sf.ops.set_cuda_single_block_max_elements(1 << 40 if request.param == "one_block" else 0)
+    yield request.param
+    sf.ops.set_cuda_single_block_max_elements(before)
+
+
+@pytest.mark.skipif(not built_with_cuda, reason="extension built without CUDA")
+def test_single_block_limit_setting():
+    before = sf.ops.cuda_single_block_max_elements()
+    assert before > 0
+    try:
+        sf.ops.set_cuda_single_block_max_elements(123)
+        assert sf.ops.cuda_single_block_max_elements() == 123
+        for bad in (-1, 1.5, True, "8"):
+            with pytest.raises(ValueError, match="'numel'"):
+                sf.ops.set_cuda_single_block_max_elements(bad)
+    finally:
+        sf.ops.set_cuda_single_block_max_elements(before)
+
+
 @needs_gpu
 @pytest.mark.cuda
 @SHAPES_AND_DTYPES
-def test_cuda_kernels_match_formulas(shape, dtype):
+def test_cuda_kernels_match_formulas(shape, dtype, reduction_path):
     st = op_state(shape, dtype, "cuda")
     args = (st["mu"], st["logvar"], st["eps"])
     assert_outputs_close(_run("sample", args), torch_impl.sample(*args), dtype)

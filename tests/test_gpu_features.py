@@ -71,6 +71,12 @@ def test_preserve_rng_state_during_capture_gives_clear_error():
     with pytest.raises(RuntimeError, match="preserve_rng_state=False"):
         with torch.cuda.graph(g):
             sf.refine(mu, torch.zeros(4, 3, device="cuda"), lambda z: (z * z).sum(1), steps=2)
+    # the host reads of on_nonfinite='raise' are refused by name too, before anything is recorded
+    g = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match="on_nonfinite='raise'"):
+        with torch.cuda.graph(g):
+            sf.refine(mu, torch.zeros(4, 3, device="cuda"), lambda z: (z * z).sum(1), steps=2,
+                      preserve_rng_state=False)
 
 
 @pytest.mark.parametrize("hvp,tol", [("fd_central", 5e-3), ("fd_forward", 3e-2), ("exact", 3e-3)])
@@ -212,3 +218,22 @@ def test_graphed_step_refuses_capture_with_rng_preservation():
     assert not step.captured
     want_loss, _ = _eager_grads(loss_fn, inputs, params)
     assert torch.allclose(step(*inputs), want_loss)
+
+
+@cuda
+@pytest.mark.cuda
+def test_jvp_refuses_cuda_lstm_by_name():
+    """PyTorch's CUDA LSTM cell (used where cuDNN is not) has no forward-mode derivative in the
+    torch versions measured: hvp='jvp' must say so and name the way out, or, once PyTorch
+    has one, be exact."""
+    p = make_problem("lstm", torch.float32, batch=4, latent=3, steps=2).to(device="cuda")
+    mu0 = p.mu0.clone().requires_grad_(True)
+    mu_k, lv_k = sf.refine(mu0, p.logvar0, p.nll_fn, p.params, steps=2, noise=p.noise, hvp="jvp")
+    try:
+        grads = torch.autograd.grad(p.elbo_loss(mu_k, lv_k), [mu0, *p.params])
+    except RuntimeError as exc:
+        assert "nn.LSTM and nn.GRU decoders on GPUs need hvp='exact'" in str(exc), str(exc)
+    else:
+        mu_k, lv_k = sf.refine(mu0, p.logvar0, p.nll_fn, p.params, steps=2, noise=p.noise, hvp="exact")
+        exact = torch.autograd.grad(p.elbo_loss(mu_k, lv_k), [mu0, *p.params])
+        assert max_rel_err(grads, exact)[0] < 1e-4

@@ -208,7 +208,7 @@ void accumulate_items(const std::vector<AccumulateItem>& items) {
 
 struct CpuBackend {
   static constexpr const char* kName = "CPU";
-  static constexpr int64_t kPartials = 0;
+  static int64_t partials_rows(int64_t) { return 0; }
   static bool on_device(const torch::stable::Tensor& t) { return t.is_cpu(); }
   struct Guard {
     explicit Guard(const torch::stable::Tensor&) {}

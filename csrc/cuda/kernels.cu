@@ -2,15 +2,17 @@
 // comes from savae_math.h (the same code as the CPU kernels), launches go on
 // the caller's stream.
 //
-// Whole-tensor reductions (clip norms, clip-Jacobian dots) are two-stage and
-// deterministic: at most kMaxPartials blocks write per-block partial sums, and
-// every block of the consuming kernel reduces that workspace again. No atomics
-// and no host synchronisation, so a refinement loop is graph-capturable.
+// Whole-tensor reductions (clip norms, clip-Jacobian dots) are deterministic and
+// need no atomics and no host synchronisation, so a refinement loop is
+// graph-capturable. Small tensors: one block reduces, then updates, in one
+// launch. Larger ones: two stages, at most kMaxPartials blocks write per-block
+// partial sums and every block of the consuming kernel reduces that workspace again.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <type_traits>
 #include <vector>
@@ -27,6 +29,10 @@ namespace m = savae_fast::math;
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 constexpr int kMaxGridStrideBlocks = 65535;
+// The one-block path: a block this size keeps enough loads in flight for a few
+// thousand elements; 512 threads leave each 128 registers (float64 math).
+constexpr int kSmallThreads = 512;
+constexpr int kSmallWarps = kSmallThreads / 32;
 
 inline int blocks_for(int64_t n, int cap) {
   const int64_t b = (n + kThreads - 1) / kThreads;
@@ -39,10 +45,10 @@ __device__ __forceinline__ T warp_sum(T v) {
   return v;
 }
 
-// Sum of a and b over the block; the result is valid in thread 0.
-template <typename T>
+// Sum of a and b over a block of kBlockWarps warps; the result is valid in thread 0.
+template <int kBlockWarps = kWarps, typename T>
 __device__ __forceinline__ void block_sum2(T& a, T& b) {
-  __shared__ T sa[kWarps], sb[kWarps];
+  __shared__ T sa[kBlockWarps], sb[kBlockWarps];
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   a = warp_sum(a);
   b = warp_sum(b);
@@ -52,31 +58,39 @@ __device__ __forceinline__ void block_sum2(T& a, T& b) {
   }
   __syncthreads();
   if (warp == 0) {
-    a = lane < kWarps ? sa[lane] : T(0);
-    b = lane < kWarps ? sb[lane] : T(0);
+    a = lane < kBlockWarps ? sa[lane] : T(0);
+    b = lane < kBlockWarps ? sb[lane] : T(0);
     a = warp_sum(a);
     b = warp_sum(b);
   }
   __syncthreads();
 }
 
+// Block-wide sums of a and b, broadcast to every thread.
+template <int kBlockWarps, typename T>
+__device__ __forceinline__ void block_sum2_broadcast(T* a, T* b) {
+  __shared__ T result[2];
+  block_sum2<kBlockWarps>(*a, *b);
+  if (threadIdx.x == 0) {
+    result[0] = *a;
+    result[1] = *b;
+  }
+  __syncthreads();
+  *a = result[0];
+  *b = result[1];
+}
+
 // Sums of the two columns of a [count, 2] partials workspace, broadcast to the block.
 template <typename T>
 __device__ __forceinline__ void reduce_partials(const T* __restrict__ partials, int count, T* out0, T* out1) {
-  __shared__ T result[2];
   T a = 0, b = 0;
   for (int i = threadIdx.x; i < count; i += blockDim.x) {
     a += partials[2 * i];
     b += partials[2 * i + 1];
   }
-  block_sum2(a, b);
-  if (threadIdx.x == 0) {
-    result[0] = a;
-    result[1] = b;
-  }
-  __syncthreads();
-  *out0 = result[0];
-  *out1 = result[1];
+  block_sum2_broadcast<kWarps>(&a, &b);
+  *out0 = a;
+  *out1 = b;
 }
 
 // ------------------------------------------------------------------ kernels
@@ -87,17 +101,131 @@ __global__ void sample_kernel(const T* __restrict__ mu, const T* __restrict__ lv
     z[i] = m::sample(mu[i], m::sigma_of(lv[i]), eps[i]);
 }
 
+// Per-element and per-row bodies, shared by the one-block and the two-launch kernels.
+
+// (g_mu^2, g_logvar^2) of element i added to (a, b).
+template <typename T>
+__device__ __forceinline__ void add_grad_squares(int64_t i, const T* __restrict__ mu, const T* __restrict__ lv,
+                                                 const T* __restrict__ eps, const T* __restrict__ gz, T scale,
+                                                 T kl_weight, T& a, T& b) {
+  T gm, gl;
+  m::elbo_grad(gz[i], mu[i], m::gauss_terms(lv[i]), eps[i], scale, kl_weight, &gm, &gl);
+  a += gm * gm;
+  b += gl * gl;
+}
+
+// The clipped momentum step of element i and the next sample.
+template <typename T>
+__device__ __forceinline__ void forward_update_at(
+    int64_t i, const T* __restrict__ mu, const T* __restrict__ lv, const T* __restrict__ p_mu,
+    const T* __restrict__ p_lv, const T* __restrict__ eps, const T* __restrict__ gz, const T* __restrict__ eps_next,
+    T* __restrict__ mu_out, T* __restrict__ lv_out, T* __restrict__ pm_out, T* __restrict__ pl_out,
+    T* __restrict__ z_out, T scale, T kl_weight, T lr_mu, T lr_lv, T momentum, T c_mu, T c_lv) {
+  T gm, gl;
+  m::elbo_grad(gz[i], mu[i], m::gauss_terms(lv[i]), eps[i], scale, kl_weight, &gm, &gl);
+  T mn, ln, pm, pl;
+  m::momentum_step(mu[i], p_mu[i], gm, c_mu, lr_mu, momentum, &mn, &pm);
+  m::momentum_step(lv[i], p_lv[i], gl, c_lv, lr_lv, momentum, &ln, &pl);
+  mu_out[i] = mn;
+  lv_out[i] = ln;
+  pm_out[i] = pm;
+  pl_out[i] = pl;
+  if (eps_next != nullptr) z_out[i] = m::sample(mn, m::sigma_of(ln), eps_next[i]);
+}
+
+// pbar += lr * lbar at element i; with_dots: (g_mu . pbar_mu, g_lv . pbar_lv) terms added to (a, b).
+template <typename T>
+__device__ __forceinline__ void reverse_dots_at(int64_t i, const T* __restrict__ lbm, const T* __restrict__ lbl,
+                                                const T* __restrict__ pbm, const T* __restrict__ pbl,
+                                                const T* __restrict__ mu, const T* __restrict__ lv,
+                                                const T* __restrict__ eps, const T* __restrict__ gz, T* pbm_out,
+                                                T* pbl_out, T scale, T kl_weight, T lr_mu, T lr_lv, bool with_dots,
+                                                T& a, T& b) {
+  const T pm = pbm[i] + lr_mu * lbm[i];
+  const T pl = pbl[i] + lr_lv * lbl[i];
+  pbm_out[i] = pm;
+  pbl_out[i] = pl;
+  if (with_dots) {
+    T gm, gl;
+    m::elbo_grad(gz[i], mu[i], m::gauss_terms(lv[i]), eps[i], scale, kl_weight, &gm, &gl);
+    a += gm * pm;
+    b += gl * pl;
+  }
+}
+
+// The clip-Jacobian coefficients of a reverse step.
+template <typename T>
+struct ClipJacobian {
+  T c_mu, c_lv, k_mu, k_lv;
+  bool clipped;
+};
+
+template <typename T>
+__device__ __forceinline__ ClipJacobian<T> clip_jacobian(T n_mu, T n_lv, T max_norm) {
+  const T c_mu = m::clip_coef(n_mu, max_norm), c_lv = m::clip_coef(n_lv, max_norm);
+  return {c_mu, c_lv, T(0), T(0), c_mu < T(1) || c_lv < T(1)};
+}
+
+template <typename T>
+__device__ __forceinline__ void set_kappas(ClipJacobian<T>& J, T n_mu, T n_lv, T max_norm, T dot_mu, T dot_lv) {
+  J.k_mu = m::clip_jacobian_kappa(n_mu, max_norm, dot_mu);
+  J.k_lv = m::clip_jacobian_kappa(n_lv, max_norm, dot_lv);
+}
+
+// One row, by one warp: v = J pbar, u, the evaluation points and the row weight.
+template <typename T>
+__device__ __forceinline__ void reverse_row(int64_t row, int lane, const T* pbm, const T* pbl,
+                                            const T* __restrict__ mu, const T* __restrict__ lv,
+                                            const T* __restrict__ eps, const T* __restrict__ gz,
+                                            T* __restrict__ v_mu, T* __restrict__ v_lv, T* __restrict__ u,
+                                            T* __restrict__ z_eval, T* __restrict__ row_weight, int64_t cols,
+                                            int64_t n, const ClipJacobian<T>& J, T scale, T kl_weight, int fd_mode,
+                                            T fd_step) {
+  T uu = 0, zz = 0;
+  for (int64_t j = lane; j < cols; j += 32) {
+    const int64_t i = row * cols + j;
+    const m::GaussTerms<T> q = m::gauss_terms(lv[i]);
+    T vm = J.c_mu * pbm[i], vl = J.c_lv * pbl[i];
+    if (J.clipped) {
+      T gm, gl;
+      m::elbo_grad(gz[i], mu[i], q, eps[i], scale, kl_weight, &gm, &gl);
+      vm -= J.k_mu * gm;
+      vl -= J.k_lv * gl;
+    }
+    const T ui = m::z_direction(vm, vl, q.sigma, eps[i]);
+    const T zi = m::sample(mu[i], q.sigma, eps[i]);
+    v_mu[i] = vm;
+    v_lv[i] = vl;
+    u[i] = ui;
+    z_eval[i] = fd_mode == m::kForward ? zi + fd_step * ui : zi;
+    uu += ui * ui;
+    zz += zi * zi;
+  }
+  uu = warp_sum(uu);
+  zz = warp_sum(zz);
+  uu = __shfl_sync(0xffffffffu, uu, 0);
+  zz = __shfl_sync(0xffffffffu, zz, 0);
+  T r = fd_step, w = T(1);
+  if (fd_mode == m::kCentral) {
+    m::central_step(sqrt(zz), sqrt(uu), fd_step, &r, &w);
+    for (int64_t j = lane; j < cols; j += 32) {
+      const int64_t i = row * cols + j;
+      const T zi = z_eval[i], du = r * u[i];
+      z_eval[i] = zi + du;
+      z_eval[n + i] = zi - du;
+    }
+  }
+  if (lane == 0) row_weight[row] = w;
+}
+
+// -- two launches: per-block partial sums, then every block reduces them and updates
 template <typename T>
 __global__ void grad_norm_partials_kernel(const T* __restrict__ mu, const T* __restrict__ lv,
                                           const T* __restrict__ eps, const T* __restrict__ gz,
                                           T* __restrict__ partials, int64_t n, T scale, T kl_weight) {
   T a = 0, b = 0;
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
-    T gm, gl;
-    m::elbo_grad(gz[i], mu[i], m::gauss_terms(lv[i]), eps[i], scale, kl_weight, &gm, &gl);
-    a += gm * gm;
-    b += gl * gl;
-  }
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
+    add_grad_squares(i, mu, lv, eps, gz, scale, kl_weight, a, b);
   block_sum2(a, b);
   if (threadIdx.x == 0) {
     partials[2 * blockIdx.x] = a;
@@ -122,18 +250,9 @@ __global__ void forward_update_kernel(const T* __restrict__ mu, const T* __restr
     norms_out[1] = n_lv;
   }
   const T c_mu = m::clip_coef(n_mu, max_norm), c_lv = m::clip_coef(n_lv, max_norm);
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
-    T gm, gl;
-    m::elbo_grad(gz[i], mu[i], m::gauss_terms(lv[i]), eps[i], scale, kl_weight, &gm, &gl);
-    T mn, ln, pm, pl;
-    m::momentum_step(mu[i], p_mu[i], gm, c_mu, lr_mu, momentum, &mn, &pm);
-    m::momentum_step(lv[i], p_lv[i], gl, c_lv, lr_lv, momentum, &ln, &pl);
-    mu_out[i] = mn;
-    lv_out[i] = ln;
-    pm_out[i] = pm;
-    pl_out[i] = pl;
-    if (eps_next != nullptr) z_out[i] = m::sample(mn, m::sigma_of(ln), eps_next[i]);
-  }
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
+    forward_update_at(i, mu, lv, p_mu, p_lv, eps, gz, eps_next, mu_out, lv_out, pm_out, pl_out, z_out, scale,
+                      kl_weight, lr_mu, lr_lv, momentum, c_mu, c_lv);
 }
 
 template <typename T>
@@ -143,18 +262,9 @@ __global__ void reverse_dots_kernel(const T* __restrict__ lbm, const T* __restri
                                     T* __restrict__ pbm_out, T* __restrict__ pbl_out, T* __restrict__ partials,
                                     int64_t n, T scale, T kl_weight, T lr_mu, T lr_lv, bool with_dots) {
   T a = 0, b = 0;
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
-    const T pm = pbm[i] + lr_mu * lbm[i];
-    const T pl = pbl[i] + lr_lv * lbl[i];
-    pbm_out[i] = pm;
-    pbl_out[i] = pl;
-    if (with_dots) {
-      T gm, gl;
-      m::elbo_grad(gz[i], mu[i], m::gauss_terms(lv[i]), eps[i], scale, kl_weight, &gm, &gl);
-      a += gm * pm;
-      b += gl * pl;
-    }
-  }
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
+    reverse_dots_at(i, lbm, lbl, pbm, pbl, mu, lv, eps, gz, pbm_out, pbl_out, scale, kl_weight, lr_mu, lr_lv,
+                    with_dots, a, b);
   block_sum2(a, b);
   if (threadIdx.x == 0) {
     partials[2 * blockIdx.x] = a;
@@ -162,7 +272,7 @@ __global__ void reverse_dots_kernel(const T* __restrict__ lbm, const T* __restri
   }
 }
 
-// One warp per row: v = J pbar, u, the evaluation points and the row weight.
+// One warp per row.
 template <typename T>
 __global__ void reverse_rows_kernel(const T* __restrict__ pbm, const T* __restrict__ pbl, const T* __restrict__ mu,
                                     const T* __restrict__ lv, const T* __restrict__ eps, const T* __restrict__ gz,
@@ -171,55 +281,66 @@ __global__ void reverse_rows_kernel(const T* __restrict__ pbm, const T* __restri
                                     T* __restrict__ z_eval, T* __restrict__ row_weight, int64_t rows, int64_t cols,
                                     T scale, T kl_weight, T max_norm, int fd_mode, T fd_step) {
   const T n_mu = grad_norms[0], n_lv = grad_norms[1];
-  const T c_mu = m::clip_coef(n_mu, max_norm), c_lv = m::clip_coef(n_lv, max_norm);
-  const bool clipped = c_mu < T(1) || c_lv < T(1);
-  T k_mu = 0, k_lv = 0;
-  if (clipped) {  // uniform across the grid: every block takes this branch or none
+  ClipJacobian<T> J = clip_jacobian(n_mu, n_lv, max_norm);
+  if (J.clipped) {  // uniform across the grid: every block takes this branch or none
     T dot_mu, dot_lv;
     reduce_partials(partials, num_partials, &dot_mu, &dot_lv);
-    k_mu = m::clip_jacobian_kappa(n_mu, max_norm, dot_mu);
-    k_lv = m::clip_jacobian_kappa(n_lv, max_norm, dot_lv);
+    set_kappas(J, n_mu, n_lv, max_norm, dot_mu, dot_lv);
   }
   const int lane = threadIdx.x % 32;
   const int64_t warps = int64_t(gridDim.x) * kWarps;
-  const int64_t n = rows * cols;
-  for (int64_t row = blockIdx.x * int64_t(kWarps) + threadIdx.x / 32; row < rows; row += warps) {
-    T uu = 0, zz = 0;
-    for (int64_t j = lane; j < cols; j += 32) {
-      const int64_t i = row * cols + j;
-      const m::GaussTerms<T> q = m::gauss_terms(lv[i]);
-      T vm = c_mu * pbm[i], vl = c_lv * pbl[i];
-      if (clipped) {
-        T gm, gl;
-        m::elbo_grad(gz[i], mu[i], q, eps[i], scale, kl_weight, &gm, &gl);
-        vm -= k_mu * gm;
-        vl -= k_lv * gl;
-      }
-      const T ui = m::z_direction(vm, vl, q.sigma, eps[i]);
-      const T zi = m::sample(mu[i], q.sigma, eps[i]);
-      v_mu[i] = vm;
-      v_lv[i] = vl;
-      u[i] = ui;
-      z_eval[i] = fd_mode == m::kForward ? zi + fd_step * ui : zi;
-      uu += ui * ui;
-      zz += zi * zi;
-    }
-    uu = warp_sum(uu);
-    zz = warp_sum(zz);
-    uu = __shfl_sync(0xffffffffu, uu, 0);
-    zz = __shfl_sync(0xffffffffu, zz, 0);
-    T r = fd_step, w = T(1);
-    if (fd_mode == m::kCentral) {
-      m::central_step(sqrt(zz), sqrt(uu), fd_step, &r, &w);
-      for (int64_t j = lane; j < cols; j += 32) {
-        const int64_t i = row * cols + j;
-        const T zi = z_eval[i], du = r * u[i];
-        z_eval[i] = zi + du;
-        z_eval[n + i] = zi - du;
-      }
-    }
-    if (lane == 0) row_weight[row] = w;
+  for (int64_t row = blockIdx.x * int64_t(kWarps) + threadIdx.x / 32; row < rows; row += warps)
+    reverse_row(row, lane, pbm, pbl, mu, lv, eps, gz, v_mu, v_lv, u, z_eval, row_weight, cols, rows * cols, J, scale,
+                kl_weight, fd_mode, fd_step);
+}
+
+// -- one launch of one block: the reduction, a barrier, the element-wise part
+template <typename T>
+__global__ void __launch_bounds__(kSmallThreads)
+    forward_step_one_block_kernel(const T* __restrict__ mu, const T* __restrict__ lv, const T* __restrict__ p_mu,
+                                  const T* __restrict__ p_lv, const T* __restrict__ eps, const T* __restrict__ gz,
+                                  const T* __restrict__ eps_next, T* __restrict__ mu_out, T* __restrict__ lv_out,
+                                  T* __restrict__ pm_out, T* __restrict__ pl_out, T* __restrict__ z_out,
+                                  T* __restrict__ norms_out, int64_t n, T scale, T kl_weight, T lr_mu, T lr_lv,
+                                  T momentum, T max_norm) {
+  T sq_mu = 0, sq_lv = 0;
+  for (int64_t i = threadIdx.x; i < n; i += kSmallThreads)
+    add_grad_squares(i, mu, lv, eps, gz, scale, kl_weight, sq_mu, sq_lv);
+  block_sum2_broadcast<kSmallWarps>(&sq_mu, &sq_lv);
+  const T n_mu = sqrt(sq_mu), n_lv = sqrt(sq_lv);
+  if (threadIdx.x == 0) {
+    norms_out[0] = n_mu;
+    norms_out[1] = n_lv;
   }
+  const T c_mu = m::clip_coef(n_mu, max_norm), c_lv = m::clip_coef(n_lv, max_norm);
+  for (int64_t i = threadIdx.x; i < n; i += kSmallThreads)
+    forward_update_at(i, mu, lv, p_mu, p_lv, eps, gz, eps_next, mu_out, lv_out, pm_out, pl_out, z_out, scale,
+                      kl_weight, lr_mu, lr_lv, momentum, c_mu, c_lv);
+}
+
+// pbar_*_out is written in the first part and read in the second (not __restrict__);
+// the barrier inside block_sum2_broadcast makes the block's writes visible to it.
+template <typename T>
+__global__ void __launch_bounds__(kSmallThreads) reverse_direction_one_block_kernel(
+    const T* __restrict__ lbm, const T* __restrict__ lbl, const T* __restrict__ pbm, const T* __restrict__ pbl,
+    const T* __restrict__ mu, const T* __restrict__ lv, const T* __restrict__ eps, const T* __restrict__ gz,
+    const T* __restrict__ grad_norms, T* pbm_out, T* pbl_out, T* __restrict__ v_mu, T* __restrict__ v_lv,
+    T* __restrict__ u, T* __restrict__ z_eval, T* __restrict__ row_weight, int64_t rows, int64_t cols, T scale,
+    T kl_weight, T lr_mu, T lr_lv, T max_norm, int fd_mode, T fd_step) {
+  const int64_t n = rows * cols;
+  const bool with_dots = max_norm > T(0);
+  T dot_mu = 0, dot_lv = 0;
+  for (int64_t i = threadIdx.x; i < n; i += kSmallThreads)
+    reverse_dots_at(i, lbm, lbl, pbm, pbl, mu, lv, eps, gz, pbm_out, pbl_out, scale, kl_weight, lr_mu, lr_lv,
+                    with_dots, dot_mu, dot_lv);
+  block_sum2_broadcast<kSmallWarps>(&dot_mu, &dot_lv);
+  const T n_mu = grad_norms[0], n_lv = grad_norms[1];
+  ClipJacobian<T> J = clip_jacobian(n_mu, n_lv, max_norm);
+  if (J.clipped) set_kappas(J, n_mu, n_lv, max_norm, dot_mu, dot_lv);
+  const int lane = threadIdx.x % 32;
+  for (int64_t row = threadIdx.x / 32; row < rows; row += kSmallWarps)
+    reverse_row(row, lane, static_cast<const T*>(pbm_out), static_cast<const T*>(pbl_out), mu, lv, eps, gz, v_mu,
+                v_lv, u, z_eval, row_weight, cols, n, J, scale, kl_weight, fd_mode, fd_step);
 }
 
 template <typename T>
@@ -318,10 +439,32 @@ void launch_sample(const SampleParams<T>& p, cudaStream_t stream) {
                                                                                         p.numel);
 }
 
+namespace {
+std::atomic<int64_t> g_single_block_max_elements{8192};
+}  // namespace
+
+int64_t single_block_max_elements() { return g_single_block_max_elements.load(std::memory_order_relaxed); }
+
+void set_single_block_max_elements(int64_t numel) {
+  g_single_block_max_elements.store(std::max<int64_t>(0, numel), std::memory_order_relaxed);
+}
+
+int64_t reduction_partials(int64_t numel) {
+  return numel <= single_block_max_elements() ? 0 : blocks_for(numel, kMaxPartials);
+}
+
+// Without a workspace (reduction_partials() == 0 when the operator allocated it): the one-block kernel.
 template <typename T>
 void launch_forward_step(const ForwardStepParams<T>& p, cudaStream_t stream) {
   const int64_t n = p.rows * p.cols;
   const StepScalars<T>& s = p.s;
+  if (p.partials == nullptr) {
+    forward_step_one_block_kernel<T><<<1, kSmallThreads, 0, stream>>>(
+        p.mu, p.logvar, p.p_mu, p.p_logvar, p.eps, p.grad_z, p.eps_next, p.mu_out, p.logvar_out, p.p_mu_out,
+        p.p_logvar_out, p.z_next_out, p.grad_norms_out, n, s.scale, s.kl_weight, s.lr_mu, s.lr_logvar, s.momentum,
+        s.max_grad_norm);
+    return;
+  }
   const int parts = blocks_for(n, kMaxPartials);
   grad_norm_partials_kernel<T><<<parts, kThreads, 0, stream>>>(p.mu, p.logvar, p.eps, p.grad_z, p.partials, n,
                                                                 s.scale, s.kl_weight);
@@ -335,6 +478,13 @@ template <typename T>
 void launch_reverse_direction(const ReverseDirectionParams<T>& p, cudaStream_t stream) {
   const int64_t rows = p.rows, cols = p.cols, n = rows * cols;
   const StepScalars<T>& s = p.s;
+  if (p.partials == nullptr) {
+    reverse_direction_one_block_kernel<T><<<1, kSmallThreads, 0, stream>>>(
+        p.lbar_mu, p.lbar_logvar, p.pbar_mu, p.pbar_logvar, p.mu, p.logvar, p.eps, p.grad_z, p.grad_norms,
+        p.pbar_mu_out, p.pbar_logvar_out, p.v_mu, p.v_logvar, p.u, p.z_eval, p.row_weight, rows, cols, s.scale,
+        s.kl_weight, s.lr_mu, s.lr_logvar, s.max_grad_norm, int(p.fd_mode), p.fd_step);
+    return;
+  }
   const int parts = blocks_for(n, kMaxPartials);
   reverse_dots_kernel<T><<<parts, kThreads, 0, stream>>>(
       p.lbar_mu, p.lbar_logvar, p.pbar_mu, p.pbar_logvar, p.mu, p.logvar, p.eps, p.grad_z, p.pbar_mu_out,

@@ -16,6 +16,15 @@ namespace cuda {
 // Rows of the [kMaxPartials, 2] workspace of the two-stage reductions.
 constexpr int kMaxPartials = 1024;
 
+// forward_step and reverse_direction reduce over the whole tensor before their
+// element-wise part. Up to single_block_max_elements() elements that is one
+// launch of one block (reduction and update in the same block, no workspace);
+// above it, two launches with a [reduction_partials(numel), 2] workspace.
+// The limit is a process-wide setting (tests run both paths on the same shapes).
+int64_t reduction_partials(int64_t numel);  // 0: the one-block path, no workspace
+int64_t single_block_max_elements();
+void set_single_block_max_elements(int64_t numel);
+
 template <typename T>
 void launch_sample(const SampleParams<T>& p, cudaStream_t stream);
 

@@ -25,7 +25,7 @@ void check_launch() { STD_CUDA_KERNEL_LAUNCH_CHECK(); }
 
 struct CudaBackend {
   static constexpr const char* kName = "CUDA";
-  static constexpr int64_t kPartials = cuda::kMaxPartials;
+  static int64_t partials_rows(int64_t numel) { return cuda::reduction_partials(numel); }
   static bool on_device(const torch::stable::Tensor& t) { return t.is_cuda(); }
 
   // The tensors' device is the current device for the duration of a call.

@@ -27,9 +27,11 @@ from savae_fast.ops.extension import (
     available,
     build_info,
     cpu_vector_kernels,
+    cuda_single_block_max_elements,
     extension_loaded,
     has_kernel,
     set_cpu_vector_kernels,
+    set_cuda_single_block_max_elements,
 )
 from savae_fast.ops.constants import BACKENDS, FD_CENTRAL, FD_EXACT, FD_FORWARD, FdMode, StepScalars
 
@@ -49,6 +51,8 @@ __all__ = [
     "build_info",
     "cpu_vector_kernels",
     "set_cpu_vector_kernels",
+    "cuda_single_block_max_elements",
+    "set_cuda_single_block_max_elements",
     "extension_loaded",
     "has_kernel",
     "triton_available",

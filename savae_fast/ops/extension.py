@@ -39,6 +39,10 @@ def _load():
     lib.savae_fast_cpu_vector_kernels.restype = ctypes.c_int
     lib.savae_fast_set_cpu_vector_kernels.restype = ctypes.c_int
     lib.savae_fast_set_cpu_vector_kernels.argtypes = [ctypes.c_int]
+    if hasattr(lib, "savae_fast_cuda_single_block_max_elements"):  # CUDA builds
+        lib.savae_fast_cuda_single_block_max_elements.restype = ctypes.c_int64
+        lib.savae_fast_set_cuda_single_block_max_elements.restype = None
+        lib.savae_fast_set_cuda_single_block_max_elements.argtypes = [ctypes.c_int64]
     return _C, lib, None
 
 
@@ -68,6 +72,24 @@ def set_cpu_vector_kernels(enabled: bool) -> None:
         raise RuntimeError(f"savae_fast: the compiled extension is not loaded ({EXTENSION_ERROR})")
     if _LIB.savae_fast_set_cpu_vector_kernels(int(bool(enabled))) != 0:
         raise RuntimeError("savae_fast: the vectorised CPU kernels need AVX2+FMA (and a GCC x86-64 build)")
+
+
+def cuda_single_block_max_elements() -> int | None:
+    """Up to how many elements the CUDA forward_step and reverse_direction run their
+    whole-tensor reduction and element-wise part as one launch of one block (above it:
+    two launches over the whole GPU). None without CUDA kernels."""
+    if _LIB is None or not hasattr(_LIB, "savae_fast_cuda_single_block_max_elements"):
+        return None
+    return int(_LIB.savae_fast_cuda_single_block_max_elements())
+
+
+def set_cuda_single_block_max_elements(numel: int) -> None:
+    """Set that limit (process-wide; 0: always two launches). For tests and tuning."""
+    if cuda_single_block_max_elements() is None:
+        raise RuntimeError("savae_fast: the compiled extension has no CUDA kernels")
+    if isinstance(numel, bool) or not isinstance(numel, int) or numel < 0:
+        raise ValueError(f"savae_fast: argument 'numel' must be an int >= 0, got {numel!r}")
+    _LIB.savae_fast_set_cuda_single_block_max_elements(numel)
 
 
 _DISPATCH_KEY = {"cpu": "CPU", "cuda": "CUDA"}

@@ -11,8 +11,8 @@ from savae_fast.ops import get_backend
 from savae_fast.refine.function import RefineFunction, run_forward
 from savae_fast.refine.precision import reduced_fp32_settings, warn_reduced_precision
 from savae_fast.refine.config import NonFinite
-from savae_fast.refine.validation import (DEFAULTS, check_backend, check_finite_inputs, check_noise, check_state,
-                                          collect_params, make_config, noise_or_draw)
+from savae_fast.refine.validation import (DEFAULTS, check_backend, check_capture, check_finite_inputs, check_noise,
+                                          check_state, collect_params, make_config, noise_or_draw)
 
 # Under torch.compile, refine is one graph break: its loop differentiates the user's
 # decoder (torch.autograd.grad), which Dynamo would otherwise split into many pieces.
@@ -116,6 +116,7 @@ def refine(
                       kl_weight=kl_weight, reduction=reduction, hvp=hvp, fd_eps=fd_eps,
                       preserve_rng_state=preserve_rng_state, process_group=process_group,
                       on_nonfinite=on_nonfinite, fp32_precision=fp32_precision, reduced_fp32=reduced)
+    check_capture(cfg, mu)
     if reduced:
         warn_reduced_precision(mu.device.type, reduced)
     check_backend(backend)

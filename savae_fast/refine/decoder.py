@@ -145,10 +145,12 @@ def decoder_jvp(nll_fn: Callable, z: Tensor, u: Tensor, params: Sequence[Tensor]
     except (RuntimeError, NotImplementedError) as exc:
         if "no autograd graph back to z" in str(exc):
             raise
+        where = (" (on CUDA, PyTorch's own LSTM/GRU cells, used where cuDNN is not, have none: nn.LSTM and "
+                 "nn.GRU decoders on GPUs need hvp='exact')" if "_thnn_fused" in str(exc) else "")
         raise RuntimeError(
             "refine(hvp='jvp') needs forward-mode derivatives of every operation in the decoder (and of "
-            "their backward), and this decoder has one without: use hvp='exact' (double backward) or a finite "
-            f"difference (original error: {exc})") from exc
+            f"their backward), and this decoder has one without{where}: use hvp='exact' (double backward) or a "
+            f"finite difference (original error: {exc})") from exc
     finally:
         _set_grad_enabled(grad_was_enabled)
     hzz_u = tangents[0] if tangents[0] is not None else torch.zeros_like(z)

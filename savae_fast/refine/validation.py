@@ -206,6 +206,25 @@ def make_config(mu: Tensor, *, steps, lr, momentum, max_grad_norm, kl_weight, re
         full_fp32=fp32_precision == "ieee")
 
 
+def check_capture(cfg: RefineConfig, mu: Tensor) -> None:
+    """Refuse, before anything runs, the options that cannot be recorded in a CUDA graph: a
+    capture broken half-way reports only "operation failed due to a previous error during
+    capture", naming nothing."""
+    if mu.device.type != "cuda" or not torch.cuda.is_current_stream_capturing():
+        return
+    if cfg.preserve_rng_state:
+        raise RuntimeError(
+            "refine: CUDA graph capture with preserve_rng_state=True: saving the CUDA generator state of "
+            "every step cannot be captured. Capture with preserve_rng_state=False, on_nonfinite='ignore' "
+            "(or 'zero') and a deterministic decoder (no dropout, or eval mode), or use "
+            "savae_fast.RefineGraph for forward-only refinement.")
+    if cfg.on_nonfinite is NonFinite.RAISE:
+        raise RuntimeError(
+            "refine: CUDA graph capture with on_nonfinite='raise': its checks read values on the host, "
+            "which a capture cannot record. Pass on_nonfinite='ignore' or 'zero' (non-finite decoder "
+            "derivatives set to zero on the device).")
+
+
 # The inner optimiser's options (refine's, without those of its backward pass).
 OPTIMISER_OPTIONS = ("steps", "lr", "momentum", "max_grad_norm", "kl_weight", "reduction")
 
