@@ -114,6 +114,12 @@ def _extensions():
     define_macros = []
     extra = {"cxx": cxx_flags}
     library_dirs: list[str] = []
+    # The C++ runtime must be the process's shared libstdc++ (the one torch uses). A private
+    # static copy (-static-libstdc++ in LDFLAGS, as some build images set) brings its own
+    # iostreams, whose uninitialised locale crashed the first error message (GCC 13), and its
+    # own exception runtime. Naming the shared library before the compiler's implicit static
+    # one makes the link take it; tests/test_packaging.py checks the result.
+    link_args = ["-lstdc++"] if sys.platform.startswith("linux") else []
 
     if use_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
@@ -139,6 +145,7 @@ def _extensions():
         library_dirs=library_dirs,
         define_macros=define_macros,
         extra_compile_args=extra,
+        extra_link_args=link_args,
         py_limited_api=True,
     )
     cmdclass = {"build_ext": BuildExtension.with_options(use_ninja=True)}

@@ -23,6 +23,13 @@ from benchmarks.refinement import (bench_graphed_step, bench_memory, bench_scali
 SECTIONS = ("ops", "step", "accuracy", "scaling", "memory")
 
 
+def emit(report: list[str], lines: list[str]) -> None:
+    """Add a section to the report and print it at once: a run stopped by a time limit
+    still shows everything it measured."""
+    report += lines
+    print("\n".join(lines), flush=True)
+
+
 def plot_scaling(scaling: dict, path: str) -> str:
     import matplotlib
 
@@ -70,21 +77,22 @@ def main(argv=None) -> int:
     report = [f"# savae_fast benchmarks: {info.get('gpu') or info['cpu']} ({dev})",
               f"date {results['date']}, commit {results['commit']}, torch {info['torch']}, "
               f"threads {info['torch_threads']}{', quick' if quick else ''}", ""]
+    print("\n".join(report), flush=True)
 
     if "ops" in sections:
         r = bench_ops(dev, QUICK_SIZES if quick else SIZES, rounds=args.rounds or (5 if quick else 20),
                       compile_=not (args.no_compile or quick))
         results["ops"] = r
-        report += ["## Fused operators", ops_table(r), ""]
+        emit(report, ["## Fused operators", ops_table(r), ""])
         if dev == "cuda":
             try:
                 lat = bench_latency(dev, rounds=20 if quick else 50)
             except Exception as exc:  # noqa: BLE001 - reported in the results, the suite goes on
                 lat = {"error": f"{type(exc).__name__}: {exc}"}
-                report += [f"## Launch latency: failed ({lat['error'][:300]})", ""]
+                emit(report, [f"## Launch latency: failed ({lat['error'][:300]})", ""])
             else:
-                report += ["## Launch latency per operator call (CUDA; see benchmarks/op_level.py: _latency)",
-                           latency_table(lat), ""]
+                emit(report, ["## Launch latency per operator call (CUDA; see benchmarks/op_level.py: _latency)",
+                           latency_table(lat), ""])
             results["op_latency"] = lat
     if "step" in sections:
         results["step"] = []
@@ -103,38 +111,38 @@ def main(argv=None) -> int:
                 r = bench_step(cfg, dev, rounds=min(rounds, cfg.max_rounds or rounds), include_slow=not quick)
             except Exception as exc:  # noqa: BLE001 - reported in the results, the suite goes on
                 results["step"].append({"config": name, "error": f"{type(exc).__name__}: {exc}"})
-                report += [f"## SA-VAE training step: {name}: failed ({type(exc).__name__}: {str(exc)[:300]})", ""]
+                emit(report, [f"## SA-VAE training step: {name}: failed ({type(exc).__name__}: {str(exc)[:300]})", ""])
                 continue
             results["step"].append(r)
             errors_on = "" if r["error_batch"] == cfg.batch else f"; errors on the first {r['error_batch']} examples"
-            report += [f"## SA-VAE training step: {name} (B={cfg.batch}, D={cfg.latent}, K={cfg.steps}, "
-                       f"{r['decoder_params']:,} decoder parameters{errors_on})", step_table(r), ""]
+            emit(report, [f"## SA-VAE training step: {name} (B={cfg.batch}, D={cfg.latent}, K={cfg.steps}, "
+                       f"{r['decoder_params']:,} decoder parameters{errors_on})", step_table(r), ""])
             if dev == "cuda" and cfg.kind == "lstm":
                 try:
                     g = bench_graphed_step(cfg, dev, rounds=min(rounds, cfg.max_rounds or rounds))
                 except Exception as exc:  # noqa: BLE001 - reported in the results, the suite goes on
                     g = {"config": name, "error": f"{type(exc).__name__}: {exc}"}
-                    report += [f"## {name} as one CUDA graph: failed ({g['error'][:300]})", ""]
+                    emit(report, [f"## {name} as one CUDA graph: failed ({g['error'][:300]})", ""])
                 else:
-                    report += [f"## SA-VAE training step as one CUDA graph (sf.GraphedStep): {name}",
-                               graphed_step_table(g), ""]
+                    emit(report, [f"## SA-VAE training step as one CUDA graph (sf.GraphedStep): {name}",
+                               graphed_step_table(g), ""])
                 results.setdefault("graphed_step", []).append(g)
     if "accuracy" in sections:
         shapes = ((32, 20),) if quick else ((8, 10), (32, 20))
         acc = bench_accuracy(dev, "small_lstm", shapes=shapes, seeds=2 if quick else 5)
         results["accuracy"] = acc
-        report += [f"## Gradient relative error vs float64 unrolled autograd, small_lstm decoder "
-                   f"(worst of {acc['rows'][0]['seeds']} random problems)", accuracy_table(acc), ""]
+        emit(report, [f"## Gradient relative error vs float64 unrolled autograd, small_lstm decoder "
+                   f"(worst of {acc['rows'][0]['seeds']} random problems)", accuracy_table(acc), ""])
         large = bench_accuracy(dev, "large_weight_lstm", shapes=((8, 10),), seeds=2 if quick else 5)
         results["accuracy_large_weight"] = large
-        report += ["## Gradient relative error vs float64 unrolled autograd, large-weight LSTM decoder (V 50, "
+        emit(report, ["## Gradient relative error vs float64 unrolled autograd, large-weight LSTM decoder (V 50, "
                    "E 16, H 32, T 30, weights uniform in [-0.5, 0.5]; worst of "
-                   f"{large['rows'][0]['seeds']} random problems)", accuracy_table(large), ""]
+                   f"{large['rows'][0]['seeds']} random problems)", accuracy_table(large), ""])
         trained = bench_accuracy(dev, "trained_synthetic_lstm", shapes=((8, 10), (32, 20)), seeds=2 if quick else 5)
         results["accuracy_trained"] = trained
-        report += ["## Gradient relative error vs float64 unrolled autograd, trained decoder (the demo's SA-VAE "
+        emit(report, ["## Gradient relative error vs float64 unrolled autograd, trained decoder (the demo's SA-VAE "
                    "text row after 8 epochs: V 100, E 32, H 64, D 2, T 10; benchmarks/trained_decoder.py; worst of "
-                   f"{trained['rows'][0]['seeds']} random problems)", accuracy_table(trained), ""]
+                   f"{trained['rows'][0]['seeds']} random problems)", accuracy_table(trained), ""])
     if "scaling" in sections:
         cfg = CONFIGS["small_lstm"]
         ks = (1, 5, 10) if quick else (1, 5, 10, 20, 40)
@@ -146,17 +154,17 @@ def main(argv=None) -> int:
         plot = plot_scaling(sk, os.path.join(args.out, f"{tag}_step_vs_k.png"))
         results["scaling_plot"] = os.path.relpath(plot, os.path.dirname(harness.RESULTS_DIR))
         rows = [{"K": k, **{n: s[i] * 1e3 for n, s in sk["series"].items()}} for i, k in enumerate(sk["ks"])]
-        report += ["## Time per training step vs K (ms)",
-                   harness.markdown_table(rows, [("K", "K", "{}")] + [(n, n, "{:.1f}") for n in sk["series"]]), ""]
+        emit(report, ["## Time per training step vs K (ms)",
+                   harness.markdown_table(rows, [("K", "K", "{}")] + [(n, n, "{:.1f}") for n in sk["series"]]), ""])
         rows = [{"B": b, **{n: s[i] * 1e3 for n, s in sb["series"].items()}} for i, b in enumerate(sb["batches"])]
-        report += ["## Time per training step vs batch size (ms)",
-                   harness.markdown_table(rows, [("B", "B", "{}")] + [(n, n, "{:.1f}") for n in sb["series"]]), ""]
+        emit(report, ["## Time per training step vs batch size (ms)",
+                   harness.markdown_table(rows, [("B", "B", "{}")] + [(n, n, "{:.1f}") for n in sb["series"]]), ""])
     if "memory" in sections:
         mem = bench_memory("lstm_5m", dev, ks=(20,) if quick else (5, 20))
         results["memory"] = mem
-        report += [f"## Peak memory, {mem['rows'][0]['params']:,}-parameter LSTM decoder "
+        emit(report, [f"## Peak memory, {mem['rows'][0]['params']:,}-parameter LSTM decoder "
                    f"({'CUDA allocator maximum' if dev == 'cuda' else 'resident-set high-water mark'}, "
-                   "beyond a plain training step of the decoder)", memory_table(mem), ""]
+                   "beyond a plain training step of the decoder)", memory_table(mem), ""])
 
     results["seconds"] = time.time() - start
     path = harness.write_results(results, args.out)
@@ -164,7 +172,7 @@ def main(argv=None) -> int:
     report.append(f"total {results['seconds']:.0f} s")
     with open(md, "w") as f:
         f.write("\n".join(report) + "\n")
-    print("\n".join(report))
+    print(report[-1])
     print(f"\nwrote {path} and {md}")
     return 0
 

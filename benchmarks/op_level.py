@@ -34,18 +34,43 @@ def op_args(name: str, b: int, d: int, device: str, dtype=torch.float32):
 
 
 def copy_bandwidth(device: str, n: int = 1 << 24) -> float:
-    """Bytes/s of dst.copy_(src) (read + write), float32."""
+    """Bytes/s of dst.copy_(src) (read + write), float32, host-timed with synchronisation."""
     src = torch.randn(n, device=device)
     dst = torch.empty_like(src)
     times = harness.interleaved({"copy": lambda: dst.copy_(src)}, rounds=20, device=device, warmup=3)["copy"]
     return 2 * n * 4 / min(times)
 
 
+def event_seconds(fn, rounds: int) -> float:
+    """Median seconds of one call between two CUDA events (its span on the device timeline)."""
+    import statistics
+
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    fn()
+    spans = []
+    for _ in range(rounds):
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        spans.append(start.elapsed_time(end) * 1e-3)
+    return statistics.median(spans)
+
+
+def copy_bandwidth_events(n: int = 1 << 24) -> float:
+    """Bytes/s of a float32 device-to-device copy (read + write), timed with CUDA events."""
+    src = torch.randn(n, device="cuda")
+    dst = torch.empty_like(src)
+    return 2 * n * 4 / event_seconds(lambda: dst.copy_(src), 20)
+
+
 def bench_ops(device: str, sizes=SIZES, rounds: int = 20, compile_: bool = True,
               ops=("forward_step", "reverse_direction", "reverse_update")) -> dict:
     out = {"device": device, "rows": []}
     copy_bw = copy_bandwidth(device) if device == "cuda" else None
+    copy_bw_events = copy_bandwidth_events() if device == "cuda" else None
     out["copy_bytes_per_s"] = copy_bw
+    out["copy_bytes_per_s_events"] = copy_bw_events
     compiled = {}
     for name in ops:
         if compile_:
@@ -75,6 +100,9 @@ def bench_ops(device: str, sizes=SIZES, rounds: int = 20, compile_: bool = True,
                     row["speedup_vs_compile"] = harness.ratio(times, "torch.compile", cand)["median_of_ratios"]
                 if copy_bw:
                     row["fraction_of_copy_bw"] = row["bytes_per_s"] / copy_bw
+                    # the device's own time (no host overhead): what the kernels achieve
+                    row["events_us"] = event_seconds(cands[cand], rounds) * 1e6
+                    row["fraction_of_copy_bw_events"] = nbytes / (row["events_us"] * 1e-6) / copy_bw_events
                 out["rows"].append(row)
     return out
 
@@ -84,11 +112,12 @@ def ops_table(result: dict) -> str:
         ("op", "op", ""), ("B x D", "elements", "{:,}"), ("candidate", "candidate", ""),
         ("median (us)", "median_us", "{:.1f}"), ("GB/s", "gb_per_s", "{:.1f}"),
         ("speed-up vs eager", "speedup_vs_eager", "{:.2f}x"), ("vs torch.compile", "speedup_vs_compile", "{:.2f}x"),
-        ("of copy bw", "fraction_of_copy_bw", "{:.0%}")])
+        ("of copy bw", "fraction_of_copy_bw", "{:.0%}"), ("CUDA events (us)", "events_us", "{:.1f}"),
+        ("of copy bw, events", "fraction_of_copy_bw_events", "{:.0%}")])
 
 
 # ------------------------------------------------------------------ launch latency (CUDA)
-LATENCY_SIZES = [(32, 32), (256, 64)]  # 1,024 and 16,384 elements: launch-bound
+LATENCY_SIZES = [(32, 32), (64, 64), (256, 64)]  # 1,024 to 16,384 elements: launch-bound
 
 
 def _latency(fn, rounds: int, burst: int = 100) -> dict:
@@ -166,6 +195,22 @@ def bench_latency(device: str = "cuda", sizes=LATENCY_SIZES, rounds: int = 50,
                     ("torch.empty (no kernel)", lambda: torch.empty(32, 32, device=device))):
         rows.append({"op": "reference", "elements": x.numel(), "candidate": ref, **_latency(fn, rounds)})
     limit = extension.cuda_single_block_max_elements()
+    if sf.ops.available("cpu"):  # what the operator call costs this host without CUDA (4 x 4 CPU tensors)
+        import statistics
+        import time
+
+        for name in ops:
+            args = op_args(name, 4, 4, "cpu")
+            op = getattr(torch.ops.savae_fast, name).default
+            per_call = []
+            for _ in range(max(3, rounds // 4)):
+                t0 = time.perf_counter()
+                for _ in range(100):
+                    op(*args)
+                per_call.append((time.perf_counter() - t0) / 100)
+            rows.append({"op": name, "elements": 16, "candidate": "fused cpp on CPU tensors (dispatch and checks)",
+                         "host_sync_us": None, "host_issue_us": statistics.median(per_call) * 1e6,
+                         "events_us": None, "graph_us": None})
     for name in ops:
         for b, d in sizes:
             args = op_args(name, b, d, device)

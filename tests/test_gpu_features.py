@@ -222,18 +222,24 @@ def test_graphed_step_refuses_capture_with_rng_preservation():
 
 @cuda
 @pytest.mark.cuda
-def test_jvp_refuses_cuda_lstm_by_name():
-    """PyTorch's CUDA LSTM cell (used where cuDNN is not) has no forward-mode derivative in the
-    torch versions measured: hvp='jvp' must say so and name the way out, or, once PyTorch
-    has one, be exact."""
-    p = make_problem("lstm", torch.float32, batch=4, latent=3, steps=2).to(device="cuda")
+@pytest.mark.parametrize("kind,dropout,hint", [("lstm", 0.0, "nn.LSTM and nn.GRU decoders on GPUs need hvp='exact'"),
+                                               ("mlp", 0.5, "active dropout on a GPU needs hvp='exact'")])
+def test_jvp_names_cuda_ops_without_forward_derivative(kind, dropout, hint):
+    """PyTorch's CUDA LSTM cell (used where cuDNN is not) and CUDA dropout's backward have no
+    forward-mode derivative in the torch versions measured: hvp='jvp' must say so and name the
+    way out, or, once PyTorch has them, agree with 'exact' (same dropout masks: same seed)."""
+    p = make_problem(kind, torch.float32, batch=4, latent=3, steps=2, dropout=dropout).to(device="cuda")
+    p.decoder.train()
     mu0 = p.mu0.clone().requires_grad_(True)
-    mu_k, lv_k = sf.refine(mu0, p.logvar0, p.nll_fn, p.params, steps=2, noise=p.noise, hvp="jvp")
+
+    def grads(hvp):
+        torch.manual_seed(0)
+        mu_k, lv_k = sf.refine(mu0, p.logvar0, p.nll_fn, p.params, steps=2, noise=p.noise, hvp=hvp)
+        return torch.autograd.grad(p.elbo_loss(mu_k, lv_k), [mu0, *p.params])
+
     try:
-        grads = torch.autograd.grad(p.elbo_loss(mu_k, lv_k), [mu0, *p.params])
+        jvp = grads("jvp")
     except RuntimeError as exc:
-        assert "nn.LSTM and nn.GRU decoders on GPUs need hvp='exact'" in str(exc), str(exc)
+        assert hint in str(exc), str(exc)
     else:
-        mu_k, lv_k = sf.refine(mu0, p.logvar0, p.nll_fn, p.params, steps=2, noise=p.noise, hvp="exact")
-        exact = torch.autograd.grad(p.elbo_loss(mu_k, lv_k), [mu0, *p.params])
-        assert max_rel_err(grads, exact)[0] < 1e-4
+        assert max_rel_err(jvp, grads("exact"))[0] < 1e-4

@@ -33,6 +33,23 @@ def test_extension_uses_only_the_stable_c_interface_of_torch():
 
 
 @needs_ext
+@pytest.mark.skipif(shutil.which("nm") is None or not sys.platform.startswith("linux"), reason="needs binutils' nm")
+def test_extension_uses_the_shared_cpp_runtime():
+    """A static copy of libstdc++ inside the extension (LDFLAGS=-static-libstdc++) has its own
+    iostreams and exception runtime: with GCC 13 its first error message crashed the process.
+    The extension must define none of the C++ runtime's symbols and load the shared one."""
+    from savae_fast import _C
+
+    defined = subprocess.run(["nm", "-D", "--defined-only", _C.__file__], capture_output=True, text=True,
+                             check=True).stdout.split()
+    runtime = {"__cxa_throw", "__gxx_personality_v0", "_ZNSo9_M_insertIlEERSoT_", "_ZNSt8ios_base4InitC1Ev"}
+    assert not runtime & set(defined), sorted(runtime & set(defined))
+    if shutil.which("readelf"):
+        dynamic = subprocess.run(["readelf", "-d", _C.__file__], capture_output=True, text=True, check=True).stdout
+        assert "libstdc++.so" in dynamic, dynamic
+
+
+@needs_ext
 def test_build_info_reports_the_stable_abi_target():
     info = sf.ops.build_info()
     assert info["torch_target_version"] == sf.ops.extension.TORCH_TARGET

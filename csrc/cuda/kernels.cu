@@ -29,8 +29,7 @@ namespace m = savae_fast::math;
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 constexpr int kMaxGridStrideBlocks = 65535;
-// The one-block path: a block this size keeps enough loads in flight for a few
-// thousand elements; 512 threads leave each 128 registers (float64 math).
+// The one-block path (small tensors): 512 threads leave each 128 registers (float64 math).
 constexpr int kSmallThreads = 512;
 constexpr int kSmallWarps = kSmallThreads / 32;
 
@@ -440,7 +439,11 @@ void launch_sample(const SampleParams<T>& p, cudaStream_t stream) {
 }
 
 namespace {
-std::atomic<int64_t> g_single_block_max_elements{8192};
+// Measured on an H100 (benchmarks/op_level.py bench_latency, device time in a graph): one
+// block of 512 threads takes 2.9 us for forward_step at 1,024 elements and 20 us at 16,384,
+// the two launches 3.9-4.3 us at both; they break even near 2,048, where the one block
+// still saves the host a launch.
+std::atomic<int64_t> g_single_block_max_elements{2048};
 }  // namespace
 
 int64_t single_block_max_elements() { return g_single_block_max_elements.load(std::memory_order_relaxed); }

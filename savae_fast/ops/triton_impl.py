@@ -11,7 +11,10 @@ Design:
   in every program. No atomics, no host synchronisation: a refinement loop
   using these kernels can be captured in a CUDA graph;
 * sizes are runtime arguments (no recompilation per batch size); the hvp mode,
-  the clip switch and optional inputs are compile-time constants.
+  the clip switch and optional inputs are compile-time constants;
+* small tensors (up to SMALL_ELEMENTS, padded to powers of two) run forward_step and
+  reverse_direction as one program: one launch instead of two (a launch costs tens of
+  microseconds of host time, far more than the work).
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ BLOCK = 1024  # elements per program of the elementwise kernels
 MAX_PROGRAMS = 1024  # programs of a reduction (fixed: the workspace size never changes)
 ROWS = 4  # rows per program of the row-wise kernel
 BLOCK_D = 128  # latent columns per tile of the row-wise kernel
+SMALL_ELEMENTS = 4096  # one program, one launch, up to this many (power-of-two padded) elements
 
 
 def interpreting() -> bool:
@@ -107,6 +111,37 @@ if triton is not None:
             return norm * 0.0 + 1.0
 
     @triton.jit
+    def _momentum_update(mu, lv, g_mu, g_lv, c_mu, c_lv, pm_ptr, pl_ptr, en_ptr, o_mu_ptr, o_lv_ptr, o_pm_ptr,
+                         o_pl_ptr, o_z_ptr, offs, m, lr_mu, lr_lv, momentum, HAS_NEXT: tl.constexpr):
+        # the clipped heavy-ball step and the next sample, stored
+        p_mu = momentum * tl.load(pm_ptr + offs, mask=m) - c_mu * g_mu
+        p_lv = momentum * tl.load(pl_ptr + offs, mask=m) - c_lv * g_lv
+        mu_n = mu + lr_mu * p_mu
+        lv_n = lv + lr_lv * p_lv
+        tl.store(o_pm_ptr + offs, p_mu, mask=m)
+        tl.store(o_pl_ptr + offs, p_lv, mask=m)
+        tl.store(o_mu_ptr + offs, mu_n, mask=m)
+        tl.store(o_lv_ptr + offs, lv_n, mask=m)
+        if HAS_NEXT:
+            z = mu_n + tl.exp(0.5 * lv_n) * tl.load(en_ptr + offs, mask=m)
+            tl.store(o_z_ptr + offs, z, mask=m)
+
+    @triton.jit
+    def _kappa(norm, c, max_norm, dot):
+        # the clip Jacobian's rank-one coefficient (zero where the gradient is not clipped)
+        np1 = norm + tl.full((), _CLIP_EPS, norm.dtype)
+        return tl.where(c < 1.0, max_norm * dot / (norm * np1 * np1), 0.0)
+
+    @triton.jit
+    def _central_step(uu, zz, fd_step):
+        # per-row step r = fd_step (1 + |z|) / |u| and loss weight 1 / (2 r) (zero for u = 0)
+        u_norm = tl.sqrt(uu)
+        nonzero = u_norm > 0.0
+        r = tl.where(nonzero, fd_step * (1.0 + tl.sqrt(zz)) / tl.where(nonzero, u_norm, 1.0), 0.0)
+        w = tl.where(nonzero, 0.5 / tl.where(nonzero, r, 1.0), 0.0)
+        return r, w
+
+    @triton.jit
     def _reduce_partials(partial_ptr, num_partials, col, MAXP: tl.constexpr):
         """Sum of column ``col`` of a [num_partials, 2] workspace (fixed-size, deterministic)."""
         idx = tl.arange(0, MAXP)
@@ -163,17 +198,33 @@ if triton is not None:
         gz = tl.load(gz_ptr + offs, mask=m)
         sigma, em = _gauss_terms(lv)
         g_mu, g_lv = _elbo_grad(gz, mu, sigma, em, eps, scale, kl_weight)
-        p_mu = momentum * tl.load(pm_ptr + offs, mask=m) - c_mu * g_mu
-        p_lv = momentum * tl.load(pl_ptr + offs, mask=m) - c_lv * g_lv
-        mu_n = mu + lr_mu * p_mu
-        lv_n = lv + lr_lv * p_lv
-        tl.store(o_pm_ptr + offs, p_mu, mask=m)
-        tl.store(o_pl_ptr + offs, p_lv, mask=m)
-        tl.store(o_mu_ptr + offs, mu_n, mask=m)
-        tl.store(o_lv_ptr + offs, lv_n, mask=m)
-        if HAS_NEXT:
-            z = mu_n + tl.exp(0.5 * lv_n) * tl.load(en_ptr + offs, mask=m)
-            tl.store(o_z_ptr + offs, z, mask=m)
+        _momentum_update(mu, lv, g_mu, g_lv, c_mu, c_lv, pm_ptr, pl_ptr, en_ptr, o_mu_ptr, o_lv_ptr, o_pm_ptr,
+                         o_pl_ptr, o_z_ptr, offs, m, lr_mu, lr_lv, momentum, HAS_NEXT)
+
+    @triton.jit
+    def _forward_step_one_program_kernel(mu_ptr, lv_ptr, pm_ptr, pl_ptr, eps_ptr, gz_ptr, en_ptr,
+                                         o_mu_ptr, o_lv_ptr, o_pm_ptr, o_pl_ptr, o_z_ptr, norms_ptr, n,
+                                         scale: tl.float64, kl_weight: tl.float64, lr_mu: tl.float64,
+                                         lr_lv: tl.float64, momentum: tl.float64, max_norm: tl.float64,
+                                         HAS_NEXT: tl.constexpr, HAS_CLIP: tl.constexpr, BLOCK: tl.constexpr):
+        # the whole tensor in one block: norms, clip coefficients and update without a workspace
+        scale, kl_weight, max_norm = _typed(scale, mu_ptr), _typed(kl_weight, mu_ptr), _typed(max_norm, mu_ptr)
+        lr_mu, lr_lv, momentum = _typed(lr_mu, mu_ptr), _typed(lr_lv, mu_ptr), _typed(momentum, mu_ptr)
+        offs = tl.arange(0, BLOCK)
+        m = offs < n
+        mu = tl.load(mu_ptr + offs, mask=m, other=0.0)
+        lv = tl.load(lv_ptr + offs, mask=m, other=0.0)
+        eps = tl.load(eps_ptr + offs, mask=m, other=0.0)
+        gz = tl.load(gz_ptr + offs, mask=m, other=0.0)
+        sigma, em = _gauss_terms(lv)
+        g_mu, g_lv = _elbo_grad(gz, mu, sigma, em, eps, scale, kl_weight)
+        n_mu = tl.sqrt(tl.sum(tl.where(m, g_mu * g_mu, 0.0), axis=0))
+        n_lv = tl.sqrt(tl.sum(tl.where(m, g_lv * g_lv, 0.0), axis=0))
+        tl.store(norms_ptr, n_mu)
+        tl.store(norms_ptr + 1, n_lv)
+        _momentum_update(mu, lv, g_mu, g_lv, _clip_coef(n_mu, max_norm, HAS_CLIP), _clip_coef(n_lv, max_norm, HAS_CLIP),
+                         pm_ptr, pl_ptr, en_ptr, o_mu_ptr, o_lv_ptr, o_pm_ptr, o_pl_ptr, o_z_ptr, offs, m, lr_mu,
+                         lr_lv, momentum, HAS_NEXT)
 
     @triton.jit
     def _reverse_dots_kernel(lbm_ptr, lbl_ptr, pbm_ptr, pbl_ptr, mu_ptr, lv_ptr, eps_ptr, gz_ptr,
@@ -215,12 +266,8 @@ if triton is not None:
         k_mu = c_mu * 0.0
         k_lv = c_lv * 0.0
         if HAS_CLIP:
-            dot_mu = _reduce_partials(partial_ptr, num_partials, 0, MAXP)
-            dot_lv = _reduce_partials(partial_ptr, num_partials, 1, MAXP)
-            np_mu = n_mu + tl.full((), _CLIP_EPS, n_mu.dtype)
-            np_lv = n_lv + tl.full((), _CLIP_EPS, n_lv.dtype)
-            k_mu = tl.where(c_mu < 1.0, max_norm * dot_mu / (n_mu * np_mu * np_mu), 0.0)
-            k_lv = tl.where(c_lv < 1.0, max_norm * dot_lv / (n_lv * np_lv * np_lv), 0.0)
+            k_mu = _kappa(n_mu, c_mu, max_norm, _reduce_partials(partial_ptr, num_partials, 0, MAXP))
+            k_lv = _kappa(n_lv, c_lv, max_norm, _reduce_partials(partial_ptr, num_partials, 1, MAXP))
         rows = pid * ROWS + tl.arange(0, ROWS)
         rmask = rows < n_rows
         uu = tl.zeros((ROWS,), dtype=mu_ptr.dtype.element_ty)
@@ -253,10 +300,7 @@ if triton is not None:
             zz += tl.sum(tl.where(m, z * z, 0.0), axis=1)
         w = tl.zeros_like(uu) + 1.0
         if FD_MODE == _FD_CENTRAL:
-            u_norm = tl.sqrt(uu)
-            nonzero = u_norm > 0.0
-            r = tl.where(nonzero, fd_step * (1.0 + tl.sqrt(zz)) / tl.where(nonzero, u_norm, 1.0), 0.0)
-            w = tl.where(nonzero, 0.5 / tl.where(nonzero, r, 1.0), 0.0)
+            r, w = _central_step(uu, zz, fd_step)
             # second sweep: z +- r_b u_b from the stored z and u of this program's rows
             for c0 in range(0, n_cols, BLOCK_D):
                 cols = c0 + tl.arange(0, BLOCK_D)
@@ -266,6 +310,63 @@ if triton is not None:
                 du = r[:, None] * tl.load(o_u_ptr + offs, mask=m, other=0.0)
                 tl.store(o_z_ptr + offs, z + du, mask=m)
                 tl.store(o_z_ptr + n_rows * n_cols + offs, z - du, mask=m)
+        tl.store(o_w_ptr + rows, w, mask=rmask)
+
+    @triton.jit
+    def _reverse_direction_one_program_kernel(lbm_ptr, lbl_ptr, pbm_ptr, pbl_ptr, mu_ptr, lv_ptr, eps_ptr, gz_ptr,
+                                              norms_ptr, o_pbm_ptr, o_pbl_ptr, o_vm_ptr, o_vl_ptr, o_u_ptr, o_z_ptr,
+                                              o_w_ptr, n_rows, n_cols, scale: tl.float64, kl_weight: tl.float64,
+                                              lr_mu: tl.float64, lr_lv: tl.float64, max_norm: tl.float64,
+                                              fd_step: tl.float64, FD_MODE: tl.constexpr, HAS_CLIP: tl.constexpr,
+                                              RB: tl.constexpr, DB: tl.constexpr):
+        # the whole [rows, cols] state as one [RB, DB] tile: pbar update, clip-Jacobian dots,
+        # directions and evaluation points without a workspace
+        scale, kl_weight = _typed(scale, mu_ptr), _typed(kl_weight, mu_ptr)
+        lr_mu, lr_lv = _typed(lr_mu, mu_ptr), _typed(lr_lv, mu_ptr)
+        max_norm, fd_step = _typed(max_norm, mu_ptr), _typed(fd_step, mu_ptr)
+        rows = tl.arange(0, RB)
+        cols = tl.arange(0, DB)
+        rmask = rows < n_rows
+        m = rmask[:, None] & (cols < n_cols)[None, :]
+        offs = rows[:, None] * n_cols + cols[None, :]
+        pm = tl.load(pbm_ptr + offs, mask=m, other=0.0) + lr_mu * tl.load(lbm_ptr + offs, mask=m, other=0.0)
+        pl = tl.load(pbl_ptr + offs, mask=m, other=0.0) + lr_lv * tl.load(lbl_ptr + offs, mask=m, other=0.0)
+        tl.store(o_pbm_ptr + offs, pm, mask=m)
+        tl.store(o_pbl_ptr + offs, pl, mask=m)
+        mu = tl.load(mu_ptr + offs, mask=m, other=0.0)
+        lv = tl.load(lv_ptr + offs, mask=m, other=0.0)
+        eps = tl.load(eps_ptr + offs, mask=m, other=0.0)
+        sigma, em = _gauss_terms(lv)
+        n_mu = tl.load(norms_ptr)
+        n_lv = tl.load(norms_ptr + 1)
+        c_mu = _clip_coef(n_mu, max_norm, HAS_CLIP)
+        c_lv = _clip_coef(n_lv, max_norm, HAS_CLIP)
+        vm = c_mu * pm
+        vl = c_lv * pl
+        if HAS_CLIP:
+            gz = tl.load(gz_ptr + offs, mask=m, other=0.0)
+            g_mu, g_lv = _elbo_grad(gz, mu, sigma, em, eps, scale, kl_weight)
+            dot_mu = tl.sum(tl.sum(tl.where(m, g_mu * pm, 0.0), axis=1), axis=0)
+            dot_lv = tl.sum(tl.sum(tl.where(m, g_lv * pl, 0.0), axis=1), axis=0)
+            vm = vm - _kappa(n_mu, c_mu, max_norm, dot_mu) * g_mu
+            vl = vl - _kappa(n_lv, c_lv, max_norm, dot_lv) * g_lv
+        u = vm + 0.5 * sigma * eps * vl
+        z = mu + sigma * eps
+        tl.store(o_vm_ptr + offs, vm, mask=m)
+        tl.store(o_vl_ptr + offs, vl, mask=m)
+        tl.store(o_u_ptr + offs, u, mask=m)
+        w = tl.zeros((RB,), dtype=mu_ptr.dtype.element_ty) + 1.0
+        if FD_MODE == _FD_FORWARD:
+            tl.store(o_z_ptr + offs, z + fd_step * u, mask=m)
+        elif FD_MODE == _FD_CENTRAL:
+            uu = tl.sum(tl.where(m, u * u, 0.0), axis=1)
+            zz = tl.sum(tl.where(m, z * z, 0.0), axis=1)
+            r, w = _central_step(uu, zz, fd_step)
+            du = r[:, None] * u
+            tl.store(o_z_ptr + offs, z + du, mask=m)
+            tl.store(o_z_ptr + n_rows * n_cols + offs, z - du, mask=m)
+        else:
+            tl.store(o_z_ptr + offs, z, mask=m)
         tl.store(o_w_ptr + rows, w, mask=rmask)
 
     @triton.jit
@@ -305,6 +406,11 @@ def _grid(n: int) -> tuple[int]:
     return (max(1, triton.cdiv(n, BLOCK)),)
 
 
+def _warps(elements: int) -> int:
+    """Warps of a one-program kernel: enough threads for a few elements each."""
+    return 4 if elements <= 1024 else 8
+
+
 def _reduction_programs(n: int) -> int:
     return max(1, min(MAX_PROGRAMS, triton.cdiv(n, BLOCK)))
 
@@ -322,14 +428,22 @@ def forward_step(mu, logvar, p_mu, p_logvar, eps, grad_z, eps_next, scale, kl_we
         _require(t, name) for t, name in zip((mu, logvar, p_mu, p_logvar, eps, grad_z),
                                              ("mu", "logvar", "p_mu", "p_logvar", "eps", "grad_z")))
     n = mu.numel()
-    programs = _reduction_programs(n)
-    partial = torch.empty((programs, 2), dtype=mu.dtype, device=mu.device)
-    _grad_norm_partials_kernel[(programs,)](mu, logvar, eps, grad_z, partial, n, float(scale), float(kl_weight),
-                                            BLOCK=BLOCK)
     outs = [torch.empty_like(mu) for _ in range(4)]
     has_next = eps_next is not None
     z_next = torch.empty_like(mu) if has_next else mu.new_empty((0,))
     norms = mu.new_empty((2,))
+    if n <= SMALL_ELEMENTS:
+        block = triton.next_power_of_2(n)
+        _forward_step_one_program_kernel[(1,)](
+            mu, logvar, p_mu, p_logvar, eps, grad_z, _require(eps_next, "eps_next") if has_next else mu,
+            *outs, z_next if has_next else mu, norms, n, float(scale), float(kl_weight), float(lr_mu),
+            float(lr_logvar), float(momentum), float(max_grad_norm), HAS_NEXT=has_next, HAS_CLIP=max_grad_norm > 0,
+            BLOCK=block, num_warps=_warps(block))
+        return outs[0], outs[1], outs[2], outs[3], z_next, norms
+    programs = _reduction_programs(n)
+    partial = torch.empty((programs, 2), dtype=mu.dtype, device=mu.device)
+    _grad_norm_partials_kernel[(programs,)](mu, logvar, eps, grad_z, partial, n, float(scale), float(kl_weight),
+                                            BLOCK=BLOCK)
     _forward_update_kernel[_grid(n)](
         mu, logvar, p_mu, p_logvar, eps, grad_z, _require(eps_next, "eps_next") if has_next else mu,
         *outs, z_next if has_next else mu, norms, partial, n, programs, float(scale), float(kl_weight),
@@ -348,6 +462,16 @@ def reverse_direction(lbar_mu, lbar_logvar, pbar_mu, pbar_logvar, mu, logvar, ep
     rows, cols = mu.shape
     n = mu.numel()
     has_clip = max_grad_norm > 0
+    rb, db = triton.next_power_of_2(rows), triton.next_power_of_2(cols)
+    if rb * db <= SMALL_ELEMENTS:
+        outs = [torch.empty_like(mu) for _ in range(5)]  # pbar_mu', pbar_logvar', v_mu, v_logvar, u
+        z_eval = mu.new_empty((FdMode(fd_mode).eval_points, rows, cols))
+        row_weight = mu.new_empty((rows,))
+        _reverse_direction_one_program_kernel[(1,)](
+            lbm, lbl, pbm, pbl, mu, logvar, eps, grad_z, grad_norms, *outs, z_eval, row_weight, rows, cols,
+            float(scale), float(kl_weight), float(lr_mu), float(lr_logvar), float(max_grad_norm), float(fd_step),
+            FD_MODE=int(fd_mode), HAS_CLIP=has_clip, RB=rb, DB=db, num_warps=_warps(rb * db))
+        return (*outs, z_eval, row_weight)
     programs = _reduction_programs(n)
     partial = torch.zeros((programs, 2), dtype=mu.dtype, device=mu.device)
     pbm_n, pbl_n = torch.empty_like(mu), torch.empty_like(mu)

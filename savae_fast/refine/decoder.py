@@ -122,6 +122,15 @@ def decoder_hvp(nll_fn: Callable, z: Tensor, u: Tensor, params: Sequence[Tensor]
     return hzz_u, list(grads[1:])
 
 
+# Operators of CUDA decoders without a forward-mode derivative (torch 2.11, H100), and what to do.
+_NO_FORWARD_AD_ON_CUDA = {
+    "_thnn_fused": " (on CUDA, PyTorch's own LSTM/GRU cells, used where cuDNN is not, have none: nn.LSTM and "
+                   "nn.GRU decoders on GPUs need hvp='exact')",
+    "native_dropout_backward": " (on CUDA, the backward of training-mode dropout has none: a decoder with "
+                               "active dropout on a GPU needs hvp='exact', or eval mode)",
+}
+
+
 def decoder_jvp(nll_fn: Callable, z: Tensor, u: Tensor, params: Sequence[Tensor], evaluations: TwiceDifferentiable):
     """Exact (Hzz u, d/dtheta (g_z . u)) by forward-over-reverse differentiation: the decoder's
     gradient computed on the dual number z + u dz carries them as the tangents of g_z and
@@ -145,8 +154,7 @@ def decoder_jvp(nll_fn: Callable, z: Tensor, u: Tensor, params: Sequence[Tensor]
     except (RuntimeError, NotImplementedError) as exc:
         if "no autograd graph back to z" in str(exc):
             raise
-        where = (" (on CUDA, PyTorch's own LSTM/GRU cells, used where cuDNN is not, have none: nn.LSTM and "
-                 "nn.GRU decoders on GPUs need hvp='exact')" if "_thnn_fused" in str(exc) else "")
+        where = next((hint for op, hint in _NO_FORWARD_AD_ON_CUDA.items() if op in str(exc)), "")
         raise RuntimeError(
             "refine(hvp='jvp') needs forward-mode derivatives of every operation in the decoder (and of "
             f"their backward), and this decoder has one without{where}: use hvp='exact' (double backward) or a "
