@@ -68,6 +68,27 @@ def _locate_cuda_home() -> None:
             os.environ["CUDA_HOME"] = root
             return
 
+def _shared_cxx_runtime() -> list[str]:
+    """Link arguments that make the extension use the shared libstdc++ this process (and torch)
+    loaded. A private static copy brings its own iostreams, whose uninitialised locale crashed
+    the first error message (GCC 13), and its own exception runtime. Toolchains link one when
+    LDFLAGS has -static-libstdc++ or when their own library directory holds only libstdc++.a
+    (seen with a GCC 13.3 under /opt/gcc): `-lstdc++` then finds the archive, so the shared
+    library is named by its path, before the compiler's implicit one. tests/test_packaging.py
+    checks the result; .ci/run builds under LDFLAGS=-L<dir with only libstdc++.a> -static-libstdc++."""
+    if not sys.platform.startswith("linux"):
+        return []
+    try:  # torch is imported: its C++ runtime is mapped into this process
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                path = line.split()[-1]
+                if os.path.basename(path).startswith("libstdc++.so") and os.path.exists(path):
+                    return [path]
+    except OSError:
+        pass
+    return ["-lstdc++"]
+
+
 def _extensions():
     if _flag("SAVAE_FAST_SKIP_EXT"):
         return [], {}
@@ -114,12 +135,7 @@ def _extensions():
     define_macros = []
     extra = {"cxx": cxx_flags}
     library_dirs: list[str] = []
-    # The C++ runtime must be the process's shared libstdc++ (the one torch uses). A private
-    # static copy (-static-libstdc++ in LDFLAGS, as some build images set) brings its own
-    # iostreams, whose uninitialised locale crashed the first error message (GCC 13), and its
-    # own exception runtime. Naming the shared library before the compiler's implicit static
-    # one makes the link take it; tests/test_packaging.py checks the result.
-    link_args = ["-lstdc++"] if sys.platform.startswith("linux") else []
+    link_args = _shared_cxx_runtime()
 
     if use_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")

@@ -62,6 +62,10 @@ def machine_tag(info: dict) -> str:
 
 
 def git_commit() -> str:
+    """The checkout's commit (+dirty); GIT_COMMIT overrides it where the copy's git data is
+    absent or stale (benchmarks/gpu_check.sh on a device machine)."""
+    if os.environ.get("GIT_COMMIT"):
+        return os.environ["GIT_COMMIT"]
     try:
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True)
