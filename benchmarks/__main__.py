@@ -143,6 +143,11 @@ def main(argv=None) -> int:
         emit(report, ["## Gradient relative error vs float64 unrolled autograd, trained decoder (the demo's SA-VAE "
                    "text row after 8 epochs: V 100, E 32, H 64, D 2, T 10; benchmarks/trained_decoder.py; worst of "
                    f"{trained['rows'][0]['seeds']} random problems)", accuracy_table(trained), ""])
+        ptb = bench_accuracy(dev, "trained_ptb_lstm", shapes=((8, 10), (32, 20)), seeds=2 if quick else 5)
+        results["accuracy_trained_ptb"] = ptb
+        emit(report, ["## Gradient relative error vs float64 unrolled autograd, PTB-trained decoder (a short "
+                      "SA-VAE run on Penn Treebank: V 2000, E 32, H 64, D 8; benchmarks/trained_decoder.py --data "
+                      f"ptb; worst of {ptb['rows'][0]['seeds']} random problems)", accuracy_table(ptb), ""])
     if "scaling" in sections:
         cfg = CONFIGS["small_lstm"]
         ks = (1, 5, 10) if quick else (1, 5, 10, 20, 40)

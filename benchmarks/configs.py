@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import os
+
 import torch
 
 from savae_fast.models import LSTMDecoder
@@ -56,11 +58,22 @@ CONFIGS = {
                                        model=dict(vocab_size=50, embed_dim=16, hidden_dim=32), init_uniform=0.5),
     # The decoder of the demo's SA-VAE text row after training (benchmarks/trained_decoder.py
     # makes the fixture): accuracy only.
-    "trained_synthetic_lstm": DecoderConfig("trained_synthetic_lstm", "trained", batch=8, latent=2, steps=10),
+    "trained_synthetic_lstm": DecoderConfig("trained_synthetic_lstm", "trained", batch=8, latent=2, steps=10,
+                                            model=dict(fixture="trained_synthetic_savae.pt")),
+    # A short SA-VAE run on Penn Treebank (2,000 words, latent 8, E 32, H 64; the same script): accuracy only.
+    "trained_ptb_lstm": DecoderConfig("trained_ptb_lstm", "trained", batch=8, latent=8, steps=10,
+                                      model=dict(fixture="trained_ptb_savae.pt")),
     # A >= 5M-parameter decoder for the memory comparison.
     "lstm_5m": DecoderConfig("lstm_5m", "lstm", batch=16, latent=16, steps=20, length=8,
                              model=dict(vocab_size=10000, embed_dim=256, hidden_dim=256)),
 }
+
+
+def trained_fixture(cfg: DecoderConfig) -> str:
+    """The fixture file of a "trained" config (benchmarks/trained_decoder.py makes them)."""
+    from benchmarks.trained_decoder import FIXTURES
+
+    return os.path.join(FIXTURES, cfg.model["fixture"])
 
 
 def build_decoder(cfg: DecoderConfig) -> torch.nn.Module:
@@ -73,7 +86,7 @@ def build_decoder(cfg: DecoderConfig) -> torch.nn.Module:
     if cfg.kind == "trained":
         from benchmarks.trained_decoder import load
 
-        return load()[0]
+        return load(path=trained_fixture(cfg))[0]
     raise ValueError(cfg.kind)
 
 
@@ -94,7 +107,7 @@ def make_problem(cfg: DecoderConfig, device: str, dtype=torch.float32, seed: int
     elif cfg.kind == "trained":  # test sentences of the decoder's own data, a different set per seed
         from benchmarks.trained_decoder import load
 
-        sentences = load()[1]
+        sentences = load(path=trained_fixture(cfg))[1]
         x = sentences[torch.randperm(len(sentences), generator=gen)[:batch]]
     else:
         size = cfg.model.get("image_size", 28)
