@@ -133,6 +133,16 @@ if triton is not None:
         return tl.where(c < 1.0, max_norm * dot / (norm * np1 * np1), 0.0)
 
     @triton.jit
+    def _store_directions(vm, vl, mu, sigma, eps, o_vm_ptr, o_vl_ptr, o_u_ptr, offs, m):
+        # stores v = (v_mu, v_logvar) and its z-space direction u = v_mu + sigma eps v_logvar / 2;
+        # returns u and the sample z = mu + sigma eps
+        u = vm + 0.5 * sigma * eps * vl
+        tl.store(o_vm_ptr + offs, vm, mask=m)
+        tl.store(o_vl_ptr + offs, vl, mask=m)
+        tl.store(o_u_ptr + offs, u, mask=m)
+        return u, mu + sigma * eps
+
+    @triton.jit
     def _central_step(uu, zz, fd_step):
         # per-row step r = fd_step (1 + |z|) / |u| and loss weight 1 / (2 r) (zero for u = 0)
         u_norm = tl.sqrt(uu)
@@ -287,11 +297,7 @@ if triton is not None:
                 g_mu, g_lv = _elbo_grad(gz, mu, sigma, em, eps, scale, kl_weight)
                 vm = vm - k_mu * g_mu
                 vl = vl - k_lv * g_lv
-            u = vm + 0.5 * sigma * eps * vl
-            z = mu + sigma * eps
-            tl.store(o_vm_ptr + offs, vm, mask=m)
-            tl.store(o_vl_ptr + offs, vl, mask=m)
-            tl.store(o_u_ptr + offs, u, mask=m)
+            u, z = _store_directions(vm, vl, mu, sigma, eps, o_vm_ptr, o_vl_ptr, o_u_ptr, offs, m)
             if FD_MODE == _FD_FORWARD:
                 tl.store(o_z_ptr + offs, z + fd_step * u, mask=m)
             else:
@@ -350,11 +356,7 @@ if triton is not None:
             dot_lv = tl.sum(tl.sum(tl.where(m, g_lv * pl, 0.0), axis=1), axis=0)
             vm = vm - _kappa(n_mu, c_mu, max_norm, dot_mu) * g_mu
             vl = vl - _kappa(n_lv, c_lv, max_norm, dot_lv) * g_lv
-        u = vm + 0.5 * sigma * eps * vl
-        z = mu + sigma * eps
-        tl.store(o_vm_ptr + offs, vm, mask=m)
-        tl.store(o_vl_ptr + offs, vl, mask=m)
-        tl.store(o_u_ptr + offs, u, mask=m)
+        u, z = _store_directions(vm, vl, mu, sigma, eps, o_vm_ptr, o_vl_ptr, o_u_ptr, offs, m)
         w = tl.zeros((RB,), dtype=mu_ptr.dtype.element_ty) + 1.0
         if FD_MODE == _FD_FORWARD:
             tl.store(o_z_ptr + offs, z + fd_step * u, mask=m)
