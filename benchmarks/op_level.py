@@ -6,6 +6,9 @@ of the measured device-to-device copy bandwidth."""
 
 from __future__ import annotations
 
+import statistics
+import time
+
 import torch
 
 import savae_fast as sf
@@ -43,8 +46,6 @@ def copy_bandwidth(device: str, n: int = 1 << 24) -> float:
 
 def event_seconds(fn, rounds: int) -> float:
     """Median seconds of one call between two CUDA events (its span on the device timeline)."""
-    import statistics
-
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     fn()
     spans = []
@@ -127,25 +128,17 @@ def _latency(fn, rounds: int, burst: int = 100) -> dict:
     the issue rate, max(host work, device work)), ``events`` (CUDA events around one call:
     its span on the device timeline, launch gaps included) and ``graph`` (``burst`` calls
     captured in one CUDA graph, timed by events over a replay: the device work alone)."""
-    import statistics
-    import time
-
     sync = torch.cuda.synchronize
     for _ in range(3):
         fn()
-    host_sync, events = [], []
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    host_sync = []
     for _ in range(rounds):
         sync()
         t0 = time.perf_counter()
         fn()
         sync()
         host_sync.append(time.perf_counter() - t0)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        events.append(start.elapsed_time(end) * 1e-3)
+    events = event_seconds(fn, rounds)
     issue = []
     for _ in range(max(3, rounds // 4)):
         sync()
@@ -155,7 +148,7 @@ def _latency(fn, rounds: int, burst: int = 100) -> dict:
         sync()
         issue.append((time.perf_counter() - t0) / burst)
     out = {"host_sync_us": statistics.median(host_sync) * 1e6, "host_issue_us": statistics.median(issue) * 1e6,
-           "events_us": statistics.median(events) * 1e6, "graph_us": None}
+           "events_us": events * 1e6, "graph_us": None}
     try:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -167,6 +160,7 @@ def _latency(fn, rounds: int, burst: int = 100) -> dict:
             for _ in range(burst):
                 fn()
         graph.replay()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         replays = []
         for _ in range(max(3, rounds // 4)):
             start.record()
@@ -196,9 +190,6 @@ def bench_latency(device: str = "cuda", sizes=LATENCY_SIZES, rounds: int = 50,
         rows.append({"op": "reference", "elements": x.numel(), "candidate": ref, **_latency(fn, rounds)})
     limit = extension.cuda_single_block_max_elements()
     if sf.ops.available("cpu"):  # what the operator call costs this host without CUDA (4 x 4 CPU tensors)
-        import statistics
-        import time
-
         for name in ops:
             args = op_args(name, 4, 4, "cpu")
             op = getattr(torch.ops.savae_fast, name).default
