@@ -121,6 +121,19 @@ def ops_table(result: dict) -> str:
 LATENCY_SIZES = [(32, 32), (64, 64), (256, 64)]  # 1,024 to 16,384 elements: launch-bound
 
 
+def _issue_seconds(fn, repeats: int, burst: int = 100, sync=lambda: None) -> float:
+    """Median host seconds per call over ``burst`` back-to-back calls and one ``sync``."""
+    per_call = []
+    for _ in range(repeats):
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(burst):
+            fn()
+        sync()
+        per_call.append((time.perf_counter() - t0) / burst)
+    return statistics.median(per_call)
+
+
 def _latency(fn, rounds: int, burst: int = 100) -> dict:
     """Per call, in microseconds: ``host_sync`` (host clock around one call with a device
     synchronisation before and after: what a caller waiting on the result sees),
@@ -138,17 +151,10 @@ def _latency(fn, rounds: int, burst: int = 100) -> dict:
         fn()
         sync()
         host_sync.append(time.perf_counter() - t0)
-    events = event_seconds(fn, rounds)
-    issue = []
-    for _ in range(max(3, rounds // 4)):
-        sync()
-        t0 = time.perf_counter()
-        for _ in range(burst):
-            fn()
-        sync()
-        issue.append((time.perf_counter() - t0) / burst)
-    out = {"host_sync_us": statistics.median(host_sync) * 1e6, "host_issue_us": statistics.median(issue) * 1e6,
-           "events_us": events * 1e6, "graph_us": None}
+    repeats = max(3, rounds // 4)
+    out = {"host_sync_us": statistics.median(host_sync) * 1e6,
+           "host_issue_us": _issue_seconds(fn, repeats, burst, sync) * 1e6,
+           "events_us": event_seconds(fn, rounds) * 1e6, "graph_us": None}
     try:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -159,16 +165,7 @@ def _latency(fn, rounds: int, burst: int = 100) -> dict:
         with torch.cuda.graph(graph):
             for _ in range(burst):
                 fn()
-        graph.replay()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        replays = []
-        for _ in range(max(3, rounds // 4)):
-            start.record()
-            graph.replay()
-            end.record()
-            end.synchronize()
-            replays.append(start.elapsed_time(end) * 1e-3 / burst)
-        out["graph_us"] = statistics.median(replays) * 1e6
+        out["graph_us"] = event_seconds(graph.replay, repeats) / burst * 1e6
     except RuntimeError as exc:  # a candidate that cannot be captured: reported, not fatal
         out["graph_error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
     return out
@@ -193,15 +190,9 @@ def bench_latency(device: str = "cuda", sizes=LATENCY_SIZES, rounds: int = 50,
         for name in ops:
             args = op_args(name, 4, 4, "cpu")
             op = getattr(torch.ops.savae_fast, name).default
-            per_call = []
-            for _ in range(max(3, rounds // 4)):
-                t0 = time.perf_counter()
-                for _ in range(100):
-                    op(*args)
-                per_call.append((time.perf_counter() - t0) / 100)
+            issue = _issue_seconds(lambda: op(*args), max(3, rounds // 4))
             rows.append({"op": name, "elements": 16, "candidate": "fused cpp on CPU tensors (dispatch and checks)",
-                         "host_sync_us": None, "host_issue_us": statistics.median(per_call) * 1e6,
-                         "events_us": None, "graph_us": None})
+                         "host_sync_us": None, "host_issue_us": issue * 1e6, "events_us": None, "graph_us": None})
     for name in ops:
         for b, d in sizes:
             args = op_args(name, b, d, device)
