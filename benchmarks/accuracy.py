@@ -3,24 +3,33 @@ batch sizes, step counts and random problems (the worst case is what users hit).
 
 from __future__ import annotations
 
+import statistics
+import time
+
 import torch
 
 from benchmarks import harness
 from benchmarks.configs import CONFIGS, make_problem
-from benchmarks.refinement import METHODS, supported
+from benchmarks.refinement import METHODS, decoder_floor, supported
 from savae_fast.testing import relative_error, training_step
 from savae_fast.reference import unrolled
 
-ACCURACY_METHODS = ("refine fd_forward", "refine fd_central", "refine exact", "refine jvp", "optim_n2n (authors)")
+ACCURACY_METHODS = ("refine fd_forward", "refine fd_central", "refine fd_richardson", "refine exact", "refine jvp",
+                    "optim_n2n (authors)")
 
 
 def bench_accuracy(device: str, config: str = "small_lstm", shapes=((8, 10), (32, 20)), seeds: int = 5,
                    dtypes=(torch.float32, torch.float64), methods=ACCURACY_METHODS, first_seed: int = 0) -> dict:
+    """Worst and median error of each method over ``seeds`` problems per shape, and the
+    median time of its float32 training step on those problems next to the decoder
+    floor's (one call each per problem, after one warm-up call: a rough figure; the
+    step section times the same steps in interleaved rounds)."""
     cfg = CONFIGS[config]
     methods = [m for m in methods if supported(m, cfg, device)]
     rows = []
     for batch, steps in shapes:
         errors = {(m, dt): [] for m in methods for dt in dtypes}
+        times = {m: [] for m in (FLOOR, *methods)}
         for seed in range(first_seed, first_seed + seeds):
             p32 = make_problem(cfg, device, seed=seed, batch=batch, steps=steps)
             q = p32.to(torch.float64)
@@ -28,22 +37,48 @@ def bench_accuracy(device: str, config: str = "small_lstm", shapes=((8, 10), (32
             for dt in dtypes:
                 p = p32 if dt == torch.float32 else q
                 for m in methods:
-                    errors[(m, dt)].append(relative_error(training_step(METHODS[m], p), exact))
+                    grads, seconds = _timed(lambda: training_step(METHODS[m], p), device, warm=seed == first_seed)
+                    errors[(m, dt)].append(relative_error(grads, exact))
+                    if dt == torch.float32:
+                        times[m].append(seconds)
+            times[FLOOR].append(_timed(lambda: decoder_floor(p32), device, warm=seed == first_seed)[1])
         for (m, dt), errs in errors.items():
             rows.append({"method": m, "dtype": str(dt).replace("torch.", ""), "batch": batch, "steps": steps,
-                         "worst": max(errs), "median": sorted(errs)[len(errs) // 2], "seeds": seeds})
+                         "worst": max(errs), "median": sorted(errs)[len(errs) // 2], "seeds": seeds,
+                         "ms": 1e3 * statistics.median(times[m]) if dt == torch.float32 else None})
+        rows.append({"method": FLOOR, "dtype": "float32", "batch": batch, "steps": steps, "worst": None,
+                     "median": None, "seeds": seeds, "ms": 1e3 * statistics.median(times[FLOOR])})
     return {"config": config, "device": device, "rows": rows}
+
+
+FLOOR = "decoder floor (2K+1 passes)"
+
+
+def _timed(fn, device: str, warm: bool):
+    """(fn(), seconds of one call after an optional warm-up call)."""
+    if warm:
+        fn()
+    harness.sync(device)
+    start = time.perf_counter()
+    out = fn()
+    harness.sync(device)
+    return out, time.perf_counter() - start
 
 
 def accuracy_table(result: dict) -> str:
     shapes = sorted({(r["batch"], r["steps"]) for r in result["rows"]})
     table = {}
     for r in result["rows"]:
-        table.setdefault((r["method"], r["dtype"]), {})[(r["batch"], r["steps"])] = r["worst"]
-    rows = [{"method": m, "dtype": dt, **{f"B={b}, K={k}": v.get((b, k)) for b, k in shapes}}
+        cells = table.setdefault((r["method"], r["dtype"]), {})
+        cells[(r["batch"], r["steps"])] = r["worst"]
+        cells[("ms", r["batch"], r["steps"])] = r.get("ms")
+    rows = [{"method": m, "dtype": dt, **{f"B={b}, K={k}": v.get((b, k)) for b, k in shapes},
+             **{f"ms B={b}, K={k}": v.get(("ms", b, k)) for b, k in shapes}}
             for (m, dt), v in table.items()]
-    return harness.markdown_table(rows, [("method", "method", ""), ("dtype", "dtype", "")]
-                                  + [(f"B = {b}, K = {k}", f"B={b}, K={k}", "{:.1e}") for b, k in shapes])
+    return harness.markdown_table(
+        rows, [("method", "method", ""), ("dtype", "dtype", "")]
+        + [(f"B = {b}, K = {k}", f"B={b}, K={k}", "{:.1e}") for b, k in shapes]
+        + [(f"ms / step, B = {b}, K = {k}", f"ms B={b}, K={k}", "{:.1f}") for b, k in shapes])
 
 
 def main() -> None:

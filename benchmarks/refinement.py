@@ -34,6 +34,7 @@ def _refine(hvp: str, backend: str = "auto", **options) -> Callable:
 METHODS: dict[str, Callable] = {
     "refine fd_forward": _refine("fd_forward"),
     "refine fd_central": _refine("fd_central"),
+    "refine fd_richardson": _refine("fd_richardson"),
     "refine exact": _refine("exact"),
     "refine jvp": _refine("jvp"),
     "refine fd_forward (torch ops)": _refine("fd_forward", backend="torch"),

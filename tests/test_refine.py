@@ -16,6 +16,8 @@ TOLERANCE = {
     ("fd_central", torch.float32): 1e-4,
     ("fd_forward", torch.float32): 1e-3,
     ("fd_forward", torch.float64): 1e-6,
+    ("fd_richardson", torch.float64): 1e-10,  # fourth order: truncation ~1e-13 at its step
+    ("fd_richardson", torch.float32): 1e-4,
     ("exact", torch.float64): 1e-11,  # float rounding
     ("exact", torch.float32): 2e-5,  # float32 rounding through K steps
     ("jvp", torch.float64): 1e-11,  # forward-over-reverse: exact as double backward
@@ -28,7 +30,7 @@ TOLERANCE = {
 # fd_central, 800 for the others): fd_central 3.4e-4, fd_forward 2.1e-3, exact 2.8e-5.
 # MLP and LSTM decoders keep the bounds above (largest seen over 400-600 draws: 4.4e-6,
 # 9.6e-5, 5.0e-7).
-PIXELCNN_FLOAT32_TOLERANCE = {"fd_central": 1.5e-3, "fd_forward": 1e-2, "exact": 1.5e-4, "jvp": 1.5e-4}
+PIXELCNN_FLOAT32_TOLERANCE = {"fd_central": 1.5e-3, "fd_richardson": 1.5e-3, "fd_forward": 1e-2, "exact": 1.5e-4, "jvp": 1.5e-4}
 
 
 def _clip_setting(p, clip):
@@ -42,7 +44,8 @@ def _clip_setting(p, clip):
 @pytest.mark.parametrize(
     "hvp,dtype",
     [("fd_central", torch.float64), ("fd_central", torch.float32), ("fd_forward", torch.float32),
-     ("fd_forward", torch.float64), ("exact", torch.float64), ("exact", torch.float32), ("jvp", torch.float64),
+     ("fd_forward", torch.float64), ("fd_richardson", torch.float64), ("fd_richardson", torch.float32),
+     ("exact", torch.float64), ("exact", torch.float32), ("jvp", torch.float64),
      ("jvp", torch.float32)],
 )
 def test_gradients_match_unrolled(kind, clip, hvp, dtype, backend, seed):
@@ -245,33 +248,63 @@ def test_float32_accuracy_on_trained_decoders(fixture, central_bound, forward_bo
     p = Problem(decoder.eval(), x, 0.5 * torch.randn(batch, latent), 0.3 * torch.randn(batch, latent),
                 torch.randn(steps, batch, latent), torch.randn(batch, latent))
     _, exact = reference_grads(p)
-    for hvp, bound in (("fd_central", central_bound), ("fd_forward", forward_bound)):
+    for hvp, bound in (("fd_central", central_bound), ("fd_richardson", central_bound), ("fd_forward", forward_bound)):
         err = relative_error(refine_grads(p, hvp=hvp)[1], exact)
         assert err <= bound, f"{hvp}: {err:.2e} (seed={seed})"
 
 
-@pytest.mark.parametrize("hvp", ["jvp", "exact"])
-def test_exact_modes_on_a_large_weight_decoder_are_at_float32_rounding(hvp, seed):
+def _large_weight_problem():
     """The authors' text decoder (V 50, E 16, H 32) with weights uniform in [-0.5, 0.5] and
-    30-token sentences, where difference quotients lose most digits: the exact modes in
-    float32 are as accurate as float32 arithmetic allows, i.e. of the order of float32
-    unrolled autograd's own error against float64 (20 draws: 0.007x to 3.5x of it; the
-    bound leaves room for that spread), and in float64 within 1e-10 (20 draws: <= 5e-12)."""
+    30-token sentences, B 8, K 10, latent 8: strongly curved gradients."""
     from savae_fast.models import LSTMDecoder
-    from savae_fast.reference import unrolled
-    from savae_fast.testing import Problem, relative_error, training_step
+    from savae_fast.testing import Problem
 
     decoder = LSTMDecoder(50, 8, 16, 32, dropout=0.0)
     with torch.no_grad():
         for param in decoder.parameters():
             param.uniform_(-0.5, 0.5)
     batch, steps, latent = 8, 10, 8
-    p = Problem(decoder.eval(), torch.randint(1, 50, (batch, 30)), 0.5 * torch.randn(batch, latent),
-                0.3 * torch.randn(batch, latent), torch.randn(steps, batch, latent), torch.randn(batch, latent))
+    return Problem(decoder.eval(), torch.randint(1, 50, (batch, 30)), 0.5 * torch.randn(batch, latent),
+                   0.3 * torch.randn(batch, latent), torch.randn(steps, batch, latent), torch.randn(batch, latent))
+
+
+def _mode(hvp, **options):
+    return lambda *a, **kw: sf.refine(*a, hvp=hvp, **options, **kw)
+
+
+@pytest.mark.parametrize("hvp", ["jvp", "exact"])
+def test_exact_modes_on_a_large_weight_decoder_are_at_float32_rounding(hvp, seed):
+    """On the large-weight decoder, where difference quotients lose most digits, the exact modes in
+    float32 are as accurate as float32 arithmetic allows, i.e. of the order of float32
+    unrolled autograd's own error against float64 (20 draws: 0.007x to 3.5x of it; the
+    bound leaves room for that spread), and in float64 within 1e-10 (20 draws: <= 5e-12)."""
+    from savae_fast.reference import unrolled
+    from savae_fast.testing import relative_error, training_step
+
+    p = _large_weight_problem()
     q = p.to(torch.float64)
     exact = training_step(unrolled, q)
-    mode = lambda *a, **kw: sf.refine(*a, hvp=hvp, **kw)  # noqa: E731
+    mode = _mode(hvp)
     assert relative_error(training_step(mode, q), exact) <= 1e-10
     floor = relative_error(training_step(unrolled, p), exact)
     err = relative_error(training_step(mode, p), exact)
     assert err <= 10 * floor + 2e-6, f"{hvp}: {err:.2e} vs float32 unrolled {floor:.2e} (seed={seed})"
+
+
+def test_richardson_difference_is_fourth_order_and_beats_central_on_a_large_weight_decoder(seed):
+    """fd_richardson extrapolates two central differences: in float64 (no rounding to
+    speak of) halving its step divides its error by 2^4 (40 draws: 12-17; fd_central's
+    ratio is 4), which checks the stencil. In float32 at the default steps it is more
+    accurate than fd_central on this decoder (40 draws: 2.7x to 100x; median errors
+    9e-5 vs 4e-3, worst 4.1e-3 vs 7.9e-2; float32 unrolled's own error 7e-7 to 2e-3)."""
+    from savae_fast.reference import unrolled
+    from savae_fast.testing import relative_error, training_step
+
+    p = _large_weight_problem()
+    q = p.to(torch.float64)
+    exact = training_step(unrolled, q)
+    coarse, fine = (relative_error(training_step(_mode("fd_richardson", fd_eps=eps), q), exact) for eps in (1e-3, 5e-4))
+    assert coarse / fine >= 10, f"error ratio {coarse / fine:.1f} at half the step (seed={seed})"
+    richardson = relative_error(training_step(_mode("fd_richardson"), p), exact)
+    central = relative_error(training_step(_mode("fd_central"), p), exact)
+    assert richardson <= min(central, 1e-2), f"{richardson:.2e} vs fd_central {central:.2e} (seed={seed})"

@@ -68,7 +68,9 @@ def refine(
         hvp: how the backward gets the decoder's second-order terms:
             "fd_forward" (default; 2K+1 decoder passes per training step, one
             parameter-sized buffer), "fd_central" (3K+1 passes, most
-            accurate finite difference, no parameter-sized state), "exact"
+            accurate of the two-point differences, no parameter-sized state),
+            "fd_richardson" (5K+1 passes: fd_central at two steps, extrapolated;
+            for strongly curved decoders where the exact modes cannot run), "exact"
             (double backward; the decoder must be twice differentiable) or "jvp"
             (forward-over-reverse: exact to rounding without a second-order graph;
             every decoder op needs a forward-mode derivative).

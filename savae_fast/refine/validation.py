@@ -36,7 +36,8 @@ DEFAULTS = RefineDefaults()
 # truncation error (grows with the step) meets the rounding error (grows as its
 # inverse), chosen by sweeps on MLP and LSTM decoders (B 8-32, K 10-20; see README,
 # "Accuracy"). fd_forward: perturbation size of the normalised direction;
-# fd_central: per-example relative perturbation r_b |u_b| = eps (1 + |z_b|).
+# fd_central and fd_richardson (its smaller step): per-example relative perturbation
+# r_b |u_b| = eps (1 + |z_b|).
 # A decoder that computes in lower precision rounds its gradients more coarsely, so
 # the steps are larger: bfloat16 measured on an LSTM decoder under bfloat16 autocast
 # (relative error ~1e-3 central, ~7e-3 forward); TF32 (float32 decoders on GPUs with
