@@ -79,7 +79,8 @@ def test_preserve_rng_state_during_capture_gives_clear_error():
                       preserve_rng_state=False)
 
 
-@pytest.mark.parametrize("hvp,tol", [("fd_central", 5e-3), ("fd_forward", 3e-2), ("exact", 3e-3)])
+@pytest.mark.parametrize("hvp,tol", [("fd_central", 5e-3), ("fd_forward", 3e-2), ("fd_richardson", 3e-3),
+                                     ("exact", 3e-3)])
 def test_decoder_under_autocast(hvp, tol, seed):
     """Mixed precision: refine called inside a bfloat16 autocast region. The decoder runs in
     bfloat16; the variational state, the Gaussian math and the gradients stay float32, and
