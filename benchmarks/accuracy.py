@@ -10,7 +10,7 @@ import torch
 
 from benchmarks import harness
 from benchmarks.configs import CONFIGS, make_problem
-from benchmarks.refinement import METHODS, decoder_floor, supported
+from benchmarks.refinement import CUDA_METHODS, METHODS, decoder_floor, supported
 from savae_fast.testing import relative_error, training_step
 from savae_fast.reference import unrolled
 
@@ -26,6 +26,10 @@ def bench_accuracy(device: str, config: str = "small_lstm", shapes=((8, 10), (32
     step section times the same steps in interleaved rounds)."""
     cfg = CONFIGS[config]
     methods = [m for m in methods if supported(m, cfg, device)]
+    table = dict(METHODS)
+    if device == "cuda":  # the default (TF32 on cuDNN/cuBLAS) and refine's evaluations in full float32
+        table.update(CUDA_METHODS)
+        methods += [m for m in CUDA_METHODS if m not in methods]
     rows = []
     for batch, steps in shapes:
         errors = {(m, dt): [] for m in methods for dt in dtypes}
@@ -37,7 +41,7 @@ def bench_accuracy(device: str, config: str = "small_lstm", shapes=((8, 10), (32
             for dt in dtypes:
                 p = p32 if dt == torch.float32 else q
                 for m in methods:
-                    grads, seconds = _timed(lambda: training_step(METHODS[m], p), device, warm=seed == first_seed)
+                    grads, seconds = _timed(lambda: training_step(table[m], p), device, warm=seed == first_seed)
                     errors[(m, dt)].append(relative_error(grads, exact))
                     if dt == torch.float32:
                         times[m].append(seconds)

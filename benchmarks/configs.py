@@ -86,7 +86,9 @@ def build_decoder(cfg: DecoderConfig) -> torch.nn.Module:
     if cfg.kind == "trained":
         from benchmarks.trained_decoder import load
 
-        return load(path=trained_fixture(cfg))[0]
+        # train mode (the fixture has no dropout, so the same function): cuDNN computes
+        # RNN gradients only in training mode
+        return load(path=trained_fixture(cfg))[0].train()
     raise ValueError(cfg.kind)
 
 

@@ -47,6 +47,8 @@ METHODS: dict[str, Callable] = {
 CUDA_METHODS: dict[str, Callable] = {
     "refine fd_forward, fp32_precision='ieee'": _refine("fd_forward", fp32_precision="ieee"),
     "refine fd_central, fp32_precision='ieee'": _refine("fd_central", fp32_precision="ieee"),
+    "refine fd_richardson, fp32_precision='ieee'": _refine("fd_richardson", fp32_precision="ieee"),
+    "refine exact, fp32_precision='ieee'": _refine("exact", fp32_precision="ieee"),
 }
 
 # Float64 unrolled autograd on a GPU (the accuracy reference) is slow for large decoders
