@@ -4,7 +4,6 @@ batch sizes, step counts and random problems (the worst case is what users hit).
 from __future__ import annotations
 
 import statistics
-import time
 
 import torch
 
@@ -16,6 +15,7 @@ from savae_fast.reference import unrolled
 
 ACCURACY_METHODS = ("refine fd_forward", "refine fd_central", "refine fd_richardson", "refine exact", "refine jvp",
                     "optim_n2n (authors)")
+FLOOR = "decoder floor (2K+1 passes)"
 
 
 def bench_accuracy(device: str, config: str = "small_lstm", shapes=((8, 10), (32, 20)), seeds: int = 5,
@@ -55,18 +55,11 @@ def bench_accuracy(device: str, config: str = "small_lstm", shapes=((8, 10), (32
     return {"config": config, "device": device, "rows": rows}
 
 
-FLOOR = "decoder floor (2K+1 passes)"
-
-
 def _timed(fn, device: str, warm: bool):
     """(fn(), seconds of one call after an optional warm-up call)."""
     if warm:
         fn()
-    harness.sync(device)
-    start = time.perf_counter()
-    out = fn()
-    harness.sync(device)
-    return out, time.perf_counter() - start
+    return harness.timed(fn, device)
 
 
 def accuracy_table(result: dict) -> str:

@@ -81,12 +81,17 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_once(fn: Callable[[], object], device: str) -> float:
+def timed(fn: Callable[[], object], device: str) -> tuple[object, float]:
+    """(fn(), seconds of the call), the device synchronised before and after."""
     sync(device)
     start = time.perf_counter()
-    fn()
+    out = fn()
     sync(device)
-    return time.perf_counter() - start
+    return out, time.perf_counter() - start
+
+
+def time_once(fn: Callable[[], object], device: str) -> float:
+    return timed(fn, device)[1]
 
 
 def interleaved(candidates: dict[str, Callable[[], object]], rounds: int, device: str = "cpu",
