@@ -68,6 +68,7 @@ def _locate_cuda_home() -> None:
             os.environ["CUDA_HOME"] = root
             return
 
+
 def _shared_cxx_runtime() -> list[str]:
     """Link arguments that make the extension use the shared libstdc++ this process (and torch)
     loaded. A private static copy brings its own iostreams, whose uninitialised locale crashed

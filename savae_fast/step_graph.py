@@ -31,7 +31,6 @@ from torch import Tensor
 from savae_fast.refine.validation import collect_params
 
 
-
 class GraphedStep:
     """``step = GraphedStep(loss_fn, example_inputs, params)``, then ``loss = step(*inputs)``.
 
