@@ -233,19 +233,16 @@ FIXTURES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__
 def test_float32_accuracy_on_trained_decoders(fixture, central_bound, forward_bound, seed):
     """Decoders trained by this package (larger, structured weights), fresh test sentences
     and draws each run, B 8, K 10: fd_central and fd_forward against float64 unrolled."""
-    from savae_fast.models import LSTMDecoder
+    from benchmarks.trained_decoder import load
     from savae_fast.testing import Problem, reference_grads, refine_grads, relative_error
 
     path = os.path.join(FIXTURES, fixture)
     if not os.path.exists(path):
         pytest.skip("benchmarks/fixtures not in this tree")
-    blob = torch.load(path, map_location="cpu", weights_only=True)
-    s = blob["sizes"]
-    decoder = LSTMDecoder(s["vocab_size"], s["latent_dim"], s["embed_dim"], s["hidden_dim"], dropout=0.0)
-    decoder.load_state_dict(blob["decoder"])
-    batch, steps, latent = 8, 10, s["latent_dim"]
-    x = blob["x"][torch.randperm(len(blob["x"]))[:batch]]
-    p = Problem(decoder.eval(), x, 0.5 * torch.randn(batch, latent), 0.3 * torch.randn(batch, latent),
+    decoder, sentences = load(path=path)
+    batch, steps, latent = 8, 10, decoder.latent_dim
+    x = sentences[torch.randperm(len(sentences))[:batch]]
+    p = Problem(decoder, x, 0.5 * torch.randn(batch, latent), 0.3 * torch.randn(batch, latent),
                 torch.randn(steps, batch, latent), torch.randn(batch, latent))
     _, exact = reference_grads(p)
     for hvp, bound in (("fd_central", central_bound), ("fd_richardson", central_bound), ("fd_forward", forward_bound)):
@@ -255,17 +252,11 @@ def test_float32_accuracy_on_trained_decoders(fixture, central_bound, forward_bo
 
 def _large_weight_problem():
     """The authors' text decoder (V 50, E 16, H 32) with weights uniform in [-0.5, 0.5] and
-    30-token sentences, B 8, K 10, latent 8: strongly curved gradients."""
-    from savae_fast.models import LSTMDecoder
-    from savae_fast.testing import Problem
+    30-token sentences, B 8, K 10, latent 8: strongly curved gradients (the accuracy
+    benchmark's large_weight_lstm), a fresh draw each call."""
+    from benchmarks.configs import CONFIGS, make_problem
 
-    decoder = LSTMDecoder(50, 8, 16, 32, dropout=0.0)
-    with torch.no_grad():
-        for param in decoder.parameters():
-            param.uniform_(-0.5, 0.5)
-    batch, steps, latent = 8, 10, 8
-    return Problem(decoder.eval(), torch.randint(1, 50, (batch, 30)), 0.5 * torch.randn(batch, latent),
-                   0.3 * torch.randn(batch, latent), torch.randn(steps, batch, latent), torch.randn(batch, latent))
+    return make_problem(CONFIGS["large_weight_lstm"], "cpu", seed=int(torch.randint(2**31, ())))
 
 
 def _mode(hvp, **options):
