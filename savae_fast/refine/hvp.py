@@ -173,8 +173,9 @@ class RichardsonDifference(CentralDifference):
     Hzz u ~ [8 (g(z + r u) - g(z - r u)) - (g(z + 2 r u) - g(z - 2 r u))] / (12 r),
     four decoder passes per reverse step. Truncation falls as r^4 instead of r^2, so
     the step can stay large enough that float32 rounding (of z +- r u and of the
-    decoder's gradients, both amplified by 1 / r) stays small: on strongly curved
-    decoders 2-4x closer to float64 than fd_central at its best step."""
+    decoder's gradients, both amplified by 1 / r) stays small: on a large-weight LSTM
+    2.7x-100x more accurate than fd_central at its default step (40 draws), and about as
+    accurate as fd_central at a step tuned for each draw (three draws swept)."""
 
     name = "fd_richardson"
     # float32: large-weight LSTM (truncation ~3e6 eps^4, rounding ~1e-7 / eps) and small-weight
