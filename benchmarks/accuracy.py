@@ -13,8 +13,8 @@ from benchmarks.refinement import CUDA_METHODS, METHODS, decoder_floor, supporte
 from savae_fast.testing import relative_error, training_step
 from savae_fast.reference import unrolled
 
-ACCURACY_METHODS = ("refine fd_forward", "refine fd_central", "refine fd_richardson", "refine exact", "refine jvp",
-                    "optim_n2n (authors)")
+ACCURACY_METHODS = ("refine fd_forward", "refine fd_central", "refine fd_richardson", "refine fd_adaptive",
+                    "refine exact", "refine jvp", "optim_n2n (authors)")
 FLOOR = "decoder floor (2K+1 passes)"
 
 

@@ -35,6 +35,7 @@ METHODS: dict[str, Callable] = {
     "refine fd_forward": _refine("fd_forward"),
     "refine fd_central": _refine("fd_central"),
     "refine fd_richardson": _refine("fd_richardson"),
+    "refine fd_adaptive": _refine("fd_adaptive"),
     "refine exact": _refine("exact"),
     "refine jvp": _refine("jvp"),
     "refine fd_forward (torch ops)": _refine("fd_forward", backend="torch"),
@@ -48,6 +49,7 @@ CUDA_METHODS: dict[str, Callable] = {
     "refine fd_forward, fp32_precision='ieee'": _refine("fd_forward", fp32_precision="ieee"),
     "refine fd_central, fp32_precision='ieee'": _refine("fd_central", fp32_precision="ieee"),
     "refine fd_richardson, fp32_precision='ieee'": _refine("fd_richardson", fp32_precision="ieee"),
+    "refine fd_adaptive, fp32_precision='ieee'": _refine("fd_adaptive", fp32_precision="ieee"),
     "refine exact, fp32_precision='ieee'": _refine("exact", fp32_precision="ieee"),
 }
 

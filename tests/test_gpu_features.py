@@ -77,10 +77,16 @@ def test_preserve_rng_state_during_capture_gives_clear_error():
         with torch.cuda.graph(g):
             sf.refine(mu, torch.zeros(4, 3, device="cuda"), lambda z: (z * z).sum(1), steps=2,
                       preserve_rng_state=False)
+    # fd_adaptive reads its error estimates on the host in the backward
+    g = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match="hvp='fd_adaptive'"):
+        with torch.cuda.graph(g):
+            sf.refine(mu, torch.zeros(4, 3, device="cuda"), lambda z: (z * z).sum(1), steps=2,
+                      preserve_rng_state=False, on_nonfinite="ignore", hvp="fd_adaptive")
 
 
 @pytest.mark.parametrize("hvp,tol", [("fd_central", 5e-3), ("fd_forward", 3e-2), ("fd_richardson", 3e-3),
-                                     ("exact", 3e-3)])
+                                     ("fd_adaptive", 3e-3), ("exact", 3e-3)])
 def test_decoder_under_autocast(hvp, tol, seed):
     """Mixed precision: refine called inside a bfloat16 autocast region. The decoder runs in
     bfloat16; the variational state, the Gaussian math and the gradients stay float32, and

@@ -18,6 +18,8 @@ TOLERANCE = {
     ("fd_forward", torch.float64): 1e-6,
     ("fd_richardson", torch.float64): 1e-10,  # fourth order: truncation ~1e-13 at its step
     ("fd_richardson", torch.float32): 1e-4,
+    ("fd_adaptive", torch.float64): 1e-10,  # fd_richardson's passes, steps halved where too curved
+    ("fd_adaptive", torch.float32): 1e-4,
     ("exact", torch.float64): 1e-11,  # float rounding
     ("exact", torch.float32): 2e-5,  # float32 rounding through K steps
     ("jvp", torch.float64): 1e-11,  # forward-over-reverse: exact as double backward
@@ -30,7 +32,8 @@ TOLERANCE = {
 # fd_central, 800 for the others): fd_central 3.4e-4, fd_forward 2.1e-3, exact 2.8e-5.
 # MLP and LSTM decoders keep the bounds above (largest seen over 400-600 draws: 4.4e-6,
 # 9.6e-5, 5.0e-7).
-PIXELCNN_FLOAT32_TOLERANCE = {"fd_central": 1.5e-3, "fd_richardson": 1.5e-3, "fd_forward": 1e-2, "exact": 1.5e-4, "jvp": 1.5e-4}
+PIXELCNN_FLOAT32_TOLERANCE = {"fd_central": 1.5e-3, "fd_richardson": 1.5e-3, "fd_adaptive": 1.5e-3, "fd_forward": 1e-2,
+                              "exact": 1.5e-4, "jvp": 1.5e-4}
 
 
 def _clip_setting(p, clip):
@@ -45,6 +48,7 @@ def _clip_setting(p, clip):
     "hvp,dtype",
     [("fd_central", torch.float64), ("fd_central", torch.float32), ("fd_forward", torch.float32),
      ("fd_forward", torch.float64), ("fd_richardson", torch.float64), ("fd_richardson", torch.float32),
+     ("fd_adaptive", torch.float64), ("fd_adaptive", torch.float32),
      ("exact", torch.float64), ("exact", torch.float32), ("jvp", torch.float64),
      ("jvp", torch.float32)],
 )
@@ -245,7 +249,8 @@ def test_float32_accuracy_on_trained_decoders(fixture, central_bound, forward_bo
     p = Problem(decoder, x, 0.5 * torch.randn(batch, latent), 0.3 * torch.randn(batch, latent),
                 torch.randn(steps, batch, latent), torch.randn(batch, latent))
     _, exact = reference_grads(p)
-    for hvp, bound in (("fd_central", central_bound), ("fd_richardson", central_bound), ("fd_forward", forward_bound)):
+    for hvp, bound in (("fd_central", central_bound), ("fd_richardson", central_bound), ("fd_adaptive", central_bound),
+                       ("fd_forward", forward_bound)):
         err = relative_error(refine_grads(p, hvp=hvp)[1], exact)
         assert err <= bound, f"{hvp}: {err:.2e} (seed={seed})"
 
@@ -306,3 +311,55 @@ def test_richardson_difference_is_fourth_order_and_beats_central_on_a_large_weig
     richardson = relative_error(training_step(_mode("fd_richardson"), p), exact)
     central = relative_error(training_step(_mode("fd_central"), p), exact)
     assert richardson <= min(central, 1e-2), f"{richardson:.2e} vs fd_central {central:.2e} (seed={seed})"
+
+
+def test_adaptive_step_reaches_rounding_on_a_large_weight_decoder(seed):
+    """fd_adaptive takes fd_richardson's four passes and halves the step of every example whose
+    own truncation estimate |D(2 r) - D(r)| is above its tolerance, then evaluates that
+    reverse step again. On the large-weight decoder (100 draws): float64 worst 1.4e-10
+    (fd_richardson's 1e-11 to 1.4e-6); float32 worst 3.8x max(float32 unrolled's own error,
+    1e-4), 3.8e-4 where that error is small (fd_richardson up to 0.1); float32 unrolled's own
+    error reaches 1.4e-2 on some draws, which no float32 method can beat."""
+    from savae_fast.reference import unrolled
+    from savae_fast.testing import relative_error, training_step
+
+    p = _large_weight_problem()
+    q = p.to(torch.float64)
+    exact = training_step(unrolled, q)
+    err64 = relative_error(training_step(_mode("fd_adaptive"), q), exact)
+    assert err64 <= 1e-9, f"float64 {err64:.2e} (seed={seed})"
+    floor = relative_error(training_step(unrolled, p), exact)
+    err32 = relative_error(training_step(_mode("fd_adaptive"), p), exact)
+    assert err32 <= 3 * floor + 1e-3, f"float32 {err32:.2e} vs float32 unrolled {floor:.2e} (seed={seed})"
+
+
+def test_adaptive_step_recovers_from_a_step_too_large(seed):
+    """From 10x the float64 default step (fd_richardson's error then 1e-5 to 1e-2 on the
+    large-weight decoder), the halvings bring fd_adaptive down by the 16^4 that four
+    halvings of a fourth-order error give (30 draws: 5.7e4x to 6.7e4x)."""
+    from savae_fast.reference import unrolled
+    from savae_fast.testing import relative_error, training_step
+
+    q = _large_weight_problem().to(torch.float64)
+    exact = training_step(unrolled, q)
+    richardson = relative_error(training_step(_mode("fd_richardson", fd_eps=1e-3), q), exact)
+    adaptive = relative_error(training_step(_mode("fd_adaptive", fd_eps=1e-3), q), exact)
+    assert adaptive <= max(richardson / 1000, 1e-10), f"{adaptive:.2e} vs fd_richardson {richardson:.2e} (seed={seed})"
+
+
+@pytest.mark.parametrize("kind", ["mlp", "lstm"])
+def test_adaptive_step_is_richardson_where_no_example_is_too_curved(kind, monkeypatch):
+    """Small-weight decoders: no estimate reaches the tolerance, so fd_adaptive evaluates
+    fd_richardson's points once per reverse step and differs from it only by the order of
+    the additions."""
+    from savae_fast.refine.hvp import HVP_METHODS
+
+    p = make_problem(kind, torch.float64, batch=16, latent=6, steps=8)
+    method = HVP_METHODS["fd_adaptive"]
+    calls = []
+    original = method.evaluate
+    monkeypatch.setattr(method, "evaluate", lambda *a, **kw: calls.append(1) or original(*a, **kw))
+    _, adaptive = refine_grads(p, hvp="fd_adaptive")
+    _, richardson = refine_grads(p, hvp="fd_richardson")
+    assert len(calls) == 8
+    assert max_rel_err(adaptive, richardson)[0] <= 1e-12

@@ -198,14 +198,15 @@ def test_models_plug_into_refine():
 @pytest.mark.skipif(not torch.distributed.is_available() or shutil.which("torchrun") is None
                     and not os.path.exists(os.path.join(os.path.dirname(sys.executable), "torchrun")),
                     reason="torchrun not available")
-@pytest.mark.parametrize("mode", ["savae", "vae+svi"])
-def test_two_process_gloo_matches_one_process(mode, tmp_path):
+@pytest.mark.parametrize("mode,hvp", [("savae", "fd_central"), ("vae+svi", "fd_central"), ("savae", "fd_adaptive")])
+def test_two_process_gloo_matches_one_process(mode, hvp, tmp_path):
     """torchrun --nproc_per_node 2 (gloo): the parameter update equals one process on the same global batch,
-    with inner clipping active (global clip norms across the processes)."""
+    with inner clipping active (global clip norms across the processes). fd_adaptive: every process
+    re-evaluates a reverse step when any example on any process needs it (same passes everywhere)."""
     common = ["--mode", mode, "--dataset", "synthetic", "--synthetic", json.dumps({"train": 8, "valid": 8, "test": 8}),
               "--latent-dim", "3", "--embed-dim", "8", "--hidden-dim", "8", "--dropout", "0", "--epochs", "1",
               "--batch-size", "8", "--optimizer", "sgd", "--lr", "0.5", "--svi-steps", "4", "--svi-max-grad-norm",
-              "0.05", "--hvp", "fd_central", "--eval-samples", "2", "--eval-elbo-samples", "1", "--no-progress"]
+              "0.05", "--hvp", hvp, "--eval-samples", "2", "--eval-elbo-samples", "1", "--no-progress"]
     torchrun = shutil.which("torchrun") or os.path.join(os.path.dirname(sys.executable), "torchrun")
     env = dict(os.environ, OMP_NUM_THREADS="1")
     single = subprocess.run([sys.executable, "-m", "savae_fast.app.train", *common, "--out-dir", str(tmp_path / "one")],

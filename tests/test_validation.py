@@ -153,3 +153,24 @@ def test_process_group_must_be_a_process_group_of_an_initialised_torch_distribut
         sf.refine(mu, torch.zeros_like(mu), dec, (), steps=2, process_group=dist.group.WORLD)
     finally:
         dist.destroy_process_group()
+
+
+def test_capture_refuses_modes_that_read_device_values(monkeypatch):
+    """fd_adaptive decides on the host whether to evaluate a reverse step again: inside a CUDA
+    graph capture refine refuses it by name before anything is recorded (the capture itself
+    needs a GPU: tests/test_gpu_features.py; here the check, with capture reported on)."""
+    import dataclasses
+    import types
+
+    from savae_fast.refine.hvp import HVP_METHODS
+    from savae_fast.refine.validation import check_capture, make_config
+
+    cfg = make_config(torch.zeros(2, 3), steps=2, lr=1.0, momentum=0.5, max_grad_norm=5.0, kl_weight=1.0,
+                      reduction="mean", hvp="fd_adaptive", fd_eps=None, preserve_rng_state=False,
+                      on_nonfinite="ignore")
+    assert cfg.fd_tol > 0
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    on_gpu = types.SimpleNamespace(device=torch.device("cuda"))
+    with pytest.raises(RuntimeError, match="hvp='fd_adaptive'.*hvp='fd_richardson'"):
+        check_capture(cfg, on_gpu)
+    check_capture(dataclasses.replace(cfg, hvp=HVP_METHODS["fd_richardson"]), on_gpu)  # the same passes, fixed

@@ -38,6 +38,7 @@ class RefineConfig:
     global_batch: int = 0  # examples over all processes (0: this batch only)
     on_nonfinite: NonFinite = NonFinite.RAISE
     full_fp32: bool = False  # decoder evaluations with TF32 switched off (fp32_precision="ieee")
+    fd_tol: float = 0.0  # fd_adaptive: per-example truncation estimate that makes a step be halved
 
     @property
     def scalars(self) -> StepScalars:

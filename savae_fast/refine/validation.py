@@ -188,9 +188,12 @@ def make_config(mu: Tensor, *, steps, lr, momentum, max_grad_norm, kl_weight, re
         raise ValueError(f"refine: argument 'hvp' must be one of {tuple(HVP_METHODS)}, got {hvp!r}")
     if fp32_precision not in FP32_PRECISIONS:
         raise ValueError(f"refine: argument 'fp32_precision' must be one of {FP32_PRECISIONS}, got {fp32_precision!r}")
+    precision = None
+    if fd_eps is None or method.step_tolerance:
+        precision = decoder_precision(mu, full_fp32=fp32_precision == "ieee", reduced=reduced_fp32)
+    fd_tol = method.step_tolerance.get(precision, 0.0)
     if fd_eps is None:
-        fd_eps = method.default_fd_eps.get(decoder_precision(mu, full_fp32=fp32_precision == "ieee", reduced=reduced_fp32),
-                                         0.0)
+        fd_eps = method.default_fd_eps.get(precision, 0.0)
     else:
         fd_eps = real("fd_eps", fd_eps, low=0.0, low_open=True)
         if not FD_EPS_RANGE[0] <= fd_eps <= FD_EPS_RANGE[1]:
@@ -204,7 +207,7 @@ def make_config(mu: Tensor, *, steps, lr, momentum, max_grad_norm, kl_weight, re
         steps=int(steps), lr_mu=lr_mu, lr_logvar=lr_logvar, momentum=momentum, max_grad_norm=max_grad_norm,
         kl_weight=kl_weight, scale=scale, hvp=method, fd_eps=fd_eps, preserve_rng_state=preserve_rng_state,
         process_group=process_group, global_batch=global_batch, on_nonfinite=NonFinite(on_nonfinite),
-        full_fp32=fp32_precision == "ieee")
+        full_fp32=fp32_precision == "ieee", fd_tol=fd_tol)
 
 
 def check_capture(cfg: RefineConfig, mu: Tensor) -> None:
@@ -219,6 +222,11 @@ def check_capture(cfg: RefineConfig, mu: Tensor) -> None:
             "every step cannot be captured. Capture with preserve_rng_state=False, on_nonfinite='ignore' "
             "(or 'zero') and a deterministic decoder (no dropout, or eval mode), or use "
             "savae_fast.RefineGraph for forward-only refinement.")
+    if cfg.hvp.reads_device_values:
+        raise RuntimeError(
+            f"refine: CUDA graph capture with hvp={cfg.hvp.name!r}: it reads its error estimates on the host to "
+            "decide whether to evaluate a reverse step again, which a capture cannot record. Capture with "
+            "hvp='fd_richardson' (the same passes with the step fixed) or another fixed-step mode.")
     if cfg.on_nonfinite is NonFinite.RAISE:
         raise RuntimeError(
             "refine: CUDA graph capture with on_nonfinite='raise': its checks read values on the host, "
