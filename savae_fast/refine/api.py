@@ -70,7 +70,11 @@ def refine(
             parameter-sized buffer), "fd_central" (3K+1 passes, most
             accurate of the two-point differences, no parameter-sized state),
             "fd_richardson" (5K+1 passes: fd_central at two steps, extrapolated;
-            for strongly curved decoders where the exact modes cannot run), "exact"
+            for strongly curved decoders where the exact modes cannot run),
+            "fd_adaptive" (fd_richardson with a per-example check of its step: where
+            an example's truncation estimate is too large its step is halved and the
+            reverse step evaluated again; 5K+1 passes and 4 per retry, one host read
+            per reverse step, not CUDA-graph capturable), "exact"
             (double backward; the decoder must be twice differentiable) or "jvp"
             (forward-over-reverse: exact to rounding without a second-order graph;
             every decoder op needs a forward-mode derivative).

@@ -231,8 +231,8 @@ class AdaptiveRichardson(RichardsonDifference):
 
     name = "fd_adaptive"
     reads_device_values = True
-    # float32: large-weight LSTM, 20 draws: 3e-3 retried 0-4 reverse steps of 10 (worst error
-    # 3.5e-4, fd_richardson's 4.1e-3); 1e-3 retried twice as many for no gain. TF32 (CPU
+    # float32: large-weight LSTM, 20 draws: 3e-3 made 0-4 retries per training step (K 10; worst
+    # error 3.5e-4, fd_richardson's 4.1e-3); 1e-3 twice as many for no gain. TF32 (CPU
     # emulation, MLP and LSTM) and bfloat16 autocast (LSTM): 3e-2 retried most steps on
     # rounding noise for nothing, 1e-1 none on small-weight decoders. float64: its rounding
     # is ~1e-12 of the estimate at its step.
