@@ -268,12 +268,32 @@ def _mode(hvp, **options):
     return lambda *a, **kw: sf.refine(*a, hvp=hvp, **options, **kw)
 
 
+def _float32_rounding_floor(p, exact, nudges: int = 6) -> float:
+    """Float32 unrolled autograd's error against ``exact``, the largest over the input as given
+    and ``nudges`` copies with mu0 moved by one float32 ulp up or down per element at random.
+    On an ill-conditioned decoder that error is a spread, not a number: one ulp of mu0 moved
+    it by up to 7x on the large-weight decoder (80 draws), so one sample can sit far below
+    what float32 arithmetic guarantees for inputs known to float32 precision."""
+    import dataclasses
+
+    from savae_fast.reference import unrolled
+    from savae_fast.testing import relative_error, training_step
+
+    up, down = torch.full_like(p.mu0, float("inf")), torch.full_like(p.mu0, -float("inf"))
+    errors = [relative_error(training_step(unrolled, p), exact)]
+    for _ in range(nudges):
+        mu0 = torch.where(torch.rand(p.mu0.shape) < 0.5, torch.nextafter(p.mu0, up), torch.nextafter(p.mu0, down))
+        errors.append(relative_error(training_step(unrolled, dataclasses.replace(p, mu0=mu0)), exact))
+    return max(errors)
+
+
 @pytest.mark.parametrize("hvp", ["jvp", "exact"])
 def test_exact_modes_on_a_large_weight_decoder_are_at_float32_rounding(hvp, seed):
     """On the large-weight decoder, where difference quotients lose most digits, the exact modes in
-    float32 are as accurate as float32 arithmetic allows, i.e. of the order of float32
-    unrolled autograd's own error against float64 (20 draws: 0.007x to 3.5x of it; the
-    bound leaves room for that spread), and in float64 within 1e-10 (20 draws: <= 5e-12)."""
+    float32 are within 3x of float32 unrolled autograd's own error against float64, taken as
+    the largest over one-ulp roundings of mu0 (jvp: at most 2.0x over 60 draws with the six
+    here, 2.4x over 80 with four; 8.9x against the unnudged input's error alone), and in
+    float64 within 1e-10 (20 draws: <= 5e-12)."""
     from savae_fast.reference import unrolled
     from savae_fast.testing import relative_error, training_step
 
@@ -282,9 +302,9 @@ def test_exact_modes_on_a_large_weight_decoder_are_at_float32_rounding(hvp, seed
     exact = training_step(unrolled, q)
     mode = _mode(hvp)
     assert relative_error(training_step(mode, q), exact) <= 1e-10
-    floor = relative_error(training_step(unrolled, p), exact)
+    floor = _float32_rounding_floor(p, exact)
     err = relative_error(training_step(mode, p), exact)
-    assert err <= 10 * floor + 2e-6, f"{hvp}: {err:.2e} vs float32 unrolled {floor:.2e} (seed={seed})"
+    assert err <= 3 * floor, f"{hvp}: {err:.2e} vs float32 unrolled {floor:.2e} (seed={seed})"
 
 
 def test_richardson_difference_is_fourth_order_and_beats_central_on_a_large_weight_decoder(seed):
