@@ -1,0 +1,79 @@
+"""refine with a process_group: two gloo processes, each with half the batch, give what one
+process refining the whole batch gives (the CLI-level check is in test_training.py)."""
+
+import dataclasses
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import savae_fast as sf
+
+WORLD = 2
+
+
+def _rows(p, rows: slice):
+    return dataclasses.replace(p, x=p.x[rows], mu0=p.mu0[rows], logvar0=p.logvar0[rows], noise=p.noise[:, rows],
+                               final_eps=p.final_eps[rows])
+
+
+def _large_weight_problem(seed: int):
+    from benchmarks.configs import CONFIGS, make_problem
+
+    return make_problem(CONFIGS["large_weight_lstm"], "cpu", seed=seed).to(torch.float64)
+
+
+def _grads(p, hvp: str, group=None, global_batch: int | None = None):
+    """Gradients of the batch-mean negative ELBO after refine, w.r.t. (mu0, logvar0, *params);
+    with a group, this process's share of the global batch's mean."""
+    mu0 = p.mu0.clone().requires_grad_(True)
+    logvar0 = p.logvar0.clone().requires_grad_(True)
+    mu_k, logvar_k = sf.refine(mu0, logvar0, p.nll_fn, p.params, steps=p.noise.shape[0], noise=p.noise, hvp=hvp,
+                               max_grad_norm=1.0, process_group=group)
+    share = p.mu0.shape[0] / (global_batch or p.mu0.shape[0])
+    return torch.autograd.grad(p.elbo_loss(mu_k, logvar_k) * share, [mu0, logvar0, *p.params])
+
+
+def _worker(rank: int, store: str, seed: int, hvp: str, out: str) -> None:
+    from savae_fast.refine import hvp as methods
+
+    torch.set_num_threads(1)
+    rounds = []  # fd_adaptive: this process's examples to halve, per retry decision
+    decide = methods.AdaptiveRichardson._any
+    methods.AdaptiveRichardson._any = staticmethod(lambda run, retry: rounds.append(int(retry.sum())) or
+                                                   decide(run, retry))
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
+    try:
+        p = _large_weight_problem(seed)
+        batch = p.mu0.shape[0]
+        share = batch // WORLD
+        grads = list(_grads(_rows(p, slice(rank * share, (rank + 1) * share)), hvp, dist.group.WORLD, batch))
+        for g in grads[2:]:  # the parameters' gradient: summed over the processes, as DDP does
+            dist.all_reduce(g)
+        torch.save(grads, f"{out}.{rank}")
+        torch.save(rounds, f"{out}.{rank}.rounds")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")
+@pytest.mark.parametrize("hvp", ["fd_adaptive", "fd_central"])
+def test_two_processes_equal_one(hvp, tmp_path, seed):
+    """Large-weight decoder in float64, clipping active: fd_adaptive decides per example which
+    steps to halve, so the processes' decisions differ; every process evaluates a reverse step
+    again when any needs it, and the result is the one-process result."""
+    draw = int(torch.randint(2**31, ()))
+    out = str(tmp_path / "grads")
+    mp.start_processes(_worker, args=(str(tmp_path / "store"), draw, hvp, out), nprocs=WORLD, start_method="spawn")
+    parts = [torch.load(f"{out}.{rank}") for rank in range(WORLD)]
+    want = _grads(_large_weight_problem(draw), hvp)
+    got = [torch.cat([parts[0][0], parts[1][0]]), torch.cat([parts[0][1], parts[1][1]]), *parts[0][2:]]
+    for name, g, w in zip(["mu0", "logvar0"] + [f"param {i}" for i in range(len(want) - 2)], got, want):
+        # the processes' decoder passes have half the batch (other GEMM blocking): their float64
+        # rounding differs, and the difference quotients divide it by the step (fd_central 5e-6)
+        torch.testing.assert_close(g, w, rtol=1e-8, atol=1e-10, msg=f"{name} (draw {draw}, seed={seed})")
+    if hvp == "fd_adaptive":  # its retries happened, on the same rounds in both processes
+        rounds = [torch.load(f"{out}.{rank}.rounds") for rank in range(WORLD)]
+        assert len(rounds[0]) == len(rounds[1]) > 10, rounds
+        assert any(a + b > 0 for a, b in zip(*rounds)), rounds
