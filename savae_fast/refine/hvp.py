@@ -226,8 +226,9 @@ class AdaptiveRichardson(RichardsonDifference):
     u_b for the step, and the extrapolation is then unreliable too) that example's step is
     halved and the reverse step's four passes are evaluated again, up to ``max_halvings``
     times. An example whose estimate did not fall (rounding, not truncation) is not halved
-    again. Data-dependent cost: 5K+1 passes and 4 more per retried reverse step; one host
-    read per reverse step (no CUDA-graph capture); one parameter-sized buffer."""
+    again. Data-dependent cost: 5K+1 passes and 4 more per retry (at most ``max_halvings`` per
+    reverse step); one host read per reverse step and retry (no CUDA-graph capture); one
+    parameter-sized buffer."""
 
     name = "fd_adaptive"
     reads_device_values = True
