@@ -105,9 +105,8 @@ def main() -> None:
             print(f"{where}: {r['ms']:.1f} ms per step (median)")
             continue
         ms = f", {r['ms']:.1f} ms per step" if r["ms"] is not None else ""
-        print(f"{where} {r['dtype']}: median {r['median']:.1e}, 90th percentile {r['p90']:.1e}, worst {r['worst']:.1e} "
-              f"of {r['seeds']} draws "
-              f"(seeds {args.first_seed}..){ms}")
+        print(f"{where} {r['dtype']}: median {r['median']:.1e}, 90th percentile {r['p90']:.1e}, "
+              f"worst {r['worst']:.1e} of {r['seeds']} draws (seeds {args.first_seed}..){ms}")
 
 
 if __name__ == "__main__":
