@@ -364,7 +364,9 @@ def test_adaptive_step_recovers_from_a_step_too_large(seed):
     exact = training_step(unrolled, q)
     richardson = relative_error(training_step(_mode("fd_richardson", fd_eps=1e-3), q), exact)
     adaptive = relative_error(training_step(_mode("fd_adaptive", fd_eps=1e-3), q), exact)
-    assert adaptive <= max(richardson / 1000, 1e-10), f"{adaptive:.2e} vs fd_richardson {richardson:.2e} (seed={seed})"
+    # (mild draws stop halving at the tolerance: 130 draws, at most 8.6e-11 where fd_richardson
+    # was already 2.8e-8)
+    assert adaptive <= max(richardson / 1000, 3e-10), f"{adaptive:.2e} vs fd_richardson {richardson:.2e} (seed={seed})"
 
 
 @pytest.mark.parametrize("kind", ["mlp", "lstm"])
