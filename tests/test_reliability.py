@@ -213,7 +213,7 @@ def test_nonfinite_zero_and_ignore():
         sf.refine(mu, torch.zeros(4, 3), _nan_decoder(2), steps=5, on_nonfinite="skip")
 
 
-@pytest.mark.parametrize("hvp", ["fd_central", "fd_forward", "exact"])
+@pytest.mark.parametrize("hvp", ["fd_central", "fd_forward", "fd_adaptive", "exact"])
 def test_nonfinite_in_backward_raises_and_no_nan_reaches_params(hvp):
     w = torch.ones(3, requires_grad=True)
     calls = {"n": 0}
