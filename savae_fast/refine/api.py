@@ -32,6 +32,7 @@ def refine(
     reduction: str = DEFAULTS.reduction,
     hvp: str = DEFAULTS.hvp,
     fd_eps: float | None = None,
+    fd_tol: float | None = None,
     noise: Tensor | None = None,
     backend: str = "auto",
     preserve_rng_state: bool = True,
@@ -83,6 +84,11 @@ def refine(
             autocast region (bfloat16/float16 decoders need ~100x larger steps),
             else mu's dtype. A decoder that enables autocast inside ``nll_fn``
             should pass ``fd_eps`` (0.1 for bfloat16) or use ``hvp="exact"``.
+        fd_tol: ``hvp="fd_adaptive"`` only, in (0, 1]: the estimated relative truncation
+            error of an example's central quotient above which its step is halved and
+            the reverse step evaluated again (smaller: more accurate where the decoder is
+            strongly curved, more retries). Default by the decoder's precision: 3e-3
+            float32, 1e-6 float64, 1e-1 TF32, bfloat16 and float16.
         noise: optional ``[steps, B, D]`` standard-normal draws; drawn from the
             default generator of mu's device otherwise (before the first step).
         backend: "auto", "cpp", "triton" or "torch" (kernels of the Gaussian math).
@@ -119,7 +125,7 @@ def refine(
     reduced = (reduced_fp32_settings(mu.device.type) if mu.dtype == torch.float32 and fp32_precision != "ieee"
                else {})
     cfg = make_config(mu, steps=steps, lr=lr, momentum=momentum, max_grad_norm=max_grad_norm,
-                      kl_weight=kl_weight, reduction=reduction, hvp=hvp, fd_eps=fd_eps,
+                      kl_weight=kl_weight, reduction=reduction, hvp=hvp, fd_eps=fd_eps, fd_tol=fd_tol,
                       preserve_rng_state=preserve_rng_state, process_group=process_group,
                       on_nonfinite=on_nonfinite, fp32_precision=fp32_precision, reduced_fp32=reduced)
     check_capture(cfg, mu)

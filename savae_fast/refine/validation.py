@@ -152,7 +152,7 @@ def check_backend(backend) -> str:
 
 
 def make_config(mu: Tensor, *, steps, lr, momentum, max_grad_norm, kl_weight, reduction, hvp, fd_eps,
-                preserve_rng_state, process_group=None, on_nonfinite="raise",
+                preserve_rng_state, fd_tol=None, process_group=None, on_nonfinite="raise",
                 fp32_precision="inherit", reduced_fp32: dict | None = None) -> RefineConfig:
     """Validate the hyper-parameters of a refine call (errors name the argument).
     ``reduced_fp32``: precision.reduced_fp32_settings for mu's device if already read."""
@@ -188,10 +188,15 @@ def make_config(mu: Tensor, *, steps, lr, momentum, max_grad_norm, kl_weight, re
         raise ValueError(f"refine: argument 'hvp' must be one of {tuple(HVP_METHODS)}, got {hvp!r}")
     if fp32_precision not in FP32_PRECISIONS:
         raise ValueError(f"refine: argument 'fp32_precision' must be one of {FP32_PRECISIONS}, got {fp32_precision!r}")
+    if fd_tol is not None:
+        if not method.step_tolerance:
+            raise ValueError(f"refine: argument 'fd_tol' applies to hvp='fd_adaptive' only, got hvp={hvp!r}")
+        fd_tol = real("fd_tol", fd_tol, low=0.0, low_open=True, high=1.0)
     precision = None
-    if fd_eps is None or method.step_tolerance:
+    if fd_eps is None or (fd_tol is None and method.step_tolerance):
         precision = decoder_precision(mu, full_fp32=fp32_precision == "ieee", reduced=reduced_fp32)
-    fd_tol = method.step_tolerance.get(precision, 0.0)
+    if fd_tol is None:
+        fd_tol = method.step_tolerance.get(precision, 0.0)
     if fd_eps is None:
         fd_eps = method.default_fd_eps.get(precision, 0.0)
     else:
