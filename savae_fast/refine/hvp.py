@@ -222,7 +222,8 @@ class RichardsonDifference(CentralDifference):
 class AdaptiveRichardson(RichardsonDifference):
     """fd_richardson with a per-example check of its step. D(2 r) - D(r) = 3 a r^2 + ...
     estimates the central quotient's truncation for every example at no extra pass;
-    where it exceeds ``step_tolerance`` times |Hzz u| (the decoder is too curved along
+    where it exceeds the tolerance (refine's ``fd_tol``; by default ``step_tolerance`` for the
+    decoder's precision) times |Hzz u| (the decoder is too curved along
     u_b for the step, and the extrapolation is then unreliable too) that example's step is
     halved and the reverse step's four passes are evaluated again, up to ``max_halvings``
     times. An example whose estimate did not fall (rounding, not truncation) is not halved
