@@ -205,10 +205,14 @@ class Problem:
         return Problem(dec, x, move(self.mu0), move(self.logvar0), move(self.noise), move(self.final_eps),
                        self.param_names, self.config)
 
+    def examples(self, rows: slice) -> "Problem":
+        """The same problem restricted to the examples ``rows`` (e.g. one process's share)."""
+        return Problem(self.decoder, self.x[rows], self.mu0[rows], self.logvar0[rows], self.noise[:, rows],
+                       self.final_eps[rows], self.param_names, self.config)
+
     def first_examples(self, n: int) -> "Problem":
         """The same problem restricted to its first n examples."""
-        return Problem(self.decoder, self.x[:n], self.mu0[:n], self.logvar0[:n], self.noise[:, :n],
-                       self.final_eps[:n], self.param_names, self.config)
+        return self.examples(slice(0, n))
 
 
 def make_problem(kind: str, dtype=torch.float64, batch: int = 32, latent: int = 8, steps: int = 10,

@@ -1,8 +1,6 @@
 """refine with a process_group: two gloo processes, each with half the batch, give what one
 process refining the whole batch gives (the CLI-level check is in test_training.py)."""
 
-import dataclasses
-
 import pytest
 import torch
 import torch.distributed as dist
@@ -11,11 +9,6 @@ import torch.multiprocessing as mp
 import savae_fast as sf
 
 WORLD = 2
-
-
-def _rows(p, rows: slice):
-    return dataclasses.replace(p, x=p.x[rows], mu0=p.mu0[rows], logvar0=p.logvar0[rows], noise=p.noise[:, rows],
-                               final_eps=p.final_eps[rows])
 
 
 def _large_weight_problem(seed: int):
@@ -48,7 +41,7 @@ def _worker(rank: int, store: str, seed: int, hvp: str, out: str) -> None:
         p = _large_weight_problem(seed)
         batch = p.mu0.shape[0]
         share = batch // WORLD
-        grads = list(_grads(_rows(p, slice(rank * share, (rank + 1) * share)), hvp, dist.group.WORLD, batch))
+        grads = list(_grads(p.examples(slice(rank * share, (rank + 1) * share)), hvp, dist.group.WORLD, batch))
         for g in grads[2:]:  # the parameters' gradient: summed over the processes, as DDP does
             dist.all_reduce(g)
         torch.save(grads, f"{out}.{rank}")
