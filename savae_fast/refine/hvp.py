@@ -192,9 +192,14 @@ class RichardsonDifference(CentralDifference):
                       torch.float16: 5e-2}
 
     def decoder_terms(self, run, k, z_eval, u, row_weight, replay):
-        half = 0.5 * (z_eval[0] - z_eval[1])  # r_b u_b as applied
-        points = (z_eval[0], z_eval[1], z_eval[0] + half, z_eval[1] - half)
-        return self.combine(self.evaluate(run, points, row_weight, replay))
+        return self.combine(self.evaluate(run, self.points(z_eval)[0], row_weight, replay))
+
+    @staticmethod
+    def points(z_eval: Tensor) -> tuple[tuple, Tensor]:
+        """(z + r u, z - r u, z + 2 r u, z - 2 r u) from reverse_direction's central points,
+        and r_b u_b as applied."""
+        half = 0.5 * (z_eval[0] - z_eval[1])
+        return (z_eval[0], z_eval[1], z_eval[0] + half, z_eval[1] - half), half
 
     @staticmethod
     def evaluate(run, points, row_weight, replay, into=None) -> list:
@@ -251,9 +256,8 @@ class AdaptiveRichardson(RichardsonDifference):
         return out
 
     def decoder_terms(self, run, k, z_eval, u, row_weight, replay):
+        points, half = self.points(z_eval)
         base = 0.5 * (z_eval[0] + z_eval[1])  # z_b (to rounding: only the point moves, not the step)
-        half = 0.5 * (z_eval[0] - z_eval[1])
-        points = (z_eval[0], z_eval[1], z_eval[0] + half, z_eval[1] - half)
         step = None  # per-example factor of the step ([B]); None: all 1
         weight = row_weight
         estimate = None
