@@ -26,6 +26,19 @@ def seed(request):
     return value
 
 
+@pytest.fixture
+def adaptive_evaluations(monkeypatch):
+    """A list that grows by one at every evaluation of fd_adaptive's four passes (its first
+    evaluation of each reverse step and every retry) during the test."""
+    from savae_fast.refine.hvp import HVP_METHODS
+
+    method = HVP_METHODS["fd_adaptive"]
+    calls = []
+    evaluate = method.evaluate
+    monkeypatch.setattr(method, "evaluate", lambda *a, **kw: calls.append(1) or evaluate(*a, **kw))
+    return calls
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     outcome = yield

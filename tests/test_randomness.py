@@ -116,24 +116,19 @@ def test_caller_generator_state():
     assert torch.equal(torch.get_rng_state(), before_backward)
 
 
-def test_dropout_replayed_in_fd_adaptive_retries(monkeypatch, seed):
+def test_dropout_replayed_in_fd_adaptive_retries(adaptive_evaluations, seed):
     """fd_adaptive evaluates a reverse step again where it halves an example's step, and every
     evaluation must see that step's dropout masks. Large-weight LSTM with dropout 0.3 in
     float64 (retries on every draw measured) against unrolled with the same masks."""
     from benchmarks.configs import CONFIGS, make_problem as config_problem
-    from savae_fast.refine.hvp import HVP_METHODS
     from savae_fast.testing import relative_error
 
     p = config_problem(CONFIGS["large_weight_lstm"], "cpu", torch.float64, seed=int(torch.randint(2**31, ())))
     p.decoder.dropout.p = 0.3
     p.decoder.train()
-    method = HVP_METHODS["fd_adaptive"]
-    evaluations = []
-    evaluate = method.evaluate
-    monkeypatch.setattr(method, "evaluate", lambda *a, **kw: evaluations.append(1) or evaluate(*a, **kw))
     state = torch.get_rng_state()
     _, ours = refine_grads(p, hvp="fd_adaptive")
     torch.set_rng_state(state)
     _, ref = reference_grads(p)
-    assert len(evaluations) > p.noise.shape[0], "no reverse step was evaluated again"
+    assert len(adaptive_evaluations) > p.noise.shape[0], "no reverse step was evaluated again"
     assert relative_error(ours, ref) <= 1e-9, f"seed={seed}"

@@ -373,40 +373,29 @@ def test_adaptive_step_recovers_from_a_step_too_large(seed):
 
 
 @pytest.mark.parametrize("kind", ["mlp", "lstm"])
-def test_adaptive_step_is_richardson_where_no_example_is_too_curved(kind, monkeypatch):
+def test_adaptive_step_is_richardson_where_no_example_is_too_curved(kind, adaptive_evaluations):
     """Small-weight decoders: no estimate reaches the tolerance, so fd_adaptive evaluates
     fd_richardson's points once per reverse step and differs from it only by the order of
     the additions."""
-    from savae_fast.refine.hvp import HVP_METHODS
-
     p = make_problem(kind, torch.float64, batch=16, latent=6, steps=8)
-    method = HVP_METHODS["fd_adaptive"]
-    calls = []
-    original = method.evaluate
-    monkeypatch.setattr(method, "evaluate", lambda *a, **kw: calls.append(1) or original(*a, **kw))
     _, adaptive = refine_grads(p, hvp="fd_adaptive")
     _, richardson = refine_grads(p, hvp="fd_richardson")
-    assert len(calls) == 8
+    assert len(adaptive_evaluations) == 8
     assert max_rel_err(adaptive, richardson)[0] <= 1e-12
 
 
-def test_adaptive_tolerance_is_the_accuracy_cost_knob(monkeypatch, seed):
+def test_adaptive_tolerance_is_the_accuracy_cost_knob(adaptive_evaluations, seed):
     """fd_tol on a large-weight draw in float64: 1 (an estimate as large as the result) retries
     nothing, giving fd_richardson's result; tighter tolerances evaluate more reverse steps
     again (10 draws: 10 / 15-30 / 45-49 evaluations for 1, the default 1e-6 and 1e-8)."""
-    from savae_fast.refine.hvp import HVP_METHODS
     from savae_fast.testing import training_step
 
     q = _large_weight_problem().to(torch.float64)
-    method = HVP_METHODS["fd_adaptive"]
-    calls = []
-    evaluate = method.evaluate
-    monkeypatch.setattr(method, "evaluate", lambda *a, **kw: calls.append(1) or evaluate(*a, **kw))
     counts, grads = {}, {}
     for tol in (1.0, None, 1e-8):
-        calls.clear()
+        adaptive_evaluations.clear()
         grads[tol] = training_step(_mode("fd_adaptive", fd_tol=tol), q)
-        counts[tol] = len(calls)
+        counts[tol] = len(adaptive_evaluations)
     assert counts[1.0] == q.noise.shape[0] <= counts[None] <= counts[1e-8], f"{counts} (seed={seed})"
     assert counts[1e-8] > counts[1.0], f"{counts} (seed={seed})"
     assert max_rel_err(grads[1.0], training_step(_mode("fd_richardson"), q))[0] <= 1e-12, f"seed={seed}"
