@@ -48,9 +48,10 @@ def bench_accuracy(device: str, config: str = "small_lstm", shapes=((8, 10), (32
                         times[m].append(seconds)
             times[FLOOR].append(_timed(lambda: decoder_floor(p32), device, warm=seed == first_seed)[1])
         for (m, dt), errs in errors.items():
+            errs = sorted(errs)
             rows.append({"method": m, "dtype": str(dt).replace("torch.", ""), "batch": batch, "steps": steps,
-                         "worst": max(errs), "median": sorted(errs)[len(errs) // 2],
-                         "p90": sorted(errs)[(9 * len(errs)) // 10], "seeds": seeds,
+                         "worst": errs[-1], "median": errs[len(errs) // 2], "p90": errs[(9 * len(errs)) // 10],
+                         "seeds": seeds,
                          "ms": 1e3 * statistics.median(times[m]) if dt == torch.float32 else None})
         rows.append({"method": FLOOR, "dtype": "float32", "batch": batch, "steps": steps, "worst": None,
                      "median": None, "seeds": seeds, "ms": 1e3 * statistics.median(times[FLOOR])})
