@@ -38,7 +38,9 @@ def test_cuda_architectures_recorded():
 
 
 needs_gpu = pytest.mark.skipif(not (built_with_cuda and torch.cuda.is_available()), reason="needs a CUDA GPU")
-SHAPES = [(1, 1), (3, 5), (33, 130), (1024, 32), (64, 4099)]
+# the last two: more elements, and more rows, than the device's resident blocks cover in
+# one sweep (the kernels that reduce the workspace in every block are launched with at most those)
+SHAPES = [(1, 1), (3, 5), (33, 130), (1024, 32), (64, 4099), (2048, 300), (20000, 3)]
 # every shape in float64 and float32
 SHAPES_AND_DTYPES = pytest.mark.parametrize(
     "shape,dtype", [(s, d) for s in SHAPES for d in (torch.float64, torch.float32)])
@@ -78,7 +80,7 @@ def test_cuda_kernels_match_formulas(shape, dtype, reduction_path):
     st = op_state(shape, dtype, "cuda")
     args = (st["mu"], st["logvar"], st["eps"])
     assert_outputs_close(_run("sample", args), torch_impl.sample(*args), dtype)
-    for clip in ("off", "active"):
+    for clip in ("off", "inactive", "active"):  # inactive: the reverse step's one-pass path
         for with_next in (True, False):
             args = forward_step_args(shape, dtype, clip, with_next, device="cuda")
             assert_outputs_close(_run("forward_step", args), torch_impl.forward_step(*args), dtype)

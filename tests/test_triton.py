@@ -35,11 +35,15 @@ def test_sample(shape, dtype):
     assert_outputs_close(_triton().sample(*args), torch_impl.sample(*args), dtype)
 
 
-@pytest.fixture(params=["one_program", "several_programs"])
+@pytest.fixture(params=["one_program", "several_programs", "two_programs"])
 def reduction_path(request, monkeypatch):
-    """forward_step / reverse_direction on the same shapes as one program and as the two-stage launches."""
-    if request.param == "several_programs":
+    """forward_step / reverse_direction on the same shapes as one program and as the two-stage
+    launches; "two_programs" caps every launch at two programs, so that each program of the
+    consuming kernels handles several blocks or row groups."""
+    if request.param != "one_program":
         monkeypatch.setattr(_triton(), "SMALL_ELEMENTS", 0)
+    if request.param == "two_programs":
+        monkeypatch.setattr(_triton(), "MAX_PROGRAMS", 2)
     return request.param
 
 
@@ -52,7 +56,7 @@ def test_forward_step(shape, dtype, clip, with_next, reduction_path):
 
 
 @pytest.mark.parametrize("fd_mode", [FD_EXACT, FD_FORWARD, FD_CENTRAL])
-@pytest.mark.parametrize("clip", ["off", "active"])
+@pytest.mark.parametrize("clip", ["off", "inactive", "active"])  # inactive: the one-pass path
 @SHAPES_AND_DTYPES
 def test_reverse_direction(shape, dtype, clip, fd_mode, reduction_path):
     args = reverse_direction_args(shape, dtype, clip, fd_mode, device=DEVICE)

@@ -11,6 +11,12 @@
 
 #include "../savae_math.h"
 
+#if defined(__GNUC__)
+#define SAVAE_FAST_FLATTEN __attribute__((flatten))
+#else
+#define SAVAE_FAST_FLATTEN
+#endif
+
 namespace savae_fast {
 namespace cpu {
 
@@ -35,12 +41,15 @@ struct KernelTable {
   void (*forward_update)(const T* mu, const T* lv, const T* p_mu, const T* p_lv, const T* en, T c_mu, T c_lv,
                          T lr_mu, T lr_lv, T momentum, T* mu_out, T* lv_out, T* pm_inout, T* pl_inout, T* z_out,
                          int64_t i0, int64_t i1);
-  // rows: pbar' = pbar + lr lbar, and (with_dots) g . pbar' per row into partial[2 b..]
+  // rows (where clipping is active): pbar' = pbar + lr lbar, and g . pbar' per row into partial[2 b..]
   void (*reverse_dots_rows)(const T* lbm, const T* lbl, const T* pbm, const T* pbl, const T* gz, const T* mu,
-                            const T* lv, const T* eps, T scale, T kl_weight, T lr_mu, T lr_lv, bool with_dots,
-                            T* pbm_out, T* pbl_out, double* partial, int64_t b0, int64_t b1, int64_t d);
-  // rows: v = J pbar, u, z (+ step u for the forward difference) into z_out; |u_b|^2, |z_b|^2 per row
-  void (*reverse_rows)(const T* pbm, const T* pbl, const T* gz, const T* mu, const T* lv, const T* eps, T scale,
+                            const T* lv, const T* eps, T scale, T kl_weight, T lr_mu, T lr_lv, T* pbm_out,
+                            T* pbl_out, double* partial, int64_t b0, int64_t b1, int64_t d);
+  // rows: pbar' = pbar + lr lbar into pbm_out / pbl_out (unless pbar_done: reverse_dots_rows
+  // already stored it there), v = J pbar', u, z (+ step u for the forward difference) into
+  // z_out; |u_b|^2, |z_b|^2 per row
+  void (*reverse_rows)(const T* lbm, const T* lbl, const T* pbm, const T* pbl, T lr_mu, T lr_lv, bool pbar_done,
+                       T* pbm_out, T* pbl_out, const T* gz, const T* mu, const T* lv, const T* eps, T scale,
                        T kl_weight, T c_mu, T c_lv, T k_mu, T k_lv, bool clipped, T z_step, T* v_mu, T* v_lv, T* u,
                        T* z_out, double* uu, double* zz, int64_t b0, int64_t b1, int64_t d);
   // rows: z_plus = z + r_b u, z_minus = z - r_b u (z_plus holds z on entry)
@@ -57,8 +66,10 @@ struct Loops {
   static constexpr int W = O::size;
 
   // Calls f(i, n) over [i0, i1) in chunks of W elements (the last chunk may be shorter).
+  // Flattened: a body past GCC's inlining limit would otherwise be called out of line per
+  // chunk, with its vectors passed through memory (2-3x slower loops).
   template <typename F>
-  static inline void chunks(int64_t i0, int64_t i1, F f) {
+  SAVAE_FAST_FLATTEN static inline void chunks(int64_t i0, int64_t i1, F f) {
     int64_t i = i0;
     for (; i + W <= i1; i += W) f(i, W);
     if (i < i1) f(i, int(i1 - i));
@@ -106,8 +117,8 @@ struct Loops {
   }
 
   static void reverse_dots_rows(const T* lbm, const T* lbl, const T* pbm, const T* pbl, const T* gz, const T* mu,
-                                const T* lv, const T* eps, T scale, T kl_weight, T lr_mu, T lr_lv, bool with_dots,
-                                T* pbm_out, T* pbl_out, double* partial, int64_t b0, int64_t b1, int64_t d) {
+                                const T* lv, const T* eps, T scale, T kl_weight, T lr_mu, T lr_lv, T* pbm_out,
+                                T* pbl_out, double* partial, int64_t b0, int64_t b1, int64_t d) {
     const V s(scale), beta(kl_weight), am(lr_mu), al(lr_lv);
     for (int64_t b = b0; b < b1; ++b) {
       V dm(T(0)), dl(T(0));
@@ -116,29 +127,38 @@ struct Loops {
         const V pl = O::load(pbl + i, n) + al * O::load(lbl + i, n);
         O::store(pbm_out + i, pm, n);
         O::store(pbl_out + i, pl, n);
-        if (with_dots) {
-          V gm, gl;
-          math::elbo_grad(O::load(gz + i, n), O::load(mu + i, n), math::gauss_terms(O::load(lv + i, n)),
-                          O::load(eps + i, n), s, beta, &gm, &gl);
-          dm = dm + gm * pm;
-          dl = dl + gl * pl;
-        }
+        V gm, gl;
+        math::elbo_grad(O::load(gz + i, n), O::load(mu + i, n), math::gauss_terms(O::load(lv + i, n)),
+                        O::load(eps + i, n), s, beta, &gm, &gl);
+        dm = dm + gm * pm;
+        dl = dl + gl * pl;
       });
       partial[2 * b] = O::hsum(dm);
       partial[2 * b + 1] = O::hsum(dl);
     }
   }
 
-  static void reverse_rows(const T* pbm, const T* pbl, const T* gz, const T* mu, const T* lv, const T* eps, T scale,
+  static void reverse_rows(const T* lbm, const T* lbl, const T* pbm, const T* pbl, T lr_mu, T lr_lv, bool pbar_done,
+                           T* pbm_out, T* pbl_out, const T* gz, const T* mu, const T* lv, const T* eps, T scale,
                            T kl_weight, T c_mu, T c_lv, T k_mu, T k_lv, bool clipped, T z_step, T* v_mu, T* v_lv,
                            T* u, T* z_out, double* uu, double* zz, int64_t b0, int64_t b1, int64_t d) {
-    const V s(scale), beta(kl_weight), cm(c_mu), cl(c_lv), km(k_mu), kl(k_lv), h(z_step);
+    const V s(scale), beta(kl_weight), cm(c_mu), cl(c_lv), km(k_mu), kl(k_lv), h(z_step), am(lr_mu), al(lr_lv);
     for (int64_t b = b0; b < b1; ++b) {
       V su(T(0)), sz(T(0));
       chunks(b * d, (b + 1) * d, [&](int64_t i, int n) {
         const V lvi = O::load(lv + i, n), mui = O::load(mu + i, n), ei = O::load(eps + i, n);
         const math::GaussTerms<V> q = math::gauss_terms(lvi);
-        V vm = cm * O::load(pbm + i, n), vl = cl * O::load(pbl + i, n);
+        V pm, pl;
+        if (pbar_done) {
+          pm = O::load(pbm_out + i, n);
+          pl = O::load(pbl_out + i, n);
+        } else {
+          pm = O::load(pbm + i, n) + am * O::load(lbm + i, n);
+          pl = O::load(pbl + i, n) + al * O::load(lbl + i, n);
+          O::store(pbm_out + i, pm, n);
+          O::store(pbl_out + i, pl, n);
+        }
+        V vm = cm * pm, vl = cl * pl;
         if (clipped) {
           V gm, gl;
           math::elbo_grad(O::load(gz + i, n), mui, q, ei, s, beta, &gm, &gl);

@@ -117,22 +117,27 @@ void reverse_direction_rows(const ReverseDirectionParams<T>& p) {
   const T c_mu = math::clip_coef(n_mu, M), c_lv = math::clip_coef(n_lv, M);
   const bool clipped = c_mu < T(1) || c_lv < T(1);
 
-  // Pass 1: pbar += lr * lbar, and (only where clipping was active) the dot
-  // products g . pbar the clip Jacobian needs.
-  std::vector<double> part(2 * B, 0.0);
-  parallel_for(0, B, row_grain(D), [&](int64_t b0, int64_t b1) {
-    k.reverse_dots_rows(p.lbar_mu, p.lbar_logvar, p.pbar_mu, p.pbar_logvar, p.grad_z, p.mu, p.logvar, p.eps,
-                        s.scale, s.kl_weight, s.lr_mu, s.lr_logvar, clipped, p.pbar_mu_out, p.pbar_logvar_out,
-                        part.data(), b0, b1, D);
-  });
-  const auto [dm, dl] = ordered_sum(part, B);
-  const T k_mu = math::clip_jacobian_kappa(n_mu, M, T(dm)), k_lv = math::clip_jacobian_kappa(n_lv, M, T(dl));
+  // Where clipping was active: pass 1, pbar += lr * lbar and the dot products g . pbar
+  // the clip Jacobian needs. Without it the row pass makes pbar' itself (one pass).
+  T k_mu = 0, k_lv = 0;
+  if (clipped) {
+    std::vector<double> part(2 * B, 0.0);
+    parallel_for(0, B, row_grain(D), [&](int64_t b0, int64_t b1) {
+      k.reverse_dots_rows(p.lbar_mu, p.lbar_logvar, p.pbar_mu, p.pbar_logvar, p.grad_z, p.mu, p.logvar, p.eps,
+                          s.scale, s.kl_weight, s.lr_mu, s.lr_logvar, p.pbar_mu_out, p.pbar_logvar_out,
+                          part.data(), b0, b1, D);
+    });
+    const auto [dm, dl] = ordered_sum(part, B);
+    k_mu = math::clip_jacobian_kappa(n_mu, M, T(dm));
+    k_lv = math::clip_jacobian_kappa(n_lv, M, T(dl));
+  }
 
-  // Pass 2 (row-wise): v = J pbar, u, and the evaluation points.
+  // Row-wise: (pbar'), v = J pbar', u, and the evaluation points.
   std::vector<double> uu(B), zz(B);
   const T z_step = p.fd_mode == FdMode::kForward ? p.fd_step : T(0);
   parallel_for(0, B, row_grain(D), [&](int64_t b0, int64_t b1) {
-    k.reverse_rows(p.pbar_mu_out, p.pbar_logvar_out, p.grad_z, p.mu, p.logvar, p.eps, s.scale, s.kl_weight, c_mu,
+    k.reverse_rows(p.lbar_mu, p.lbar_logvar, p.pbar_mu, p.pbar_logvar, s.lr_mu, s.lr_logvar, clipped,
+                   p.pbar_mu_out, p.pbar_logvar_out, p.grad_z, p.mu, p.logvar, p.eps, s.scale, s.kl_weight, c_mu,
                    c_lv, k_mu, k_lv, clipped, z_step, p.v_mu, p.v_logvar, p.u, p.z_eval, uu.data(), zz.data(), b0,
                    b1, D);
   });

@@ -6,7 +6,10 @@
 // need no atomics and no host synchronisation, so a refinement loop is
 // graph-capturable. Small tensors: one block reduces, then updates, in one
 // launch. Larger ones: two stages, at most kMaxPartials blocks write per-block
-// partial sums and every block of the consuming kernel reduces that workspace again.
+// partial sums and every block of the consuming kernel (no more blocks than the
+// device runs at once) reduces that workspace again. A reverse step whose forward
+// step was not clipped needs no reduction: its first stage returns at once and
+// the second reads the inputs once.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -132,24 +135,22 @@ __device__ __forceinline__ void forward_update_at(
   if (eps_next != nullptr) z_out[i] = m::sample(mn, m::sigma_of(ln), eps_next[i]);
 }
 
-// pbar += lr * lbar at element i; with_dots: (g_mu . pbar_mu, g_lv . pbar_lv) terms added to (a, b).
+// pbar += lr * lbar at element i, and its (g_mu . pbar_mu, g_lv . pbar_lv) terms added to (a, b)
+// (the dot products of the clip Jacobian; only where clipping is active).
 template <typename T>
 __device__ __forceinline__ void reverse_dots_at(int64_t i, const T* __restrict__ lbm, const T* __restrict__ lbl,
                                                 const T* __restrict__ pbm, const T* __restrict__ pbl,
                                                 const T* __restrict__ mu, const T* __restrict__ lv,
                                                 const T* __restrict__ eps, const T* __restrict__ gz, T* pbm_out,
-                                                T* pbl_out, T scale, T kl_weight, T lr_mu, T lr_lv, bool with_dots,
-                                                T& a, T& b) {
+                                                T* pbl_out, T scale, T kl_weight, T lr_mu, T lr_lv, T& a, T& b) {
   const T pm = pbm[i] + lr_mu * lbm[i];
   const T pl = pbl[i] + lr_lv * lbl[i];
   pbm_out[i] = pm;
   pbl_out[i] = pl;
-  if (with_dots) {
-    T gm, gl;
-    m::elbo_grad(gz[i], mu[i], m::gauss_terms(lv[i]), eps[i], scale, kl_weight, &gm, &gl);
-    a += gm * pm;
-    b += gl * pl;
-  }
+  T gm, gl;
+  m::elbo_grad(gz[i], mu[i], m::gauss_terms(lv[i]), eps[i], scale, kl_weight, &gm, &gl);
+  a += gm * pm;
+  b += gl * pl;
 }
 
 // The clip-Jacobian coefficients of a reverse step.
@@ -171,9 +172,31 @@ __device__ __forceinline__ void set_kappas(ClipJacobian<T>& J, T n_mu, T n_lv, T
   J.k_lv = m::clip_jacobian_kappa(n_lv, max_norm, dot_lv);
 }
 
-// One row, by one warp: v = J pbar, u, the evaluation points and the row weight.
+// The momentum adjoint of a reverse step: pbar' = pbar + lr lbar, computed by the row kernel
+// itself (written to out) unless an earlier pass over the tensor already wrote it to out.
 template <typename T>
-__device__ __forceinline__ void reverse_row(int64_t row, int lane, const T* pbm, const T* pbl,
+struct PbarUpdate {
+  const T *lbm, *lbl, *pbm, *pbl;
+  T *pbm_out, *pbl_out;
+  T lr_mu, lr_lv;
+  bool done;  // pbm_out / pbl_out already hold pbar' (the clip-Jacobian pass computed it)
+
+  __device__ __forceinline__ void at(int64_t i, T* pm, T* pl) const {
+    if (done) {
+      *pm = pbm_out[i];
+      *pl = pbl_out[i];
+    } else {
+      *pm = pbm[i] + lr_mu * lbm[i];
+      *pl = pbl[i] + lr_lv * lbl[i];
+      pbm_out[i] = *pm;
+      pbl_out[i] = *pl;
+    }
+  }
+};
+
+// One row, by one warp: pbar', v = J pbar', u, the evaluation points and the row weight.
+template <typename T>
+__device__ __forceinline__ void reverse_row(int64_t row, int lane, const PbarUpdate<T>& pbar,
                                             const T* __restrict__ mu, const T* __restrict__ lv,
                                             const T* __restrict__ eps, const T* __restrict__ gz,
                                             T* __restrict__ v_mu, T* __restrict__ v_lv, T* __restrict__ u,
@@ -184,7 +207,9 @@ __device__ __forceinline__ void reverse_row(int64_t row, int lane, const T* pbm,
   for (int64_t j = lane; j < cols; j += 32) {
     const int64_t i = row * cols + j;
     const m::GaussTerms<T> q = m::gauss_terms(lv[i]);
-    T vm = J.c_mu * pbm[i], vl = J.c_lv * pbl[i];
+    T pm, pl;
+    pbar.at(i, &pm, &pl);
+    T vm = J.c_mu * pm, vl = J.c_lv * pl;
     if (J.clipped) {
       T gm, gl;
       m::elbo_grad(gz[i], mu[i], q, eps[i], scale, kl_weight, &gm, &gl);
@@ -232,6 +257,9 @@ __global__ void grad_norm_partials_kernel(const T* __restrict__ mu, const T* __r
   }
 }
 
+// Grid-stride over the whole tensor with as many blocks as are resident at once
+// (launch_forward_step): every block reduces the whole workspace before its first
+// element, so one block per 256 elements would re-read it thousands of times.
 template <typename T>
 __global__ void forward_update_kernel(const T* __restrict__ mu, const T* __restrict__ lv,
                                       const T* __restrict__ p_mu, const T* __restrict__ p_lv,
@@ -254,16 +282,21 @@ __global__ void forward_update_kernel(const T* __restrict__ mu, const T* __restr
                       kl_weight, lr_mu, lr_lv, momentum, c_mu, c_lv);
 }
 
+// First pass of a reverse step where clipping was active in its forward step: pbar' and
+// the partial sums of the clip Jacobian's dot products. Without clipping (decided from
+// grad_norms on the device, uniformly for the grid) it does nothing: the row kernel then
+// computes pbar' itself and the step reads its inputs once.
 template <typename T>
 __global__ void reverse_dots_kernel(const T* __restrict__ lbm, const T* __restrict__ lbl,
                                     const T* __restrict__ pbm, const T* __restrict__ pbl, const T* __restrict__ mu,
                                     const T* __restrict__ lv, const T* __restrict__ eps, const T* __restrict__ gz,
-                                    T* __restrict__ pbm_out, T* __restrict__ pbl_out, T* __restrict__ partials,
-                                    int64_t n, T scale, T kl_weight, T lr_mu, T lr_lv, bool with_dots) {
+                                    const T* __restrict__ grad_norms, T* __restrict__ pbm_out,
+                                    T* __restrict__ pbl_out, T* __restrict__ partials, int64_t n, T scale,
+                                    T kl_weight, T lr_mu, T lr_lv, T max_norm) {
+  if (!clip_jacobian(grad_norms[0], grad_norms[1], max_norm).clipped) return;
   T a = 0, b = 0;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
-    reverse_dots_at(i, lbm, lbl, pbm, pbl, mu, lv, eps, gz, pbm_out, pbl_out, scale, kl_weight, lr_mu, lr_lv,
-                    with_dots, a, b);
+    reverse_dots_at(i, lbm, lbl, pbm, pbl, mu, lv, eps, gz, pbm_out, pbl_out, scale, kl_weight, lr_mu, lr_lv, a, b);
   block_sum2(a, b);
   if (threadIdx.x == 0) {
     partials[2 * blockIdx.x] = a;
@@ -271,14 +304,17 @@ __global__ void reverse_dots_kernel(const T* __restrict__ lbm, const T* __restri
   }
 }
 
-// One warp per row.
+// One warp per row, grid-stride over the rows with at most the resident blocks (as
+// forward_update_kernel: with clipping every block reduces the workspace first).
 template <typename T>
-__global__ void reverse_rows_kernel(const T* __restrict__ pbm, const T* __restrict__ pbl, const T* __restrict__ mu,
-                                    const T* __restrict__ lv, const T* __restrict__ eps, const T* __restrict__ gz,
-                                    const T* __restrict__ grad_norms, const T* __restrict__ partials,
-                                    int num_partials, T* __restrict__ v_mu, T* __restrict__ v_lv, T* __restrict__ u,
-                                    T* __restrict__ z_eval, T* __restrict__ row_weight, int64_t rows, int64_t cols,
-                                    T scale, T kl_weight, T max_norm, int fd_mode, T fd_step) {
+__global__ void reverse_rows_kernel(const T* __restrict__ lbm, const T* __restrict__ lbl,
+                                    const T* __restrict__ pbm, const T* __restrict__ pbl, T* pbm_out, T* pbl_out,
+                                    const T* __restrict__ mu, const T* __restrict__ lv, const T* __restrict__ eps,
+                                    const T* __restrict__ gz, const T* __restrict__ grad_norms,
+                                    const T* __restrict__ partials, int num_partials, T* __restrict__ v_mu,
+                                    T* __restrict__ v_lv, T* __restrict__ u, T* __restrict__ z_eval,
+                                    T* __restrict__ row_weight, int64_t rows, int64_t cols, T scale, T kl_weight,
+                                    T lr_mu, T lr_lv, T max_norm, int fd_mode, T fd_step) {
   const T n_mu = grad_norms[0], n_lv = grad_norms[1];
   ClipJacobian<T> J = clip_jacobian(n_mu, n_lv, max_norm);
   if (J.clipped) {  // uniform across the grid: every block takes this branch or none
@@ -286,10 +322,12 @@ __global__ void reverse_rows_kernel(const T* __restrict__ pbm, const T* __restri
     reduce_partials(partials, num_partials, &dot_mu, &dot_lv);
     set_kappas(J, n_mu, n_lv, max_norm, dot_mu, dot_lv);
   }
+  // with clipping reverse_dots_kernel wrote pbar'; without, it did nothing and pbar' is made here
+  const PbarUpdate<T> pbar{lbm, lbl, pbm, pbl, pbm_out, pbl_out, lr_mu, lr_lv, J.clipped};
   const int lane = threadIdx.x % 32;
   const int64_t warps = int64_t(gridDim.x) * kWarps;
   for (int64_t row = blockIdx.x * int64_t(kWarps) + threadIdx.x / 32; row < rows; row += warps)
-    reverse_row(row, lane, pbm, pbl, mu, lv, eps, gz, v_mu, v_lv, u, z_eval, row_weight, cols, rows * cols, J, scale,
+    reverse_row(row, lane, pbar, mu, lv, eps, gz, v_mu, v_lv, u, z_eval, row_weight, cols, rows * cols, J, scale,
                 kl_weight, fd_mode, fd_step);
 }
 
@@ -317,8 +355,9 @@ __global__ void __launch_bounds__(kSmallThreads)
                       kl_weight, lr_mu, lr_lv, momentum, c_mu, c_lv);
 }
 
-// pbar_*_out is written in the first part and read in the second (not __restrict__);
-// the barrier inside block_sum2_broadcast makes the block's writes visible to it.
+// With clipping, pbar_*_out is written in the first part and read in the second (not
+// __restrict__); the barrier inside block_sum2_broadcast makes the block's writes visible
+// to it. Without clipping there is no first part: the rows make pbar' themselves.
 template <typename T>
 __global__ void __launch_bounds__(kSmallThreads) reverse_direction_one_block_kernel(
     const T* __restrict__ lbm, const T* __restrict__ lbl, const T* __restrict__ pbm, const T* __restrict__ pbl,
@@ -327,19 +366,21 @@ __global__ void __launch_bounds__(kSmallThreads) reverse_direction_one_block_ker
     T* __restrict__ u, T* __restrict__ z_eval, T* __restrict__ row_weight, int64_t rows, int64_t cols, T scale,
     T kl_weight, T lr_mu, T lr_lv, T max_norm, int fd_mode, T fd_step) {
   const int64_t n = rows * cols;
-  const bool with_dots = max_norm > T(0);
-  T dot_mu = 0, dot_lv = 0;
-  for (int64_t i = threadIdx.x; i < n; i += kSmallThreads)
-    reverse_dots_at(i, lbm, lbl, pbm, pbl, mu, lv, eps, gz, pbm_out, pbl_out, scale, kl_weight, lr_mu, lr_lv,
-                    with_dots, dot_mu, dot_lv);
-  block_sum2_broadcast<kSmallWarps>(&dot_mu, &dot_lv);
   const T n_mu = grad_norms[0], n_lv = grad_norms[1];
   ClipJacobian<T> J = clip_jacobian(n_mu, n_lv, max_norm);
-  if (J.clipped) set_kappas(J, n_mu, n_lv, max_norm, dot_mu, dot_lv);
+  if (J.clipped) {  // uniform across the block
+    T dot_mu = 0, dot_lv = 0;
+    for (int64_t i = threadIdx.x; i < n; i += kSmallThreads)
+      reverse_dots_at(i, lbm, lbl, pbm, pbl, mu, lv, eps, gz, pbm_out, pbl_out, scale, kl_weight, lr_mu, lr_lv,
+                      dot_mu, dot_lv);
+    block_sum2_broadcast<kSmallWarps>(&dot_mu, &dot_lv);
+    set_kappas(J, n_mu, n_lv, max_norm, dot_mu, dot_lv);
+  }
+  const PbarUpdate<T> pbar{lbm, lbl, pbm, pbl, pbm_out, pbl_out, lr_mu, lr_lv, J.clipped};
   const int lane = threadIdx.x % 32;
   for (int64_t row = threadIdx.x / 32; row < rows; row += kSmallWarps)
-    reverse_row(row, lane, static_cast<const T*>(pbm_out), static_cast<const T*>(pbl_out), mu, lv, eps, gz, v_mu,
-                v_lv, u, z_eval, row_weight, cols, n, J, scale, kl_weight, fd_mode, fd_step);
+    reverse_row(row, lane, pbar, mu, lv, eps, gz, v_mu, v_lv, u, z_eval, row_weight, cols, n, J, scale, kl_weight,
+                fd_mode, fd_step);
 }
 
 template <typename T>
@@ -456,6 +497,32 @@ int64_t reduction_partials(int64_t numel) {
   return numel <= single_block_max_elements() ? 0 : blocks_for(numel, kMaxPartials);
 }
 
+namespace {
+constexpr int kMaxDevices = 64;
+
+// How many blocks of kThreads of `kernel` the current device runs at once (its
+// occupancy times the SMs), queried once per kernel and device. The kernels that
+// reduce the partials workspace in every block launch at most this many.
+template <auto kernel>
+int resident_blocks() {
+  static std::atomic<int> per_device[kMaxDevices];  // 0: not queried yet
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= kMaxDevices) return kMaxPartials;
+  int blocks = per_device[device].load(std::memory_order_relaxed);
+  if (blocks == 0) {
+    int sms = 0, per_sm = 0;
+    if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess ||
+        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, 0) != cudaSuccess) {
+      (void)cudaGetLastError();  // not sticky: fall back to the workspace's size
+      return kMaxPartials;
+    }
+    blocks = std::max(1, sms * per_sm);
+    per_device[device].store(blocks, std::memory_order_relaxed);
+  }
+  return blocks;
+}
+}  // namespace
+
 // Without a workspace (reduction_partials() == 0 when the operator allocated it): the one-block kernel.
 template <typename T>
 void launch_forward_step(const ForwardStepParams<T>& p, cudaStream_t stream) {
@@ -471,7 +538,7 @@ void launch_forward_step(const ForwardStepParams<T>& p, cudaStream_t stream) {
   const int parts = blocks_for(n, kMaxPartials);
   grad_norm_partials_kernel<T><<<parts, kThreads, 0, stream>>>(p.mu, p.logvar, p.eps, p.grad_z, p.partials, n,
                                                                 s.scale, s.kl_weight);
-  forward_update_kernel<T><<<blocks_for(n, kMaxGridStrideBlocks), kThreads, 0, stream>>>(
+  forward_update_kernel<T><<<blocks_for(n, resident_blocks<forward_update_kernel<T>>()), kThreads, 0, stream>>>(
       p.mu, p.logvar, p.p_mu, p.p_logvar, p.eps, p.grad_z, p.eps_next, p.mu_out, p.logvar_out, p.p_mu_out,
       p.p_logvar_out, p.z_next_out, p.grad_norms_out, p.partials, parts, n, s.scale, s.kl_weight, s.lr_mu,
       s.lr_logvar, s.momentum, s.max_grad_norm);
@@ -489,14 +556,16 @@ void launch_reverse_direction(const ReverseDirectionParams<T>& p, cudaStream_t s
     return;
   }
   const int parts = blocks_for(n, kMaxPartials);
-  reverse_dots_kernel<T><<<parts, kThreads, 0, stream>>>(
-      p.lbar_mu, p.lbar_logvar, p.pbar_mu, p.pbar_logvar, p.mu, p.logvar, p.eps, p.grad_z, p.pbar_mu_out,
-      p.pbar_logvar_out, p.partials, n, s.scale, s.kl_weight, s.lr_mu, s.lr_logvar, s.max_grad_norm > T(0));
-  const int64_t row_blocks = std::min<int64_t>((rows + kWarps - 1) / kWarps, kMaxGridStrideBlocks);
+  if (s.max_grad_norm > T(0))  // else never clipped: no first pass to launch
+    reverse_dots_kernel<T><<<parts, kThreads, 0, stream>>>(
+        p.lbar_mu, p.lbar_logvar, p.pbar_mu, p.pbar_logvar, p.mu, p.logvar, p.eps, p.grad_z, p.grad_norms,
+        p.pbar_mu_out, p.pbar_logvar_out, p.partials, n, s.scale, s.kl_weight, s.lr_mu, s.lr_logvar,
+        s.max_grad_norm);
+  const int64_t row_blocks = std::min<int64_t>((rows + kWarps - 1) / kWarps, resident_blocks<reverse_rows_kernel<T>>());
   reverse_rows_kernel<T><<<int(std::max<int64_t>(1, row_blocks)), kThreads, 0, stream>>>(
-      p.pbar_mu_out, p.pbar_logvar_out, p.mu, p.logvar, p.eps, p.grad_z, p.grad_norms, p.partials, parts, p.v_mu,
-      p.v_logvar, p.u, p.z_eval, p.row_weight, rows, cols, s.scale, s.kl_weight, s.max_grad_norm, int(p.fd_mode),
-      p.fd_step);
+      p.lbar_mu, p.lbar_logvar, p.pbar_mu, p.pbar_logvar, p.pbar_mu_out, p.pbar_logvar_out, p.mu, p.logvar, p.eps,
+      p.grad_z, p.grad_norms, p.partials, parts, p.v_mu, p.v_logvar, p.u, p.z_eval, p.row_weight, rows, cols, s.scale,
+      s.kl_weight, s.lr_mu, s.lr_logvar, s.max_grad_norm, int(p.fd_mode), p.fd_step);
 }
 
 template <typename T>

@@ -8,8 +8,10 @@ Design:
 * whole-tensor reductions (clip norms, clip-Jacobian dot products) are
   two-stage and deterministic: each program writes a partial sum to a small
   workspace, and the consuming kernel reduces the fixed-size workspace again
-  in every program. No atomics, no host synchronisation: a refinement loop
-  using these kernels can be captured in a CUDA graph;
+  in every program (at most MAX_PROGRAMS of them, each over several blocks).
+  A reverse step whose forward step did not clip needs no reduction (decided on
+  the device): it reads its inputs once. No atomics, no host synchronisation: a
+  refinement loop using these kernels can be captured in a CUDA graph;
 * sizes are runtime arguments (no recompilation per batch size); the hvp mode,
   the clip switch and optional inputs are compile-time constants;
 * small tensors (up to SMALL_ELEMENTS, padded to powers of two) run forward_step and
@@ -200,16 +202,19 @@ if triton is not None:
             tl.store(norms_ptr + 1, n_lv)
         c_mu = _clip_coef(n_mu, max_norm, HAS_CLIP)
         c_lv = _clip_coef(n_lv, max_norm, HAS_CLIP)
-        offs = pid * BLOCK + tl.arange(0, BLOCK)
-        m = offs < n
-        mu = tl.load(mu_ptr + offs, mask=m)
-        lv = tl.load(lv_ptr + offs, mask=m)
-        eps = tl.load(eps_ptr + offs, mask=m)
-        gz = tl.load(gz_ptr + offs, mask=m)
-        sigma, em = _gauss_terms(lv)
-        g_mu, g_lv = _elbo_grad(gz, mu, sigma, em, eps, scale, kl_weight)
-        _momentum_update(mu, lv, g_mu, g_lv, c_mu, c_lv, pm_ptr, pl_ptr, en_ptr, o_mu_ptr, o_lv_ptr, o_pm_ptr,
-                         o_pl_ptr, o_z_ptr, offs, m, lr_mu, lr_lv, momentum, HAS_NEXT)
+        # several blocks per program: each program reduces the workspace once (at most
+        # MAX_PROGRAMS programs), not once per block
+        for start in range(pid * BLOCK, n, tl.num_programs(0) * BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            m = offs < n
+            mu = tl.load(mu_ptr + offs, mask=m)
+            lv = tl.load(lv_ptr + offs, mask=m)
+            eps = tl.load(eps_ptr + offs, mask=m)
+            gz = tl.load(gz_ptr + offs, mask=m)
+            sigma, em = _gauss_terms(lv)
+            g_mu, g_lv = _elbo_grad(gz, mu, sigma, em, eps, scale, kl_weight)
+            _momentum_update(mu, lv, g_mu, g_lv, c_mu, c_lv, pm_ptr, pl_ptr, en_ptr, o_mu_ptr, o_lv_ptr, o_pm_ptr,
+                             o_pl_ptr, o_z_ptr, offs, m, lr_mu, lr_lv, momentum, HAS_NEXT)
 
     @triton.jit
     def _forward_step_one_program_kernel(mu_ptr, lv_ptr, pm_ptr, pl_ptr, eps_ptr, gz_ptr, en_ptr,
@@ -237,86 +242,110 @@ if triton is not None:
                          lr_lv, momentum, HAS_NEXT)
 
     @triton.jit
-    def _reverse_dots_kernel(lbm_ptr, lbl_ptr, pbm_ptr, pbl_ptr, mu_ptr, lv_ptr, eps_ptr, gz_ptr,
+    def _clipped(n_mu, n_lv, max_norm, HAS_CLIP: tl.constexpr):
+        # whether the forward step clipped either gradient (then the clip Jacobian needs its dots)
+        return (_clip_coef(n_mu, max_norm, HAS_CLIP) < 1.0) | (_clip_coef(n_lv, max_norm, HAS_CLIP) < 1.0)
+
+    @triton.jit
+    def _reverse_dots_kernel(lbm_ptr, lbl_ptr, pbm_ptr, pbl_ptr, mu_ptr, lv_ptr, eps_ptr, gz_ptr, norms_ptr,
                              o_pbm_ptr, o_pbl_ptr, partial_ptr, n, scale: tl.float64, kl_weight: tl.float64,
-                             lr_mu: tl.float64, lr_lv: tl.float64, HAS_CLIP: tl.constexpr, BLOCK: tl.constexpr):
+                             lr_mu: tl.float64, lr_lv: tl.float64, max_norm: tl.float64, BLOCK: tl.constexpr):
+        # pbar' and the partial dot products g . pbar' of the clip Jacobian, only where the
+        # forward step clipped (decided on the device); otherwise nothing: the row kernel
+        # makes pbar' itself and the reverse step reads its inputs once
         scale, kl_weight = _typed(scale, mu_ptr), _typed(kl_weight, mu_ptr)
-        lr_mu, lr_lv = _typed(lr_mu, mu_ptr), _typed(lr_lv, mu_ptr)
-        pid = tl.program_id(0)
-        nprog = tl.num_programs(0)
-        acc_mu = tl.zeros((BLOCK,), dtype=mu_ptr.dtype.element_ty)
-        acc_lv = tl.zeros_like(acc_mu)
-        for start in range(pid * BLOCK, n, nprog * BLOCK):
-            offs = start + tl.arange(0, BLOCK)
-            m = offs < n
-            pm = tl.load(pbm_ptr + offs, mask=m, other=0.0) + lr_mu * tl.load(lbm_ptr + offs, mask=m, other=0.0)
-            pl = tl.load(pbl_ptr + offs, mask=m, other=0.0) + lr_lv * tl.load(lbl_ptr + offs, mask=m, other=0.0)
-            tl.store(o_pbm_ptr + offs, pm, mask=m)
-            tl.store(o_pbl_ptr + offs, pl, mask=m)
-            if HAS_CLIP:
+        lr_mu, lr_lv, max_norm = _typed(lr_mu, mu_ptr), _typed(lr_lv, mu_ptr), _typed(max_norm, mu_ptr)
+        if _clipped(tl.load(norms_ptr), tl.load(norms_ptr + 1), max_norm, True):
+            pid = tl.program_id(0)
+            nprog = tl.num_programs(0)
+            acc_mu = tl.zeros((BLOCK,), dtype=mu_ptr.dtype.element_ty)
+            acc_lv = tl.zeros_like(acc_mu)
+            for start in range(pid * BLOCK, n, nprog * BLOCK):
+                offs = start + tl.arange(0, BLOCK)
+                m = offs < n
+                pm = tl.load(pbm_ptr + offs, mask=m, other=0.0) + lr_mu * tl.load(lbm_ptr + offs, mask=m, other=0.0)
+                pl = tl.load(pbl_ptr + offs, mask=m, other=0.0) + lr_lv * tl.load(lbl_ptr + offs, mask=m, other=0.0)
+                tl.store(o_pbm_ptr + offs, pm, mask=m)
+                tl.store(o_pbl_ptr + offs, pl, mask=m)
                 g_mu, g_lv = _load_elbo_grad(mu_ptr, lv_ptr, eps_ptr, gz_ptr, offs, m, scale, kl_weight)
                 acc_mu += tl.where(m, g_mu * pm, 0.0)
                 acc_lv += tl.where(m, g_lv * pl, 0.0)
-        tl.store(partial_ptr + pid * 2, tl.sum(acc_mu, axis=0))
-        tl.store(partial_ptr + pid * 2 + 1, tl.sum(acc_lv, axis=0))
+            tl.store(partial_ptr + pid * 2, tl.sum(acc_mu, axis=0))
+            tl.store(partial_ptr + pid * 2 + 1, tl.sum(acc_lv, axis=0))
 
     @triton.jit
-    def _reverse_rows_kernel(pbm_ptr, pbl_ptr, mu_ptr, lv_ptr, eps_ptr, gz_ptr, norms_ptr, partial_ptr,
-                             o_vm_ptr, o_vl_ptr, o_u_ptr, o_z_ptr, o_w_ptr,
+    def _reverse_rows_kernel(lbm_ptr, lbl_ptr, pbm_ptr, pbl_ptr, mu_ptr, lv_ptr, eps_ptr, gz_ptr, norms_ptr,
+                             partial_ptr, o_pbm_ptr, o_pbl_ptr, o_vm_ptr, o_vl_ptr, o_u_ptr, o_z_ptr, o_w_ptr,
                              n_rows, n_cols, num_partials, scale: tl.float64, kl_weight: tl.float64,
-                             max_norm: tl.float64, fd_step: tl.float64, FD_MODE: tl.constexpr, HAS_CLIP: tl.constexpr,
-                             ROWS: tl.constexpr, BLOCK_D: tl.constexpr, MAXP: tl.constexpr):
+                             lr_mu: tl.float64, lr_lv: tl.float64, max_norm: tl.float64, fd_step: tl.float64,
+                             FD_MODE: tl.constexpr, HAS_CLIP: tl.constexpr, ROWS: tl.constexpr,
+                             BLOCK_D: tl.constexpr, MAXP: tl.constexpr):
         scale, kl_weight = _typed(scale, mu_ptr), _typed(kl_weight, mu_ptr)
+        lr_mu, lr_lv = _typed(lr_mu, mu_ptr), _typed(lr_lv, mu_ptr)
         max_norm, fd_step = _typed(max_norm, mu_ptr), _typed(fd_step, mu_ptr)
-        pid = tl.program_id(0)
         n_mu = tl.load(norms_ptr)
         n_lv = tl.load(norms_ptr + 1)
         c_mu = _clip_coef(n_mu, max_norm, HAS_CLIP)
         c_lv = _clip_coef(n_lv, max_norm, HAS_CLIP)
+        # with clipping _reverse_dots_kernel stored pbar' and the dots; without, pbar' is made here
+        clipped = _clipped(n_mu, n_lv, max_norm, HAS_CLIP)
         k_mu = c_mu * 0.0
         k_lv = c_lv * 0.0
-        if HAS_CLIP:
+        if clipped:
             k_mu = _kappa(n_mu, c_mu, max_norm, _reduce_partials(partial_ptr, num_partials, 0, MAXP))
             k_lv = _kappa(n_lv, c_lv, max_norm, _reduce_partials(partial_ptr, num_partials, 1, MAXP))
-        rows = pid * ROWS + tl.arange(0, ROWS)
-        rmask = rows < n_rows
-        uu = tl.zeros((ROWS,), dtype=mu_ptr.dtype.element_ty)
-        zz = tl.zeros_like(uu)
-        for c0 in range(0, n_cols, BLOCK_D):
-            cols = c0 + tl.arange(0, BLOCK_D)
-            m = rmask[:, None] & (cols < n_cols)[None, :]
-            offs = rows[:, None] * n_cols + cols[None, :]
-            lv = tl.load(lv_ptr + offs, mask=m, other=0.0)
-            mu = tl.load(mu_ptr + offs, mask=m, other=0.0)
-            eps = tl.load(eps_ptr + offs, mask=m, other=0.0)
-            sigma, em = _gauss_terms(lv)
-            vm = c_mu * tl.load(pbm_ptr + offs, mask=m, other=0.0)
-            vl = c_lv * tl.load(pbl_ptr + offs, mask=m, other=0.0)
-            if HAS_CLIP:
-                gz = tl.load(gz_ptr + offs, mask=m, other=0.0)
-                g_mu, g_lv = _elbo_grad(gz, mu, sigma, em, eps, scale, kl_weight)
-                vm = vm - k_mu * g_mu
-                vl = vl - k_lv * g_lv
-            u, z = _store_directions(vm, vl, mu, sigma, eps, o_vm_ptr, o_vl_ptr, o_u_ptr, offs, m)
-            if FD_MODE == _FD_FORWARD:
-                tl.store(o_z_ptr + offs, z + fd_step * u, mask=m)
-            else:
-                tl.store(o_z_ptr + offs, z, mask=m)
-            uu += tl.sum(tl.where(m, u * u, 0.0), axis=1)
-            zz += tl.sum(tl.where(m, z * z, 0.0), axis=1)
-        w = tl.zeros_like(uu) + 1.0
-        if FD_MODE == _FD_CENTRAL:
-            r, w = _central_step(uu, zz, fd_step)
-            # second sweep: z +- r_b u_b from the stored z and u of this program's rows
+        # groups of ROWS rows, several per program (at most MAX_PROGRAMS programs: each
+        # reduces the workspace once)
+        for first_row in range(tl.program_id(0) * ROWS, n_rows, tl.num_programs(0) * ROWS):
+            rows = first_row + tl.arange(0, ROWS)
+            rmask = rows < n_rows
+            uu = tl.zeros((ROWS,), dtype=mu_ptr.dtype.element_ty)
+            zz = tl.zeros_like(uu)
             for c0 in range(0, n_cols, BLOCK_D):
                 cols = c0 + tl.arange(0, BLOCK_D)
                 m = rmask[:, None] & (cols < n_cols)[None, :]
                 offs = rows[:, None] * n_cols + cols[None, :]
-                z = tl.load(o_z_ptr + offs, mask=m, other=0.0)
-                du = r[:, None] * tl.load(o_u_ptr + offs, mask=m, other=0.0)
-                tl.store(o_z_ptr + offs, z + du, mask=m)
-                tl.store(o_z_ptr + n_rows * n_cols + offs, z - du, mask=m)
-        tl.store(o_w_ptr + rows, w, mask=rmask)
+                if clipped:
+                    pm = tl.load(o_pbm_ptr + offs, mask=m, other=0.0)
+                    pl = tl.load(o_pbl_ptr + offs, mask=m, other=0.0)
+                else:
+                    pm = tl.load(pbm_ptr + offs, mask=m, other=0.0) + lr_mu * tl.load(lbm_ptr + offs, mask=m,
+                                                                                       other=0.0)
+                    pl = tl.load(pbl_ptr + offs, mask=m, other=0.0) + lr_lv * tl.load(lbl_ptr + offs, mask=m,
+                                                                                       other=0.0)
+                    tl.store(o_pbm_ptr + offs, pm, mask=m)
+                    tl.store(o_pbl_ptr + offs, pl, mask=m)
+                lv = tl.load(lv_ptr + offs, mask=m, other=0.0)
+                mu = tl.load(mu_ptr + offs, mask=m, other=0.0)
+                eps = tl.load(eps_ptr + offs, mask=m, other=0.0)
+                sigma, em = _gauss_terms(lv)
+                vm = c_mu * pm
+                vl = c_lv * pl
+                if HAS_CLIP:
+                    gz = tl.load(gz_ptr + offs, mask=m, other=0.0)
+                    g_mu, g_lv = _elbo_grad(gz, mu, sigma, em, eps, scale, kl_weight)
+                    vm = vm - k_mu * g_mu
+                    vl = vl - k_lv * g_lv
+                u, z = _store_directions(vm, vl, mu, sigma, eps, o_vm_ptr, o_vl_ptr, o_u_ptr, offs, m)
+                if FD_MODE == _FD_FORWARD:
+                    tl.store(o_z_ptr + offs, z + fd_step * u, mask=m)
+                else:
+                    tl.store(o_z_ptr + offs, z, mask=m)
+                uu += tl.sum(tl.where(m, u * u, 0.0), axis=1)
+                zz += tl.sum(tl.where(m, z * z, 0.0), axis=1)
+            w = tl.zeros_like(uu) + 1.0
+            if FD_MODE == _FD_CENTRAL:
+                r, w = _central_step(uu, zz, fd_step)
+                # second sweep: z +- r_b u_b from the stored z and u of these rows
+                for c0 in range(0, n_cols, BLOCK_D):
+                    cols = c0 + tl.arange(0, BLOCK_D)
+                    m = rmask[:, None] & (cols < n_cols)[None, :]
+                    offs = rows[:, None] * n_cols + cols[None, :]
+                    z = tl.load(o_z_ptr + offs, mask=m, other=0.0)
+                    du = r[:, None] * tl.load(o_u_ptr + offs, mask=m, other=0.0)
+                    tl.store(o_z_ptr + offs, z + du, mask=m)
+                    tl.store(o_z_ptr + n_rows * n_cols + offs, z - du, mask=m)
+            tl.store(o_w_ptr + rows, w, mask=rmask)
 
     @triton.jit
     def _reverse_direction_one_program_kernel(lbm_ptr, lbl_ptr, pbm_ptr, pbl_ptr, mu_ptr, lv_ptr, eps_ptr, gz_ptr,
@@ -446,7 +475,7 @@ def forward_step(mu, logvar, p_mu, p_logvar, eps, grad_z, eps_next, scale, kl_we
     partial = torch.empty((programs, 2), dtype=mu.dtype, device=mu.device)
     _grad_norm_partials_kernel[(programs,)](mu, logvar, eps, grad_z, partial, n, float(scale), float(kl_weight),
                                             BLOCK=BLOCK)
-    _forward_update_kernel[_grid(n)](
+    _forward_update_kernel[(programs,)](
         mu, logvar, p_mu, p_logvar, eps, grad_z, _require(eps_next, "eps_next") if has_next else mu,
         *outs, z_next if has_next else mu, norms, partial, n, programs, float(scale), float(kl_weight),
         float(lr_mu), float(lr_logvar), float(momentum), float(max_grad_norm),
@@ -475,18 +504,21 @@ def reverse_direction(lbar_mu, lbar_logvar, pbar_mu, pbar_logvar, mu, logvar, ep
             FD_MODE=int(fd_mode), HAS_CLIP=has_clip, RB=rb, DB=db, num_warps=_warps(rb * db))
         return (*outs, z_eval, row_weight)
     programs = _reduction_programs(n)
-    partial = torch.zeros((programs, 2), dtype=mu.dtype, device=mu.device)
+    # written (and read) only where the forward step clipped: see _reverse_dots_kernel
+    partial = torch.empty((programs, 2), dtype=mu.dtype, device=mu.device)
     pbm_n, pbl_n = torch.empty_like(mu), torch.empty_like(mu)
-    _reverse_dots_kernel[(programs,)](lbm, lbl, pbm, pbl, mu, logvar, eps, grad_z, pbm_n, pbl_n, partial, n,
-                                      float(scale), float(kl_weight), float(lr_mu), float(lr_logvar),
-                                      HAS_CLIP=has_clip, BLOCK=BLOCK)
+    if has_clip:
+        _reverse_dots_kernel[(programs,)](lbm, lbl, pbm, pbl, mu, logvar, eps, grad_z, grad_norms, pbm_n, pbl_n,
+                                          partial, n, float(scale), float(kl_weight), float(lr_mu), float(lr_logvar),
+                                          float(max_grad_norm), BLOCK=BLOCK)
     v_mu, v_lv, u = torch.empty_like(mu), torch.empty_like(mu), torch.empty_like(mu)
     z_eval = mu.new_empty((FdMode(fd_mode).eval_points, rows, cols))
     row_weight = mu.new_empty((rows,))
-    _reverse_rows_kernel[(max(1, triton.cdiv(rows, ROWS)),)](
-        pbm_n, pbl_n, mu, logvar, eps, grad_z, grad_norms, partial, v_mu, v_lv, u, z_eval, row_weight,
-        rows, cols, programs, float(scale), float(kl_weight), float(max_grad_norm), float(fd_step),
-        FD_MODE=int(fd_mode), HAS_CLIP=has_clip, ROWS=ROWS, BLOCK_D=BLOCK_D, MAXP=MAX_PROGRAMS)
+    _reverse_rows_kernel[(max(1, min(MAX_PROGRAMS, triton.cdiv(rows, ROWS))),)](
+        lbm, lbl, pbm, pbl, mu, logvar, eps, grad_z, grad_norms, partial, pbm_n, pbl_n, v_mu, v_lv, u, z_eval,
+        row_weight, rows, cols, programs, float(scale), float(kl_weight), float(lr_mu), float(lr_logvar),
+        float(max_grad_norm), float(fd_step), FD_MODE=int(fd_mode), HAS_CLIP=has_clip, ROWS=ROWS, BLOCK_D=BLOCK_D,
+        MAXP=MAX_PROGRAMS)
     return pbm_n, pbl_n, v_mu, v_lv, u, z_eval, row_weight
 
 
