@@ -9,13 +9,12 @@ import torch
 
 from benchmarks import harness
 from benchmarks.configs import CONFIGS, make_problem
-from benchmarks.refinement import CUDA_METHODS, METHODS, decoder_floor, supported
+from benchmarks.refinement import CUDA_METHODS, FLOOR, METHODS, decoder_floor, supported
 from savae_fast.testing import relative_error, training_step
 from savae_fast.reference import unrolled
 
 ACCURACY_METHODS = ("refine fd_forward", "refine fd_central", "refine fd_richardson", "refine fd_adaptive",
                     "refine exact", "refine jvp", "optim_n2n (authors)")
-FLOOR = "decoder floor (2K+1 passes)"
 REFERENCES = {"unrolled": "unrolled (autograd)", "optim_n2n": "optim_n2n (authors)"}
 
 
