@@ -159,3 +159,15 @@ def test_float64_refine_with_triton_is_as_accurate_as_cpp(hvp, seed):
     assert err_tri <= 3 * err_cpp + 1e-12, f"seed={seed} triton {err_tri:.2e} vs cpp {err_cpp:.2e}"
     if hvp != "fd_forward":  # fd_forward's float64 error is its difference quotient's (~1e-9)
         assert err_tri <= 1e-10, f"seed={seed} {err_tri:.2e}"
+
+
+def test_host_helpers_agree_with_triton():
+    """The wrappers' own cdiv / next_power_of_2 (Triton's are slow to call from the host)."""
+    import triton
+
+    from savae_fast.ops import triton_impl
+
+    for n in range(1, 5000):
+        assert triton_impl._next_power_of_2(n) == triton.next_power_of_2(n), n
+        for d in (4, 1024):
+            assert triton_impl._cdiv(n, d) == triton.cdiv(n, d), (n, d)

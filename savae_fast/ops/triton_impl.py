@@ -427,14 +427,34 @@ if triton is not None:
         tl.store(o_pbl_ptr + offs, momentum * tl.load(pbl_ptr + offs, mask=m), mask=m)
 
 
-def _require(t: torch.Tensor, name: str) -> torch.Tensor:
-    if t.dtype not in (torch.float32, torch.float64):
-        raise TypeError(f"triton backend: argument '{name}' must be float32 or float64, got {t.dtype}")
-    return t.contiguous()
+# Host side. Every call pays this Python before Triton's own launcher, so it stays lean:
+# no Triton host helpers (triton.cdiv / next_power_of_2 are constexpr functions whose
+# host calls cost microseconds in recent releases), no enum construction per call.
+
+_FLOAT_DTYPES = (torch.float32, torch.float64)
+_EVAL_POINTS = {int(mode): mode.eval_points for mode in FdMode}
+
+
+def _contiguous(names: tuple, tensors: tuple) -> list:
+    """The tensors, contiguous, each checked to be float32 / float64 (named in the error)."""
+    out = []
+    for name, t in zip(names, tensors):
+        if t.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"triton backend: argument '{name}' must be float32 or float64, got {t.dtype}")
+        out.append(t.contiguous())
+    return out
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _next_power_of_2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
 
 
 def _grid(n: int) -> tuple[int]:
-    return (max(1, triton.cdiv(n, BLOCK)),)
+    return (max(1, _cdiv(n, BLOCK)),)
 
 
 def _warps(elements: int) -> int:
@@ -443,11 +463,18 @@ def _warps(elements: int) -> int:
 
 
 def _reduction_programs(n: int) -> int:
-    return max(1, min(MAX_PROGRAMS, triton.cdiv(n, BLOCK)))
+    return max(1, min(MAX_PROGRAMS, _cdiv(n, BLOCK)))
+
+
+_SAMPLE_ARGS = ("mu", "logvar", "eps")
+_FORWARD_STEP_ARGS = ("mu", "logvar", "p_mu", "p_logvar", "eps", "grad_z")
+_REVERSE_DIRECTION_ARGS = ("lbar_mu", "lbar_logvar", "pbar_mu", "pbar_logvar", "mu", "logvar", "eps", "grad_z")
+_REVERSE_UPDATE_ARGS = ("lbar_mu", "lbar_logvar", "pbar_mu", "pbar_logvar", "v_mu", "v_logvar", "logvar", "eps",
+                        "grad_z", "hvp_a")
 
 
 def sample(mu, logvar, eps):
-    mu, logvar, eps = _require(mu, "mu"), _require(logvar, "logvar"), _require(eps, "eps")
+    mu, logvar, eps = _contiguous(_SAMPLE_ARGS, (mu, logvar, eps))
     z = torch.empty_like(mu)
     _sample_kernel[_grid(mu.numel())](mu, logvar, eps, z, mu.numel(), BLOCK=BLOCK)
     return z
@@ -455,86 +482,80 @@ def sample(mu, logvar, eps):
 
 def forward_step(mu, logvar, p_mu, p_logvar, eps, grad_z, eps_next, scale, kl_weight, lr_mu, lr_logvar,
                  momentum, max_grad_norm):
-    mu, logvar, p_mu, p_logvar, eps, grad_z = (
-        _require(t, name) for t, name in zip((mu, logvar, p_mu, p_logvar, eps, grad_z),
-                                             ("mu", "logvar", "p_mu", "p_logvar", "eps", "grad_z")))
+    mu, logvar, p_mu, p_logvar, eps, grad_z = _contiguous(_FORWARD_STEP_ARGS, (mu, logvar, p_mu, p_logvar, eps,
+                                                                               grad_z))
     n = mu.numel()
-    outs = [torch.empty_like(mu) for _ in range(4)]
+    mu_n, lv_n, pm_n, pl_n = (torch.empty_like(mu) for _ in range(4))
     has_next = eps_next is not None
-    z_next = torch.empty_like(mu) if has_next else mu.new_empty((0,))
+    if has_next:
+        (eps_next,) = _contiguous(("eps_next",), (eps_next,))
+        z_next = torch.empty_like(mu)
+    else:
+        eps_next, z_next = mu, mu.new_empty((0,))  # unread: HAS_NEXT=False
     norms = mu.new_empty((2,))
+    scalars = (float(scale), float(kl_weight), float(lr_mu), float(lr_logvar), float(momentum), float(max_grad_norm))
+    has_clip = scalars[5] > 0
     if n <= SMALL_ELEMENTS:
-        block = triton.next_power_of_2(n)
+        block = _next_power_of_2(n)
         _forward_step_one_program_kernel[(1,)](
-            mu, logvar, p_mu, p_logvar, eps, grad_z, _require(eps_next, "eps_next") if has_next else mu,
-            *outs, z_next if has_next else mu, norms, n, float(scale), float(kl_weight), float(lr_mu),
-            float(lr_logvar), float(momentum), float(max_grad_norm), HAS_NEXT=has_next, HAS_CLIP=max_grad_norm > 0,
-            BLOCK=block, num_warps=_warps(block))
-        return outs[0], outs[1], outs[2], outs[3], z_next, norms
+            mu, logvar, p_mu, p_logvar, eps, grad_z, eps_next, mu_n, lv_n, pm_n, pl_n,
+            z_next if has_next else mu, norms, n, *scalars, HAS_NEXT=has_next, HAS_CLIP=has_clip, BLOCK=block,
+            num_warps=_warps(block))
+        return mu_n, lv_n, pm_n, pl_n, z_next, norms
     programs = _reduction_programs(n)
-    partial = torch.empty((programs, 2), dtype=mu.dtype, device=mu.device)
-    _grad_norm_partials_kernel[(programs,)](mu, logvar, eps, grad_z, partial, n, float(scale), float(kl_weight),
+    partial = mu.new_empty((programs, 2))
+    _grad_norm_partials_kernel[(programs,)](mu, logvar, eps, grad_z, partial, n, scalars[0], scalars[1],
                                             BLOCK=BLOCK)
     _forward_update_kernel[(programs,)](
-        mu, logvar, p_mu, p_logvar, eps, grad_z, _require(eps_next, "eps_next") if has_next else mu,
-        *outs, z_next if has_next else mu, norms, partial, n, programs, float(scale), float(kl_weight),
-        float(lr_mu), float(lr_logvar), float(momentum), float(max_grad_norm),
-        HAS_NEXT=has_next, HAS_CLIP=max_grad_norm > 0, BLOCK=BLOCK, MAXP=MAX_PROGRAMS)
-    return outs[0], outs[1], outs[2], outs[3], z_next, norms
+        mu, logvar, p_mu, p_logvar, eps, grad_z, eps_next, mu_n, lv_n, pm_n, pl_n, z_next if has_next else mu,
+        norms, partial, n, programs, *scalars, HAS_NEXT=has_next, HAS_CLIP=has_clip, BLOCK=BLOCK, MAXP=MAX_PROGRAMS)
+    return mu_n, lv_n, pm_n, pl_n, z_next, norms
 
 
 def reverse_direction(lbar_mu, lbar_logvar, pbar_mu, pbar_logvar, mu, logvar, eps, grad_z, grad_norms, scale,
                       kl_weight, lr_mu, lr_logvar, max_grad_norm, fd_mode, fd_step):
-    args = [_require(t, name) for t, name in zip(
-        (lbar_mu, lbar_logvar, pbar_mu, pbar_logvar, mu, logvar, eps, grad_z),
-        ("lbar_mu", "lbar_logvar", "pbar_mu", "pbar_logvar", "mu", "logvar", "eps", "grad_z"))]
-    lbm, lbl, pbm, pbl, mu, logvar, eps, grad_z = args
+    lbm, lbl, pbm, pbl, mu, logvar, eps, grad_z = _contiguous(
+        _REVERSE_DIRECTION_ARGS, (lbar_mu, lbar_logvar, pbar_mu, pbar_logvar, mu, logvar, eps, grad_z))
     grad_norms = grad_norms.contiguous()
     rows, cols = mu.shape
-    n = mu.numel()
-    has_clip = max_grad_norm > 0
-    rb, db = triton.next_power_of_2(rows), triton.next_power_of_2(cols)
+    n = rows * cols
+    scalars = (float(scale), float(kl_weight), float(lr_mu), float(lr_logvar), float(max_grad_norm), float(fd_step))
+    has_clip = scalars[4] > 0
+    fd_mode = int(fd_mode)
+    pbm_n, pbl_n, v_mu, v_lv, u = (torch.empty_like(mu) for _ in range(5))
+    z_eval = mu.new_empty((_EVAL_POINTS[fd_mode], rows, cols))
+    row_weight = mu.new_empty((rows,))
+    rb, db = _next_power_of_2(rows), _next_power_of_2(cols)
     if rb * db <= SMALL_ELEMENTS:
-        outs = [torch.empty_like(mu) for _ in range(5)]  # pbar_mu', pbar_logvar', v_mu, v_logvar, u
-        z_eval = mu.new_empty((FdMode(fd_mode).eval_points, rows, cols))
-        row_weight = mu.new_empty((rows,))
         _reverse_direction_one_program_kernel[(1,)](
-            lbm, lbl, pbm, pbl, mu, logvar, eps, grad_z, grad_norms, *outs, z_eval, row_weight, rows, cols,
-            float(scale), float(kl_weight), float(lr_mu), float(lr_logvar), float(max_grad_norm), float(fd_step),
-            FD_MODE=int(fd_mode), HAS_CLIP=has_clip, RB=rb, DB=db, num_warps=_warps(rb * db))
-        return (*outs, z_eval, row_weight)
+            lbm, lbl, pbm, pbl, mu, logvar, eps, grad_z, grad_norms, pbm_n, pbl_n, v_mu, v_lv, u, z_eval, row_weight,
+            rows, cols, *scalars, FD_MODE=fd_mode, HAS_CLIP=has_clip, RB=rb, DB=db, num_warps=_warps(rb * db))
+        return pbm_n, pbl_n, v_mu, v_lv, u, z_eval, row_weight
     programs = _reduction_programs(n)
     # written (and read) only where the forward step clipped: see _reverse_dots_kernel
-    partial = torch.empty((programs, 2), dtype=mu.dtype, device=mu.device)
-    pbm_n, pbl_n = torch.empty_like(mu), torch.empty_like(mu)
+    partial = mu.new_empty((programs, 2))
     if has_clip:
         _reverse_dots_kernel[(programs,)](lbm, lbl, pbm, pbl, mu, logvar, eps, grad_z, grad_norms, pbm_n, pbl_n,
-                                          partial, n, float(scale), float(kl_weight), float(lr_mu), float(lr_logvar),
-                                          float(max_grad_norm), BLOCK=BLOCK)
-    v_mu, v_lv, u = torch.empty_like(mu), torch.empty_like(mu), torch.empty_like(mu)
-    z_eval = mu.new_empty((FdMode(fd_mode).eval_points, rows, cols))
-    row_weight = mu.new_empty((rows,))
-    _reverse_rows_kernel[(max(1, min(MAX_PROGRAMS, triton.cdiv(rows, ROWS))),)](
+                                          partial, n, *scalars[:5], BLOCK=BLOCK)
+    _reverse_rows_kernel[(max(1, min(MAX_PROGRAMS, _cdiv(rows, ROWS))),)](
         lbm, lbl, pbm, pbl, mu, logvar, eps, grad_z, grad_norms, partial, pbm_n, pbl_n, v_mu, v_lv, u, z_eval,
-        row_weight, rows, cols, programs, float(scale), float(kl_weight), float(lr_mu), float(lr_logvar),
-        float(max_grad_norm), float(fd_step), FD_MODE=int(fd_mode), HAS_CLIP=has_clip, ROWS=ROWS, BLOCK_D=BLOCK_D,
+        row_weight, rows, cols, programs, *scalars, FD_MODE=fd_mode, HAS_CLIP=has_clip, ROWS=ROWS, BLOCK_D=BLOCK_D,
         MAXP=MAX_PROGRAMS)
     return pbm_n, pbl_n, v_mu, v_lv, u, z_eval, row_weight
 
 
 def reverse_update(lbar_mu, lbar_logvar, pbar_mu, pbar_logvar, v_mu, v_logvar, logvar, eps, grad_z, hvp_a, hvp_b,
                    hvp_scale, scale, kl_weight, momentum):
-    ts = [_require(t, name) for t, name in zip(
-        (lbar_mu, lbar_logvar, pbar_mu, pbar_logvar, v_mu, v_logvar, logvar, eps, grad_z, hvp_a),
-        ("lbar_mu", "lbar_logvar", "pbar_mu", "pbar_logvar", "v_mu", "v_logvar", "logvar", "eps", "grad_z",
-         "hvp_a"))]
+    ts = _contiguous(_REVERSE_UPDATE_ARGS, (lbar_mu, lbar_logvar, pbar_mu, pbar_logvar, v_mu, v_logvar, logvar, eps,
+                                            grad_z, hvp_a))
     has_b = hvp_b is not None
-    b = _require(hvp_b, "hvp_b") if has_b else ts[9]
-    outs = [torch.empty_like(ts[0]) for _ in range(4)]
-    n = ts[0].numel()
+    b = _contiguous(("hvp_b",), (hvp_b,))[0] if has_b else ts[9]
+    like = ts[0]
+    outs = (torch.empty_like(like), torch.empty_like(like), torch.empty_like(like), torch.empty_like(like))
+    n = like.numel()
     _reverse_update_kernel[_grid(n)](*ts, b, *outs, n, float(hvp_scale), float(scale), float(kl_weight),
                                      float(momentum), HAS_B=has_b, BLOCK=BLOCK)
-    return tuple(outs)
+    return outs
 
 
 # A sum over a list of tensors: ATen's multi-tensor CUDA kernel already fuses it.
