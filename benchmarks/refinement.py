@@ -190,11 +190,13 @@ def bench_graphed_step(cfg: DecoderConfig, device: str, rounds: int, fallback: b
 def graphed_step_table(result: dict) -> str:
     rows = [{"method": r["method"], "ms": r["median_s"] * 1e3,
              "floor": r.get("vs_floor", {}).get("median_of_ratios"),
+             "floor_ci": harness.interval_cell(r.get("vs_floor", {}).get("median_ci95")),
              "floor_min": r.get("vs_floor", {}).get("ratio_of_minima"),
              "eager": r.get("speedup_vs_eager", {}).get("median_of_ratios")} for r in result["rows"]]
     return harness.markdown_table(rows, [
         ("method", "method", ""), ("time / step (ms)", "ms", "{:.2f}"), ("/ its floor", "floor", "{:.3f}"),
-        ("/ its floor (minima)", "floor_min", "{:.3f}"), ("speed-up vs eager step", "eager", "{:.2f}x")])
+        ("95% interval", "floor_ci", ""), ("/ its floor (minima)", "floor_min", "{:.3f}"),
+        ("speed-up vs eager step", "eager", "{:.2f}x")])
 
 
 def step_table(result: dict) -> str:
@@ -203,13 +205,15 @@ def step_table(result: dict) -> str:
         rows.append({
             "method": r["method"], "ms": r["median_s"] * 1e3,
             "floor": r.get("vs_floor", {}).get("median_of_ratios"),
+            "floor_ci": harness.interval_cell(r.get("vs_floor", {}).get("median_ci95")),
             "floor_min": r.get("vs_floor", {}).get("ratio_of_minima"),
             "n2n": r.get("speedup_vs_n2n", {}).get("median_of_ratios"),
             "err": r.get("grad_rel_error"),
         })
     return harness.markdown_table(rows, [
         ("method", "method", ""), ("time / step (ms)", "ms", "{:.2f}"), ("/ floor", "floor", "{:.3f}"),
-        ("/ floor (minima)", "floor_min", "{:.3f}"), ("speed-up vs optim_n2n", "n2n", "{:.2f}x"),
+        ("95% interval", "floor_ci", ""), ("/ floor (minima)", "floor_min", "{:.3f}"),
+        ("speed-up vs optim_n2n", "n2n", "{:.2f}x"),
         ("grad rel. error (fp32 vs fp64 exact)", "err", "{:.1e}"),
     ])
 

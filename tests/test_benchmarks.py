@@ -61,3 +61,28 @@ def test_graphed_step_benchmark_runs_eagerly_on_cpu():
     table = graphed_step_table(result)
     assert "one CUDA graph" in table and len(result["rows"]) == 4
     assert result["rows"][1]["vs_floor"]["median_of_ratios"] > 0
+
+
+def test_median_interval_is_the_binomial_order_statistic_interval():
+    """The 95% interval of a median of per-round ratios: (x_(j), x_(n+1-j)) with exact
+    binomial coverage, and its coverage on random data."""
+    import math
+    import random
+
+    sys.path.insert(0, ROOT)
+    from benchmarks.harness import median_interval
+
+    assert median_interval([3.0, 1.0, 2.0, 5.0, 4.0]) is None  # 5 values: even the extremes cover 93.8%
+    for n in range(6, 40):
+        lo, hi = median_interval(list(range(n)))
+        j = lo + 1
+        assert hi == n - j  # symmetric order statistics
+        coverage = lambda j: 1 - 2 * sum(math.comb(n, i) for i in range(j)) / 2**n  # noqa: E731
+        assert coverage(j) >= 0.95 > coverage(j + 1)
+    rng = random.Random(1)
+    hits = 0
+    for _ in range(4000):
+        xs = [rng.lognormvariate(0, 1) for _ in range(10)]  # true median 1
+        lo, hi = median_interval(xs)
+        hits += lo <= 1 <= hi
+    assert 0.96 < hits / 4000 < 0.995  # 97.9% for n = 10
