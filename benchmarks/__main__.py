@@ -101,7 +101,7 @@ def main(argv=None) -> int:
         elif quick:
             names = ["small_lstm"]
         else:
-            names = ["small_lstm", "synthetic_lstm", "pixelcnn_small", "yahoo_lstm", "pixelcnn_omniglot"]
+            names = ["tiny_lstm", "small_lstm", "synthetic_lstm", "pixelcnn_small", "yahoo_lstm", "pixelcnn_omniglot"]
         for name in names:
             cfg = CONFIGS[name]
             if dev not in cfg.devices:

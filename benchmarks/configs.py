@@ -36,6 +36,10 @@ CONFIGS = {
     # The main CPU config: small enough that the refinement's overhead matters.
     "small_lstm": DecoderConfig("small_lstm", "lstm", batch=32, latent=16, steps=20, length=12,
                                 model=dict(vocab_size=200, embed_dim=32, hidden_dim=64)),
+    # An LSTM decoder with almost no work (V 8, E 4, H 4, 2 tokens): its step over the floor,
+    # per inner step, is the host time of the refinement's own calls on that machine.
+    "tiny_lstm": DecoderConfig("tiny_lstm", "lstm", batch=32, latent=16, steps=20, length=2,
+                               model=dict(vocab_size=8, embed_dim=4, hidden_dim=4)),
     # The SA-VAE synthetic experiment's generative model size (see savae_fast.app.data.synthetic).
     "synthetic_lstm": DecoderConfig("synthetic_lstm", "lstm", batch=32, latent=2, steps=20, length=10,
                                     model=dict(vocab_size=1000, embed_dim=100, hidden_dim=100)),
