@@ -502,14 +502,19 @@ constexpr int kMaxDevices = 64;
 
 // How many blocks of kThreads of `kernel` the current device runs at once (its
 // occupancy times the SMs), queried once per kernel and device. The kernels that
-// reduce the partials workspace in every block launch at most this many.
+// reduce the partials workspace in every block launch at most this many. Not queried
+// while `stream` is being captured into a CUDA graph (the workspace's size then, until
+// an eager call has asked; the graph helpers warm up eagerly before capturing).
 template <auto kernel>
-int resident_blocks() {
+int resident_blocks(cudaStream_t stream) {
   static std::atomic<int> per_device[kMaxDevices];  // 0: not queried yet
   int device = 0;
   if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= kMaxDevices) return kMaxPartials;
   int blocks = per_device[device].load(std::memory_order_relaxed);
   if (blocks == 0) {
+    cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+    if (cudaStreamIsCapturing(stream, &capture) != cudaSuccess || capture != cudaStreamCaptureStatusNone)
+      return kMaxPartials;
     int sms = 0, per_sm = 0;
     if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess ||
         cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, 0) != cudaSuccess) {
@@ -538,7 +543,8 @@ void launch_forward_step(const ForwardStepParams<T>& p, cudaStream_t stream) {
   const int parts = blocks_for(n, kMaxPartials);
   grad_norm_partials_kernel<T><<<parts, kThreads, 0, stream>>>(p.mu, p.logvar, p.eps, p.grad_z, p.partials, n,
                                                                 s.scale, s.kl_weight);
-  forward_update_kernel<T><<<blocks_for(n, resident_blocks<forward_update_kernel<T>>()), kThreads, 0, stream>>>(
+  const int update_blocks = blocks_for(n, resident_blocks<forward_update_kernel<T>>(stream));
+  forward_update_kernel<T><<<update_blocks, kThreads, 0, stream>>>(
       p.mu, p.logvar, p.p_mu, p.p_logvar, p.eps, p.grad_z, p.eps_next, p.mu_out, p.logvar_out, p.p_mu_out,
       p.p_logvar_out, p.z_next_out, p.grad_norms_out, p.partials, parts, n, s.scale, s.kl_weight, s.lr_mu,
       s.lr_logvar, s.momentum, s.max_grad_norm);
@@ -561,7 +567,8 @@ void launch_reverse_direction(const ReverseDirectionParams<T>& p, cudaStream_t s
         p.lbar_mu, p.lbar_logvar, p.pbar_mu, p.pbar_logvar, p.mu, p.logvar, p.eps, p.grad_z, p.grad_norms,
         p.pbar_mu_out, p.pbar_logvar_out, p.partials, n, s.scale, s.kl_weight, s.lr_mu, s.lr_logvar,
         s.max_grad_norm);
-  const int64_t row_blocks = std::min<int64_t>((rows + kWarps - 1) / kWarps, resident_blocks<reverse_rows_kernel<T>>());
+  const int64_t row_blocks =
+      std::min<int64_t>((rows + kWarps - 1) / kWarps, resident_blocks<reverse_rows_kernel<T>>(stream));
   reverse_rows_kernel<T><<<int(std::max<int64_t>(1, row_blocks)), kThreads, 0, stream>>>(
       p.lbar_mu, p.lbar_logvar, p.pbar_mu, p.pbar_logvar, p.pbar_mu_out, p.pbar_logvar_out, p.mu, p.logvar, p.eps,
       p.grad_z, p.grad_norms, p.partials, parts, p.v_mu, p.v_logvar, p.u, p.z_eval, p.row_weight, rows, cols, s.scale,
