@@ -64,8 +64,12 @@ def test_two_processes_equal_one(hvp, tmp_path, seed):
     got = [torch.cat([parts[0][0], parts[1][0]]), torch.cat([parts[0][1], parts[1][1]]), *parts[0][2:]]
     for name, g, w in zip(["mu0", "logvar0"] + [f"param {i}" for i in range(len(want) - 2)], got, want):
         # the processes' decoder passes have half the batch (other GEMM blocking): their float64
-        # rounding differs, and the difference quotients divide it by the step (fd_central 5e-6)
-        torch.testing.assert_close(g, w, rtol=1e-8, atol=1e-10, msg=f"{name} (draw {draw}, seed={seed})")
+        # rounding differs, and the difference quotients divide it by the step (fd_central 5e-6).
+        # Relative to each gradient's norm (seen: fd_central up to 6.7e-11 over 13 draws,
+        # fd_adaptive 8.1e-12 over 11); element by element, entries near zero carry that
+        # absolute rounding (a draw failed rtol 1e-8, atol 1e-10 at 1.2x its bound).
+        err = ((g - w).norm() / w.norm()).item()
+        assert err <= 1e-9, f"{name}: relative error {err:.1e} (draw {draw}, seed={seed})"
     if hvp == "fd_adaptive":  # its retries happened, on the same rounds in both processes
         rounds = [torch.load(f"{out}.{rank}.rounds") for rank in range(WORLD)]
         assert len(rounds[0]) == len(rounds[1]) > 10, rounds
