@@ -45,10 +45,10 @@ struct KernelTable {
   void (*reverse_dots_rows)(const T* lbm, const T* lbl, const T* pbm, const T* pbl, const T* gz, const T* mu,
                             const T* lv, const T* eps, T scale, T kl_weight, T lr_mu, T lr_lv, T* pbm_out,
                             T* pbl_out, double* partial, int64_t b0, int64_t b1, int64_t d);
-  // rows: pbar' = pbar + lr lbar into pbm_out / pbl_out (unless pbar_done: reverse_dots_rows
+  // rows: pbar' = pbar + lr lbar into pbm_out / pbl_out (unless clipped: reverse_dots_rows
   // already stored it there), v = J pbar', u, z (+ step u for the forward difference) into
   // z_out; |u_b|^2, |z_b|^2 per row
-  void (*reverse_rows)(const T* lbm, const T* lbl, const T* pbm, const T* pbl, T lr_mu, T lr_lv, bool pbar_done,
+  void (*reverse_rows)(const T* lbm, const T* lbl, const T* pbm, const T* pbl, T lr_mu, T lr_lv,
                        T* pbm_out, T* pbl_out, const T* gz, const T* mu, const T* lv, const T* eps, T scale,
                        T kl_weight, T c_mu, T c_lv, T k_mu, T k_lv, bool clipped, T z_step, T* v_mu, T* v_lv, T* u,
                        T* z_out, double* uu, double* zz, int64_t b0, int64_t b1, int64_t d);
@@ -138,7 +138,7 @@ struct Loops {
     }
   }
 
-  static void reverse_rows(const T* lbm, const T* lbl, const T* pbm, const T* pbl, T lr_mu, T lr_lv, bool pbar_done,
+  static void reverse_rows(const T* lbm, const T* lbl, const T* pbm, const T* pbl, T lr_mu, T lr_lv,
                            T* pbm_out, T* pbl_out, const T* gz, const T* mu, const T* lv, const T* eps, T scale,
                            T kl_weight, T c_mu, T c_lv, T k_mu, T k_lv, bool clipped, T z_step, T* v_mu, T* v_lv,
                            T* u, T* z_out, double* uu, double* zz, int64_t b0, int64_t b1, int64_t d) {
@@ -149,7 +149,7 @@ struct Loops {
         const V lvi = O::load(lv + i, n), mui = O::load(mu + i, n), ei = O::load(eps + i, n);
         const math::GaussTerms<V> q = math::gauss_terms(lvi);
         V pm, pl;
-        if (pbar_done) {
+        if (clipped) {  // reverse_dots_rows stored pbar'
           pm = O::load(pbm_out + i, n);
           pl = O::load(pbl_out + i, n);
         } else {

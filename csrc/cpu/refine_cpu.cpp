@@ -136,10 +136,9 @@ void reverse_direction_rows(const ReverseDirectionParams<T>& p) {
   std::vector<double> uu(B), zz(B);
   const T z_step = p.fd_mode == FdMode::kForward ? p.fd_step : T(0);
   parallel_for(0, B, row_grain(D), [&](int64_t b0, int64_t b1) {
-    k.reverse_rows(p.lbar_mu, p.lbar_logvar, p.pbar_mu, p.pbar_logvar, s.lr_mu, s.lr_logvar, /*pbar_done=*/clipped,
-                   p.pbar_mu_out, p.pbar_logvar_out, p.grad_z, p.mu, p.logvar, p.eps, s.scale, s.kl_weight, c_mu,
-                   c_lv, k_mu, k_lv, clipped, z_step, p.v_mu, p.v_logvar, p.u, p.z_eval, uu.data(), zz.data(), b0,
-                   b1, D);
+    k.reverse_rows(p.lbar_mu, p.lbar_logvar, p.pbar_mu, p.pbar_logvar, s.lr_mu, s.lr_logvar, p.pbar_mu_out,
+                   p.pbar_logvar_out, p.grad_z, p.mu, p.logvar, p.eps, s.scale, s.kl_weight, c_mu, c_lv, k_mu, k_lv,
+                   clipped, z_step, p.v_mu, p.v_logvar, p.u, p.z_eval, uu.data(), zz.data(), b0, b1, D);
   });
   if (p.fd_mode == FdMode::kCentral) {
     std::vector<T> r(B);

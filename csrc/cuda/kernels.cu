@@ -173,16 +173,16 @@ __device__ __forceinline__ void set_kappas(ClipJacobian<T>& J, T n_mu, T n_lv, T
 }
 
 // The momentum adjoint of a reverse step: pbar' = pbar + lr lbar, computed by the row kernel
-// itself (written to out) unless an earlier pass over the tensor already wrote it to out.
+// itself (written to out) unless clipping is active: then the pass of the clip Jacobian's
+// dot products has already written it to out.
 template <typename T>
 struct PbarUpdate {
   const T *lbm, *lbl, *pbm, *pbl;
   T *pbm_out, *pbl_out;
   T lr_mu, lr_lv;
-  bool done;  // pbm_out / pbl_out already hold pbar' (the clip-Jacobian pass computed it)
 
-  __device__ __forceinline__ void at(int64_t i, T* pm, T* pl) const {
-    if (done) {
+  __device__ __forceinline__ void at(int64_t i, bool clipped, T* pm, T* pl) const {
+    if (clipped) {
       *pm = pbm_out[i];
       *pl = pbl_out[i];
     } else {
@@ -208,7 +208,7 @@ __device__ __forceinline__ void reverse_row(int64_t row, int lane, const PbarUpd
     const int64_t i = row * cols + j;
     const m::GaussTerms<T> q = m::gauss_terms(lv[i]);
     T pm, pl;
-    pbar.at(i, &pm, &pl);
+    pbar.at(i, J.clipped, &pm, &pl);
     T vm = J.c_mu * pm, vl = J.c_lv * pl;
     if (J.clipped) {
       T gm, gl;
@@ -323,7 +323,7 @@ __global__ void reverse_rows_kernel(const T* __restrict__ lbm, const T* __restri
     set_kappas(J, n_mu, n_lv, max_norm, dot_mu, dot_lv);
   }
   // with clipping reverse_dots_kernel wrote pbar'; without, it did nothing and pbar' is made here
-  const PbarUpdate<T> pbar{lbm, lbl, pbm, pbl, pbm_out, pbl_out, lr_mu, lr_lv, J.clipped};
+  const PbarUpdate<T> pbar{lbm, lbl, pbm, pbl, pbm_out, pbl_out, lr_mu, lr_lv};
   const int lane = threadIdx.x % 32;
   const int64_t warps = int64_t(gridDim.x) * kWarps;
   for (int64_t row = blockIdx.x * int64_t(kWarps) + threadIdx.x / 32; row < rows; row += warps)
@@ -376,7 +376,7 @@ __global__ void __launch_bounds__(kSmallThreads) reverse_direction_one_block_ker
     block_sum2_broadcast<kSmallWarps>(&dot_mu, &dot_lv);
     set_kappas(J, n_mu, n_lv, max_norm, dot_mu, dot_lv);
   }
-  const PbarUpdate<T> pbar{lbm, lbl, pbm, pbl, pbm_out, pbl_out, lr_mu, lr_lv, J.clipped};
+  const PbarUpdate<T> pbar{lbm, lbl, pbm, pbl, pbm_out, pbl_out, lr_mu, lr_lv};
   const int lane = threadIdx.x % 32;
   for (int64_t row = threadIdx.x / 32; row < rows; row += kSmallWarps)
     reverse_row(row, lane, pbar, mu, lv, eps, gz, v_mu, v_lv, u, z_eval, row_weight, cols, n, J, scale, kl_weight,
