@@ -489,26 +489,25 @@ def forward_step(mu, logvar, p_mu, p_logvar, eps, grad_z, eps_next, scale, kl_we
     has_next = eps_next is not None
     if has_next:
         (eps_next,) = _contiguous(("eps_next",), (eps_next,))
-        z_next = torch.empty_like(mu)
-    else:
-        eps_next, z_next = mu, mu.new_empty((0,))  # unread: HAS_NEXT=False
+        z_next = z_out = torch.empty_like(mu)
+    else:  # returned empty; the kernel reads and writes neither pointer (HAS_NEXT=False)
+        z_next, eps_next, z_out = mu.new_empty((0,)), mu, mu
     norms = mu.new_empty((2,))
     scalars = (float(scale), float(kl_weight), float(lr_mu), float(lr_logvar), float(momentum), float(max_grad_norm))
     has_clip = scalars[5] > 0
     if n <= SMALL_ELEMENTS:
         block = _next_power_of_2(n)
         _forward_step_one_program_kernel[(1,)](
-            mu, logvar, p_mu, p_logvar, eps, grad_z, eps_next, mu_n, lv_n, pm_n, pl_n,
-            z_next if has_next else mu, norms, n, *scalars, HAS_NEXT=has_next, HAS_CLIP=has_clip, BLOCK=block,
-            num_warps=_warps(block))
+            mu, logvar, p_mu, p_logvar, eps, grad_z, eps_next, mu_n, lv_n, pm_n, pl_n, z_out, norms, n, *scalars,
+            HAS_NEXT=has_next, HAS_CLIP=has_clip, BLOCK=block, num_warps=_warps(block))
         return mu_n, lv_n, pm_n, pl_n, z_next, norms
     programs = _reduction_programs(n)
     partial = mu.new_empty((programs, 2))
     _grad_norm_partials_kernel[(programs,)](mu, logvar, eps, grad_z, partial, n, scalars[0], scalars[1],
                                             BLOCK=BLOCK)
     _forward_update_kernel[(programs,)](
-        mu, logvar, p_mu, p_logvar, eps, grad_z, eps_next, mu_n, lv_n, pm_n, pl_n, z_next if has_next else mu,
-        norms, partial, n, programs, *scalars, HAS_NEXT=has_next, HAS_CLIP=has_clip, BLOCK=BLOCK, MAXP=MAX_PROGRAMS)
+        mu, logvar, p_mu, p_logvar, eps, grad_z, eps_next, mu_n, lv_n, pm_n, pl_n, z_out, norms, partial, n,
+        programs, *scalars, HAS_NEXT=has_next, HAS_CLIP=has_clip, BLOCK=BLOCK, MAXP=MAX_PROGRAMS)
     return mu_n, lv_n, pm_n, pl_n, z_next, norms
 
 
