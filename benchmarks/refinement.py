@@ -59,32 +59,26 @@ CUDA_METHODS: dict[str, Callable] = {
 CUDA_REFERENCE_BATCH = 8
 
 
-def decoder_floor(p: Problem, steps: int | None = None) -> None:
-    """(2K + 1) decoder forward + backward passes, gradients w.r.t. z and all parameters."""
-    steps = p.noise.shape[0] if steps is None else steps
-    params = p.params
-    z = p.mu0
-    for _ in range(2 * steps + 1):
-        zz = z.detach().requires_grad_(True)
-        torch.autograd.grad(p.nll_fn(zz).sum(), [zz, *params])
+def decoder_floor(p: Problem, steps: int | None = None, sum_param_grads: bool = False) -> None:
+    """(2K + 1) decoder forward + backward passes, gradients w.r.t. z and all parameters.
 
-
-def decoder_floor_with_sums(p: Problem, steps: int | None = None) -> None:
-    """The floor's passes, each pass's parameter gradients added into one buffer per
-    parameter: the training step's parameter gradient is the sum over its passes, so every
-    method (and ``.backward()`` into ``.grad``) does these 2K additions of |theta| values
-    as well. On large decoders they are memory traffic the plain floor leaves out."""
+    ``sum_param_grads``: each pass's parameter gradients also added into one buffer per
+    parameter. The training step's parameter gradient is the sum over its passes, so every
+    method (and ``.backward()`` into ``.grad``) does these 2K additions of |theta| values as
+    well; on large decoders they are memory traffic the plain floor leaves out."""
     steps = p.noise.shape[0] if steps is None else steps
     params = p.params
     z = p.mu0
     sums = None
     for _ in range(2 * steps + 1):
         zz = z.detach().requires_grad_(True)
-        grads = torch.autograd.grad(p.nll_fn(zz).sum(), [zz, *params])[1:]
+        grads = torch.autograd.grad(p.nll_fn(zz).sum(), [zz, *params])
+        if not sum_param_grads:
+            continue
         if sums is None:
-            sums = list(grads)
+            sums = list(grads[1:])
         else:
-            torch._foreach_add_(sums, grads)
+            torch._foreach_add_(sums, grads[1:])
 
 
 FLOOR = "decoder floor (2K+1 passes)"
@@ -129,7 +123,7 @@ def bench_step(cfg: DecoderConfig, device: str, rounds: int, include_slow: bool 
     """Time per training step of every method and the floor, interleaved; ratios and errors."""
     p = make_problem(cfg, device)
     methods = applicable_methods(cfg, device, include_slow)
-    candidates = {FLOOR: lambda: decoder_floor(p), FLOOR_WITH_SUMS: lambda: decoder_floor_with_sums(p)}
+    candidates = {FLOOR: lambda: decoder_floor(p), FLOOR_WITH_SUMS: lambda: decoder_floor(p, sum_param_grads=True)}
     candidates.update({name: (lambda m=m: training_step(m, p)) for name, m in methods.items()})
     times = harness.interleaved(candidates, rounds, device)
     error_batch = CUDA_REFERENCE_BATCH if device == "cuda" else cfg.batch

@@ -19,7 +19,7 @@ import savae_fast as sf
 from savae_fast.ops import torch_impl
 from benchmarks.configs import CONFIGS, make_problem
 from benchmarks.op_level import op_args
-from benchmarks.refinement import METHODS, decoder_floor, decoder_floor_with_sums
+from benchmarks.refinement import METHODS, decoder_floor
 from savae_fast.testing import training_step
 
 DEVICE = os.environ.get("SAVAE_BENCH_DEVICE", "cuda" if torch.cuda.is_available() else "cpu")
@@ -46,7 +46,7 @@ def test_decoder_floor(benchmark, small_lstm):
 
 @pytest.mark.benchmark(group="training step: small_lstm (B=32, D=16, K=20)")
 def test_decoder_floor_with_sums(benchmark, small_lstm):
-    benchmark(lambda: (decoder_floor_with_sums(small_lstm), _sync()))
+    benchmark(lambda: (decoder_floor(small_lstm, sum_param_grads=True), _sync()))
 
 
 @pytest.mark.benchmark(group="training step: small_lstm (B=32, D=16, K=20)")
