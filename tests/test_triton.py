@@ -102,7 +102,7 @@ def _compiled_launch_signature(kernel, args, kwargs):
     from triton.backends.compiler import BaseBackend
     from triton.runtime.jit import JITFunction, create_function_from_signature
 
-    jit = JITFunction(kernel.fn)
+    jit = JITFunction(kernel.fn.fn)  # CachedKernel -> Triton's function -> the Python one
     binder = create_function_from_signature(jit.signature, jit.params, BaseBackend)
     _, specialization, _ = binder(*args, **kwargs)
     return dict(zip(jit.arg_names, (spec[0] for spec in specialization)))
@@ -135,12 +135,12 @@ def test_float_arguments_reach_kernels_at_full_precision(dtype, monkeypatch):
             triton_impl.reverse_direction(*reverse_direction_args(shape, dtype, "active", mode, device=DEVICE))
     for with_b in (True, False):
         triton_impl.reverse_update(*reverse_update_args((3, 5), dtype, with_b, device=DEVICE))
-    assert {k.fn.__name__ for k, _, _ in launches} == {
+    assert {k.fn.fn.__name__ for k, _, _ in launches} == {
         name for name in dir(triton_impl) if name.endswith("_kernel") and name != "_sample_kernel"}
     for kernel, args, kwargs in launches:
         types = _compiled_launch_signature(kernel, args, kwargs)
         floats = {name: t for name, t in types.items() if t in ("fp16", "bf16", "fp32", "fp64")}
-        assert floats and all(t == "fp64" for t in floats.values()), (kernel.fn.__name__, floats)
+        assert floats and all(t == "fp64" for t in floats.values()), (kernel.fn.fn.__name__, floats)
 
 
 @pytest.mark.parametrize("hvp", ["fd_central", "fd_forward", "exact"])

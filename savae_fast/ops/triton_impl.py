@@ -16,7 +16,10 @@ Design:
   the clip switch and optional inputs are compile-time constants;
 * small tensors (up to SMALL_ELEMENTS, padded to powers of two) run forward_step and
   reverse_direction as one program: one launch instead of two (a launch costs tens of
-  microseconds of host time, far more than the work).
+  microseconds of host time, far more than the work);
+* kernels are launched through :mod:`savae_fast.ops.triton_launch`, which reuses the
+  compiled kernel Triton picked for the same specialisation instead of re-deriving it
+  on every call.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ except ImportError as exc:  # pragma: no cover - triton ships with CUDA builds o
     _TRITON_ERROR = exc
 
 from savae_fast.ops import torch_impl
+from savae_fast.ops.triton_launch import CachedKernel as _launch_cached
 from savae_fast.ops.constants import CLIP_EPS, FD_CENTRAL, FD_FORWARD, FdMode
 
 BLOCK = 1024  # elements per program of the elementwise kernels
@@ -160,6 +164,7 @@ if triton is not None:
         vals = tl.load(partial_ptr + idx * 2 + col, mask=idx < num_partials, other=0.0)
         return tl.sum(vals, axis=0)
 
+    @_launch_cached
     @triton.jit
     def _sample_kernel(mu_ptr, lv_ptr, eps_ptr, z_ptr, n, BLOCK: tl.constexpr):
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -168,6 +173,7 @@ if triton is not None:
         z = tl.load(mu_ptr + offs, mask=m) + tl.exp(0.5 * lv) * tl.load(eps_ptr + offs, mask=m)
         tl.store(z_ptr + offs, z, mask=m)
 
+    @_launch_cached
     @triton.jit
     def _grad_norm_partials_kernel(mu_ptr, lv_ptr, eps_ptr, gz_ptr, partial_ptr, n, scale: tl.float64,
                                    kl_weight: tl.float64, BLOCK: tl.constexpr):
@@ -185,6 +191,7 @@ if triton is not None:
         tl.store(partial_ptr + pid * 2, tl.sum(acc_mu, axis=0))
         tl.store(partial_ptr + pid * 2 + 1, tl.sum(acc_lv, axis=0))
 
+    @_launch_cached
     @triton.jit
     def _forward_update_kernel(mu_ptr, lv_ptr, pm_ptr, pl_ptr, eps_ptr, gz_ptr, en_ptr,
                                o_mu_ptr, o_lv_ptr, o_pm_ptr, o_pl_ptr, o_z_ptr, norms_ptr, partial_ptr,
@@ -216,6 +223,7 @@ if triton is not None:
             _momentum_update(mu, lv, g_mu, g_lv, c_mu, c_lv, pm_ptr, pl_ptr, en_ptr, o_mu_ptr, o_lv_ptr, o_pm_ptr,
                              o_pl_ptr, o_z_ptr, offs, m, lr_mu, lr_lv, momentum, HAS_NEXT)
 
+    @_launch_cached
     @triton.jit
     def _forward_step_one_program_kernel(mu_ptr, lv_ptr, pm_ptr, pl_ptr, eps_ptr, gz_ptr, en_ptr,
                                          o_mu_ptr, o_lv_ptr, o_pm_ptr, o_pl_ptr, o_z_ptr, norms_ptr, n,
@@ -246,6 +254,7 @@ if triton is not None:
         # whether the forward step clipped either gradient (then the clip Jacobian needs its dots)
         return (_clip_coef(n_mu, max_norm, HAS_CLIP) < 1.0) | (_clip_coef(n_lv, max_norm, HAS_CLIP) < 1.0)
 
+    @_launch_cached
     @triton.jit
     def _reverse_dots_kernel(lbm_ptr, lbl_ptr, pbm_ptr, pbl_ptr, mu_ptr, lv_ptr, eps_ptr, gz_ptr, norms_ptr,
                              o_pbm_ptr, o_pbl_ptr, partial_ptr, n, scale: tl.float64, kl_weight: tl.float64,
@@ -273,6 +282,7 @@ if triton is not None:
             tl.store(partial_ptr + pid * 2, tl.sum(acc_mu, axis=0))
             tl.store(partial_ptr + pid * 2 + 1, tl.sum(acc_lv, axis=0))
 
+    @_launch_cached
     @triton.jit
     def _reverse_rows_kernel(lbm_ptr, lbl_ptr, pbm_ptr, pbl_ptr, mu_ptr, lv_ptr, eps_ptr, gz_ptr, norms_ptr,
                              partial_ptr, o_pbm_ptr, o_pbl_ptr, o_vm_ptr, o_vl_ptr, o_u_ptr, o_z_ptr, o_w_ptr,
@@ -347,6 +357,7 @@ if triton is not None:
                     tl.store(o_z_ptr + n_rows * n_cols + offs, z - du, mask=m)
             tl.store(o_w_ptr + rows, w, mask=rmask)
 
+    @_launch_cached
     @triton.jit
     def _reverse_direction_one_program_kernel(lbm_ptr, lbl_ptr, pbm_ptr, pbl_ptr, mu_ptr, lv_ptr, eps_ptr, gz_ptr,
                                               norms_ptr, o_pbm_ptr, o_pbl_ptr, o_vm_ptr, o_vl_ptr, o_u_ptr, o_z_ptr,
@@ -400,6 +411,7 @@ if triton is not None:
             tl.store(o_z_ptr + offs, z, mask=m)
         tl.store(o_w_ptr + rows, w, mask=rmask)
 
+    @_launch_cached
     @triton.jit
     def _reverse_update_kernel(lbm_ptr, lbl_ptr, pbm_ptr, pbl_ptr, vm_ptr, vl_ptr, lv_ptr, eps_ptr, gz_ptr,
                                a_ptr, b_ptr, o_lbm_ptr, o_lbl_ptr, o_pbm_ptr, o_pbl_ptr, n, hvp_scale: tl.float64,
