@@ -149,6 +149,26 @@ def test_public_wrappers_validate_and_dispatch():
         sf.ops.get_backend("cuda-graphs", "cpu")
 
 
+def test_public_reverse_direction_names_bad_arguments():
+    args = list(reverse_direction_args((5, 4), torch.float64, "active", FD_CENTRAL))
+    names = ("scale", "kl_weight", "lr_mu", "lr_logvar", "max_grad_norm", "fd_mode", "fd_step")
+    kw = dict(zip(names, args[9:]))
+    out = sf.ops.reverse_direction(*args[:9], backend="torch", **kw)
+    assert_reverse_direction_close(out, torch_impl.reverse_direction(*args), args, torch.float64)
+    bad = {  # argument position -> (replacement, expected message)
+        4: (args[4].float(), "'mu' has dtype"),
+        6: (args[6].to("meta"), "'eps' is on meta"),
+        8: (args[8].to("meta"), "'grad_norms' must be a \\[2\\] tensor of mu's dtype and device"),
+    }
+    for position, (value, match) in bad.items():
+        call = list(args[:9])
+        call[position] = value
+        with pytest.raises((ValueError, TypeError), match=match):
+            sf.ops.reverse_direction(*call, backend="torch", **kw)
+    with pytest.raises(ValueError, match="'fd_mode'"):
+        sf.ops.reverse_direction(*args[:9], backend="torch", **{**kw, "fd_mode": 7})
+
+
 @needs_ext
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
 def test_accumulate_matches_formula(dtype):

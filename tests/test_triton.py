@@ -171,3 +171,31 @@ def test_host_helpers_agree_with_triton():
         assert triton_impl._next_power_of_2(n) == triton.next_power_of_2(n), n
         for d in (4, 1024):
             assert triton_impl._cdiv(n, d) == triton.cdiv(n, d), (n, d)
+
+
+def test_operators_run_on_their_tensors_device(monkeypatch):
+    """Triton launches on the current device: each operator makes its tensors' GPU current
+    (a model on cuda:1 while cuda:0 is current), and leaves it alone where it already is."""
+    import contextlib
+
+    triton_impl = _triton()
+    entered = []
+
+    @contextlib.contextmanager
+    def device(index):
+        entered.append(index)
+        yield
+
+    monkeypatch.setattr(torch.cuda, "device", device)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    args = reverse_update_args((3, 5), torch.float64, device=DEVICE)
+    expected = torch_impl.reverse_update(*args)
+    monkeypatch.setattr(torch.Tensor, "get_device", lambda self: 1)
+    assert_outputs_close(triton_impl.reverse_update(*args), expected, torch.float64)
+    triton_impl.forward_step(*forward_step_args((3, 5), torch.float64, "active", device=DEVICE))
+    triton_impl.reverse_direction(*reverse_direction_args((3, 5), torch.float64, "active", FD_CENTRAL, device=DEVICE))
+    triton_impl.sample(*args[:3])
+    assert entered == [1, 1, 1, 1]
+    monkeypatch.setattr(torch.Tensor, "get_device", lambda self: 0)
+    triton_impl.reverse_update(*args)
+    assert entered == [1, 1, 1, 1]

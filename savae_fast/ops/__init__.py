@@ -212,8 +212,9 @@ def reverse_direction(lbar_mu, lbar_logvar, pbar_mu, pbar_logvar, mu, logvar, ep
     """First half of a reverse step; returns (pbar_mu', pbar_logvar', v_mu, v_logvar, u, z_eval, row_weight)."""
     _check_matrices("reverse_direction", lbar_mu=lbar_mu, lbar_logvar=lbar_logvar, pbar_mu=pbar_mu,
                     pbar_logvar=pbar_logvar, mu=mu, logvar=logvar, eps=eps, grad_z=grad_z)
-    if not isinstance(grad_norms, Tensor) or grad_norms.shape != (2,) or grad_norms.dtype != mu.dtype:
-        raise ValueError("reverse_direction: argument 'grad_norms' must be a [2] tensor of mu's dtype")
+    if (not isinstance(grad_norms, Tensor) or grad_norms.shape != (2,) or grad_norms.dtype != mu.dtype
+            or grad_norms.device != mu.device):
+        raise ValueError("reverse_direction: argument 'grad_norms' must be a [2] tensor of mu's dtype and device")
     if fd_mode not in tuple(FdMode):
         raise ValueError(f"reverse_direction: argument 'fd_mode' must be one of {[int(m) for m in FdMode]} "
                          f"(FdMode), got {fd_mode!r}")

@@ -24,6 +24,7 @@ Design:
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -457,6 +458,21 @@ def _contiguous(names: tuple, tensors: tuple) -> list:
     return out
 
 
+def _on_tensors_device(op):
+    """``op`` run with its first tensor's GPU as the current device: Triton launches on the
+    current device (the CUDA kernels run under a device guard likewise)."""
+
+    @functools.wraps(op)
+    def run(first, *args):
+        device = first.get_device()
+        if device < 0 or device == torch.cuda.current_device():
+            return op(first, *args)
+        with torch.cuda.device(device):
+            return op(first, *args)
+
+    return run
+
+
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -485,6 +501,7 @@ _REVERSE_UPDATE_ARGS = ("lbar_mu", "lbar_logvar", "pbar_mu", "pbar_logvar", "v_m
                         "grad_z", "hvp_a")
 
 
+@_on_tensors_device
 def sample(mu, logvar, eps):
     mu, logvar, eps = _contiguous(_SAMPLE_ARGS, (mu, logvar, eps))
     z = torch.empty_like(mu)
@@ -492,6 +509,7 @@ def sample(mu, logvar, eps):
     return z
 
 
+@_on_tensors_device
 def forward_step(mu, logvar, p_mu, p_logvar, eps, grad_z, eps_next, scale, kl_weight, lr_mu, lr_logvar,
                  momentum, max_grad_norm):
     mu, logvar, p_mu, p_logvar, eps, grad_z = _contiguous(_FORWARD_STEP_ARGS, (mu, logvar, p_mu, p_logvar, eps,
@@ -523,6 +541,7 @@ def forward_step(mu, logvar, p_mu, p_logvar, eps, grad_z, eps_next, scale, kl_we
     return mu_n, lv_n, pm_n, pl_n, z_next, norms
 
 
+@_on_tensors_device
 def reverse_direction(lbar_mu, lbar_logvar, pbar_mu, pbar_logvar, mu, logvar, eps, grad_z, grad_norms, scale,
                       kl_weight, lr_mu, lr_logvar, max_grad_norm, fd_mode, fd_step):
     lbm, lbl, pbm, pbl, mu, logvar, eps, grad_z = _contiguous(
@@ -555,6 +574,7 @@ def reverse_direction(lbar_mu, lbar_logvar, pbar_mu, pbar_logvar, mu, logvar, ep
     return pbm_n, pbl_n, v_mu, v_lv, u, z_eval, row_weight
 
 
+@_on_tensors_device
 def reverse_update(lbar_mu, lbar_logvar, pbar_mu, pbar_logvar, v_mu, v_logvar, logvar, eps, grad_z, hvp_a, hvp_b,
                    hvp_scale, scale, kl_weight, momentum):
     ts = _contiguous(_REVERSE_UPDATE_ARGS, (lbar_mu, lbar_logvar, pbar_mu, pbar_logvar, v_mu, v_logvar, logvar, eps,
