@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Packaging check (CI): the source distribution builds one wheel in a fresh
 # environment with pip's default build isolation, and that one wheel passes the
-# op tests under torch 2.14.1 and under the oldest supported torch, each
-# installed in its own fresh virtual environment (nothing cached from .venv).
+# op tests and the Triton launch tests under torch 2.14.1 and under the oldest supported
+# torch (Triton 3.8 and 3.6), each installed in its own fresh virtual environment
+# (nothing cached from .venv).
 #   bash scripts/check_wheel.sh            (after scripts/setup.sh, which provides `build`)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -37,7 +38,7 @@ if info.get("cuda"):  # a CUDA build registers every op for CUDA, GPU or not
 PY
   )
   (cd "$WORK/run" && "$1/bin/python" -m pytest -q -p no:cacheprovider -n 2 --rootdir "$ROOT" \
-    "$ROOT/tests/test_ops.py" "$ROOT/tests/test_cuda_build.py")
+    "$ROOT/tests/test_ops.py" "$ROOT/tests/test_cuda_build.py" "$ROOT/tests/test_triton_launch.py")
 }
 
 # 2. One wheel, built from the sdist by plain pip (isolated build environment).
@@ -47,7 +48,7 @@ start=$(date +%s)
 wheel=$(ls "$WORK"/dist/savae_fast-*.whl)
 echo "wheel: $(basename "$wheel") built in $(( $(date +%s) - start )) s"
 
-# 3. That wheel under the newest and the oldest supported torch.
+# 3. That wheel under the newest and the oldest supported torch (and their Triton releases).
 "$WORK/venv-$NEWEST/bin/python" -m pip install --quiet --disable-pip-version-check "$wheel"
 op_tests "$WORK/venv-$NEWEST"
 rm -rf "$WORK/venv-$NEWEST"  # a CUDA build of torch is several GB: one environment at a time

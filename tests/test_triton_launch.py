@@ -67,7 +67,8 @@ def test_real_kernels_launch_as_triton_does():
     off / inactive / active, fd modes, optional inputs, both dtypes), run twice: each
     launch equals Triton's own for the same call, and only Triton's compilations missed."""
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "SAVAE_FAST_TRITON_LAUNCH")}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    package_root = Path(triton_launch.__file__).resolve().parents[2]  # the savae_fast imported here
+    env["PYTHONPATH"] = os.pathsep.join([str(package_root), env.get("PYTHONPATH", "")])
     out = subprocess.run([sys.executable, str(Path(__file__).parent / "fake_triton_driver.py")], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
