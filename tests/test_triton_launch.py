@@ -47,8 +47,8 @@ def toy(monkeypatch):
 
 
 def test_supported_releases():
-    assert cache_supported("3.3.0") and cache_supported("3.6.0") and cache_supported("3.8.1+git0a1b2c")
-    for version in ("3.2.0", "3.9.0", "4.0.0", "2.3.1", "nightly", ""):
+    assert cache_supported("3.4.0") and cache_supported("3.6.0") and cache_supported("3.8.1+git0a1b2c")
+    for version in ("3.3.1", "3.9.0", "4.0.0", "2.3.1", "nightly", ""):
         assert not cache_supported(version), version
 
 
