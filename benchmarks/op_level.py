@@ -6,6 +6,7 @@ of the measured device-to-device copy bandwidth."""
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 
@@ -196,27 +197,50 @@ def bench_latency(device: str = "cuda", sizes=LATENCY_SIZES, rounds: int = 50,
     for name in ops:
         for b, d in sizes:
             args = op_args(name, b, d, device)
-            cands = {"eager torch ops": (None, lambda f=getattr(torch_impl, name): f(*args))}
+            # candidate -> (the setting it runs under, the call)
+            cands = {"eager torch ops": (contextlib.nullcontext, lambda f=getattr(torch_impl, name): f(*args))}
             if sf.ops.available(device):
                 op = getattr(torch.ops.savae_fast, name).default
                 if name == "reverse_update" or limit is None:
-                    cands["fused cuda"] = (None, lambda f=op: f(*args))
+                    cands["fused cuda"] = (contextlib.nullcontext, lambda f=op: f(*args))
                 else:  # the same operator through each reduction path
-                    cands["fused cuda, one block"] = (1 << 40, lambda f=op: f(*args))
-                    cands["fused cuda, two launches"] = (0, lambda f=op: f(*args))
+                    cands["fused cuda, one block"] = (lambda: _single_block_limit(1 << 40), lambda f=op: f(*args))
+                    cands["fused cuda, two launches"] = (lambda: _single_block_limit(0), lambda f=op: f(*args))
             if sf.ops.triton_available(device):
-                from savae_fast.ops import triton_impl
+                from savae_fast.ops import triton_impl, triton_launch
 
-                cands["fused triton"] = (None, lambda f=getattr(triton_impl, name): f(*args))
-            for cand, (path_limit, fn) in cands.items():
-                if path_limit is not None:
-                    extension.set_cuda_single_block_max_elements(path_limit)
-                try:
+                triton_op = getattr(triton_impl, name)
+                cands["fused triton"] = (contextlib.nullcontext, lambda f=triton_op: f(*args))
+                if triton_launch.enabled():  # the same calls without the launch cache
+                    cands["fused triton, Triton's own launch"] = (lambda: _triton_launch_cache(False),
+                                                                  lambda f=triton_op: f(*args))
+            for cand, (setting, fn) in cands.items():
+                with setting():
                     rows.append({"op": name, "elements": b * d, "candidate": cand, **_latency(fn, rounds)})
-                finally:
-                    if path_limit is not None:
-                        extension.set_cuda_single_block_max_elements(limit)
     return {"device": device, "default_single_block_max_elements": limit, "rows": rows}
+
+
+@contextlib.contextmanager
+def _single_block_limit(elements: int):
+    from savae_fast.ops import extension
+
+    before = extension.cuda_single_block_max_elements()
+    extension.set_cuda_single_block_max_elements(elements)
+    try:
+        yield
+    finally:
+        extension.set_cuda_single_block_max_elements(before)
+
+
+@contextlib.contextmanager
+def _triton_launch_cache(on: bool):
+    from savae_fast.ops import triton_launch
+
+    before = triton_launch.set_enabled(on)
+    try:
+        yield
+    finally:
+        triton_launch.set_enabled(before)
 
 
 def latency_table(result: dict) -> str:

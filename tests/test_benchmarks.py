@@ -86,3 +86,21 @@ def test_median_interval_is_the_binomial_order_statistic_interval():
         lo, hi = median_interval(xs)
         hits += lo <= 1 <= hi
     assert 0.96 < hits / 4000 < 0.995  # 97.9% for n = 10
+
+
+def test_latency_candidate_settings_apply_and_restore():
+    """bench_latency runs candidates under a CUDA reduction-path limit or with the Triton
+    launch cache off; each setting holds inside and is restored after, also on errors."""
+    sys.path.insert(0, ROOT)
+    from benchmarks import op_level
+    from savae_fast.ops import extension, triton_launch
+
+    before_limit, before_cache = extension.cuda_single_block_max_elements(), triton_launch.enabled()
+    with pytest.raises(KeyError):
+        with op_level._single_block_limit(12345), op_level._triton_launch_cache(False):
+            if before_limit is not None:  # a build with CUDA kernels
+                assert extension.cuda_single_block_max_elements() == 12345
+            assert not triton_launch.enabled()
+            raise KeyError
+    assert extension.cuda_single_block_max_elements() == before_limit
+    assert triton_launch.enabled() == before_cache

@@ -52,6 +52,16 @@ def test_supported_releases():
         assert not cache_supported(version), version
 
 
+def test_set_enabled_switches_and_reports():
+    before = triton_launch.enabled()
+    try:
+        assert triton_launch.set_enabled(False) == before and not triton_launch.enabled()
+        assert triton_launch.set_enabled(True) is False
+        assert triton_launch.enabled() == cache_supported()  # never on for an unchecked release
+    finally:
+        triton_launch.set_enabled(before)
+
+
 def test_interpreted_kernels_are_launched_by_triton():
     from savae_fast.ops import triton_impl
 

@@ -71,8 +71,17 @@ def cache_supported(version: str | None = None) -> bool:
 
 
 def enabled() -> bool:
-    """Cached launches are on: a supported Triton and SAVAE_FAST_TRITON_LAUNCH is not ``jit``."""
+    """Cached launches are on (by default: a supported Triton and SAVAE_FAST_TRITON_LAUNCH
+    is not ``jit``)."""
     return _ENABLED
+
+
+def set_enabled(on: bool) -> bool:
+    """Turn cached launches on (where the Triton release is supported) or off; returns the
+    previous setting. For comparisons with Triton's own launch path."""
+    global _ENABLED
+    previous, _ENABLED = _ENABLED, bool(on) and cache_supported()
+    return previous
 
 
 _ENABLED = cache_supported() and os.environ.get("SAVAE_FAST_TRITON_LAUNCH", "cached") != "jit"
