@@ -106,7 +106,7 @@ def test_cache_key_picks_the_kernel_triton_picks(toy, seed):
         kernel[(3, 2)](x, y, n, scale, FLAG=flag, num_warps=warps)
         ours, theirs = pairs[-1]
         assert fake.mismatch(ours, theirs) is None, fake.mismatch(ours, theirs)
-        assert ours.kernel is fn_warmup(kernel, x, y, n, scale, flag, warps)
+        assert ours.kernel is _kernel_triton_picks(kernel, x, y, n, scale, flag, warps)
         aligned = x.data_ptr() % 16 == 0 and y.data_ptr() % 16 == 0
         key = (x.dtype, y.dtype, n == 1, n % 16 == 0, -2**31 <= n < 2**31, flag, warps)
         assert fake.cached(ours) == (aligned and key in seen), (key, aligned)
@@ -115,7 +115,7 @@ def test_cache_key_picks_the_kernel_triton_picks(toy, seed):
     assert sum(fake.cached(ours) for ours, _ in pairs) > 30
 
 
-def fn_warmup(kernel, x, y, n, scale, flag, warps):
+def _kernel_triton_picks(kernel, x, y, n, scale, flag, warps):
     return kernel.fn.warmup(x, y, n, scale, grid=(3, 2), FLAG=flag, num_warps=warps)
 
 
