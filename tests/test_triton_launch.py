@@ -116,6 +116,7 @@ def test_cache_key_picks_the_kernel_triton_picks(toy, seed):
 
 
 def _kernel_triton_picks(kernel, x, y, n, scale, flag, warps):
+    """The compiled kernel Triton's own path uses for this call (warmup: no launch)."""
     return kernel.fn.warmup(x, y, n, scale, grid=(3, 2), FLAG=flag, num_warps=warps)
 
 
