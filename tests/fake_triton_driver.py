@@ -8,7 +8,8 @@ launch Triton's own path makes for the same call, so the two can be compared.
 
 Run as a script (no TRITON_INTERPRET), it drives the real kernels of
 ``savae_fast.ops.triton_impl`` through every operator path twice and prints a JSON
-report of the paired launches.
+report of the paired launches; with ``--time`` it prints each operator's host time
+through Triton's run and through the cache (launches recorded, not issued).
 """
 
 from __future__ import annotations
@@ -151,7 +152,59 @@ def _real_kernels_report() -> dict:
     }
 
 
+def _host_times(rounds: int = 5, calls: int = 2000) -> str:
+    """Host time per operator call (B x D 512, float32) through Triton's run and through the
+    cache, launches recorded instead of issued: min over ``rounds`` of the mean of ``calls``."""
+    import time
+
+    import pytest
+
+    from savae_fast.ops import triton_impl, triton_launch
+    from savae_fast.ops.constants import FD_CENTRAL
+    from savae_fast.testing import forward_step_args, reverse_direction_args, reverse_update_args
+
+    mp = pytest.MonkeyPatch()
+    log: list = []
+    install(mp, [getattr(triton_impl, n).fn for n in dir(triton_impl) if n.endswith("_kernel")], log)
+    torch.manual_seed(0)
+    shape = (32, 16)
+    cases = {
+        "forward_step": (triton_impl.forward_step, forward_step_args(shape, torch.float32, "inactive")),
+        "reverse_direction": (triton_impl.reverse_direction,
+                              reverse_direction_args(shape, torch.float32, "inactive", FD_CENTRAL)),
+        "reverse_update": (triton_impl.reverse_update, reverse_update_args(shape, torch.float32)),
+    }
+
+    def per_call(op, args) -> float:
+        best = float("inf")
+        for _ in range(rounds):
+            start = time.perf_counter()
+            for _ in range(calls):
+                op(*args)
+            best = min(best, (time.perf_counter() - start) / calls)
+            log.clear()
+        return best * 1e6
+
+    import triton
+
+    lines = [f"Triton {triton.__version__}, torch {torch.__version__}, B x D 512, float32, launches recorded",
+             "| operator | Triton's run (us) | cached (us) |", "|---|---|---|"]
+    for name, (op, args) in cases.items():
+        times = []
+        for on in (False, True):
+            triton_launch.set_enabled(on)
+            op(*args)  # compiles (records) and fills the cache
+            times.append(per_call(op, args))
+        lines.append(f"| {name} | {times[0]:.1f} | {times[1]:.1f} |")
+    mp.undo()
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
     import json
+    import sys
 
-    print(json.dumps(_real_kernels_report()))
+    if sys.argv[1:] == ["--time"]:
+        print(_host_times())
+    else:
+        print(json.dumps(_real_kernels_report()))
