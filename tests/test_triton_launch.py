@@ -34,16 +34,24 @@ def _toy(x_ptr, y_ptr, n, scale: tl.float64, FLAG: tl.constexpr, BLOCK: tl.const
 
 
 @pytest.fixture
-def toy(monkeypatch):
-    """(CachedKernel of a fresh JITFunction, launch log, [(cached launch, Triton's launch)])."""
+def toy_kernel(monkeypatch):
+    """(CachedKernel of a fresh JITFunction, launch log)."""
     from triton.runtime.jit import JITFunction
 
     fn = JITFunction(_toy)
-    log, pairs = [], []
+    log = []
     fake.install(monkeypatch, [fn], log)
-    fake.pair_launches(monkeypatch, log, pairs)
     monkeypatch.setattr(triton_launch, "_ENABLED", True)
-    return CachedKernel(fn), log, pairs
+    return CachedKernel(fn), log
+
+
+@pytest.fixture
+def toy(toy_kernel, monkeypatch):
+    """(the kernel, launch log, [(its launch, Triton's launch of the same call)])."""
+    kernel, log = toy_kernel
+    pairs = []
+    fake.pair_launches(monkeypatch, log, pairs)
+    return kernel, log, pairs
 
 
 def test_supported_releases():
@@ -153,6 +161,30 @@ def test_calls_outside_the_cache_go_through_triton(toy, monkeypatch, reason):
     launch()
     ours, theirs = pairs[-1]
     assert not fake.cached(ours) and fake.mismatch(ours, theirs) is None  # ... but not here
+
+
+@needs_supported_triton
+def test_a_launcher_refusing_the_cached_call_falls_back_to_triton(toy_kernel):
+    """A launcher that rejects the cached call's arguments (a Triton release that takes them
+    otherwise) raises before launching: the call is launched once, by Triton, with a warning,
+    and the kernel stays on Triton's path."""
+    kernel, log = toy_kernel
+    x, y = torch.zeros(32), torch.zeros(32)
+    kernel[(1,)](x, y, 32, 1.0, FLAG=True)  # Triton's path: compiles, fills the cache
+    compiled = log[-1].kernel
+    run = compiled.run
+
+    def strict_run(*launch_args):
+        if not any(isinstance(a, torch.Tensor) for a in launch_args):
+            raise TypeError("pointer arguments must be tensors")
+        run(*launch_args)
+
+    compiled.run = strict_run
+    with pytest.warns(RuntimeWarning, match="refused a cached launch"):
+        kernel[(1,)](x, y, 32, 1.0, FLAG=True)
+    assert len(log) == 2 and not fake.cached(log[-1]) and not kernel.cacheable
+    kernel[(1,)](x, y, 32, 1.0, FLAG=True)
+    assert len(log) == 3 and not fake.cached(log[-1])
 
 
 def test_layout_the_cache_cannot_launch():

@@ -23,12 +23,15 @@ Anything outside that design goes through ``JITFunction.run`` unchanged: the
 first call of each key (it compiles), the interpreter, launch or pre-run hooks
 (profilers), tensors on another device than the current one or of a subclass,
 and Triton releases whose launch call was not checked (``SUPPORTED_TRITON``).
+A launcher that refuses a cached call's arguments (it raises before launching) puts
+that kernel on Triton's path for good, with a warning.
 ``SAVAE_FAST_TRITON_LAUNCH=jit`` turns the cache off.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any
 
 import torch
@@ -177,5 +180,15 @@ class CachedKernel:
                 self.compiled[found[0]] = kernel
             return
         n = len(grid)
-        compiled.run(grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1, active.get_current_stream(device),
-                     compiled.function, compiled.packed_metadata, None, None, None, *found[1])
+        try:
+            compiled.run(grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1,
+                         active.get_current_stream(device), compiled.function, compiled.packed_metadata, None, None,
+                         None, *found[1])
+        except TypeError as exc:
+            # A launcher that takes its arguments otherwise rejects them before launching:
+            # this kernel goes through Triton's path from now on.
+            self.cacheable = False
+            warnings.warn(f"savae_fast: Triton {triton.__version__}'s launcher refused a cached launch of "
+                          f"{getattr(self.fn, '__name__', self.fn)} ({exc}); using Triton's own launch path",
+                          RuntimeWarning, stacklevel=3)
+            self.fn[grid](*args, **meta)
