@@ -332,7 +332,7 @@ if triton is not None:
                 sigma, em = _gauss_terms(lv)
                 vm = c_mu * pm
                 vl = c_lv * pl
-                if HAS_CLIP:
+                if clipped:  # (as the CUDA and CPU kernels: unclipped, grad_z is not read)
                     gz = tl.load(gz_ptr + offs, mask=m, other=0.0)
                     g_mu, g_lv = _elbo_grad(gz, mu, sigma, em, eps, scale, kl_weight)
                     vm = vm - k_mu * g_mu
