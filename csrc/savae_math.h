@@ -97,11 +97,14 @@ SAVAE_HD T clip_coef(T norm, T max_norm) {
 // The clip Jacobian is J v = c v - kappa g with
 //   kappa = M (g . v) / (|g| (|g| + 1e-6)^2)   where clipping is active, 0 elsewhere.
 // (d/dg [c(|g|) g] = c I + g (dc/dg)^T, dc/dg = -M g / (|g| (|g| + 1e-6)^2).)
+// Evaluated as (M / (|g| + 1e-6)) ((g . v) / |g|) / (|g| + 1e-6): the cube of |g| overflows
+// float32 once |g| passes about 7e12 (a large logvar with reduction "sum"), its factors do
+// not. g = 0 (clipped only when M < 1e-6) has J v = c v.
 template <typename T>
 SAVAE_HD T clip_jacobian_kappa(T norm, T max_norm, T dot) {
-  if (clip_coef(norm, max_norm) >= T(1)) return T(0);
+  if (clip_coef(norm, max_norm) >= T(1) || !(norm > T(0))) return T(0);
   const T np = norm + T(kClipEps);
-  return max_norm * dot / (norm * np * np);
+  return (max_norm / np) * (dot / norm) / np;
 }
 
 // Heavy-ball step of the authors' optimiser for one coordinate:

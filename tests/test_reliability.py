@@ -256,6 +256,47 @@ def test_extreme_logvar_float32(backend, logvar):
     assert all(torch.isfinite(t).all() for t in g)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("hvp", ["fd_forward", "fd_central", "exact"])
+def test_clip_jacobian_at_logvar_28_float32_matches_float64(backend, hvp):
+    """B = D = 32, reduction "sum", logvar ~ 28: the logvar gradient's norm (~2e13) cubed
+    overflows float32, as the clip Jacobian's coefficient was once computed. The float32
+    gradient through refine stays within float32 rounding of float64 unrolled autograd."""
+    b = d = 32
+    lin = torch.randn(d, dtype=torch.float64)
+    nll = lambda z: (z * lin.to(z.dtype)).sum(1) + 1e-3 * torch.tanh(z).pow(2).sum(1)  # noqa: E731
+    mu, lv = torch.randn(b, d, dtype=torch.float64), 28 + torch.randn(b, d, dtype=torch.float64)
+    noise, w = torch.randn(4, b, d, dtype=torch.float64), torch.randn(b, d, dtype=torch.float64)
+
+    def grads(method, dtype, **kw):
+        m0, l0 = mu.to(dtype).requires_grad_(), lv.to(dtype).requires_grad_()
+        mk, lk = method(m0, l0, nll, steps=4, noise=noise.to(dtype), reduction="sum", **kw)
+        return torch.autograd.grad((w.to(dtype) * mk).sum() + (w.to(dtype) * lk).sum(), [m0, l0])
+
+    ref = grads(unrolled, torch.float64)
+    got = grads(sf.refine, torch.float32, backend=backend, hvp=hvp)
+    assert max_rel_err(got, ref)[0] < 1e-5  # float32 unrolled: ~5e-7; the cube overflowing: ~1e-2
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_float32_logvar_46_steps_or_raises(backend):
+    """logvar 46 in float32 (B 4, D 32): the logvar gradient (~1e19 per element) is finite but its
+    squares overflow. The C++ and pure-PyTorch backends sum them in double and step as float64
+    does; a backend whose norm overflows raises by name instead of silently not moving."""
+    b, d = 4, 32
+    mu, lv = torch.randn(b, d), torch.full((b, d), 46.0)
+    noise = torch.randn(3, b, d)
+    nll = lambda z: 1e-3 * z.sum(1)  # noqa: E731
+    ref = sf.refine(mu.double(), lv.double(), nll, steps=3, noise=noise.double(), backend="torch")
+    try:
+        got = sf.refine(mu, lv, nll, steps=3, noise=noise, backend=backend)
+    except FloatingPointError as exc:
+        assert backend == "triton" and "norm of the inner objective's gradient w.r.t. logvar" in str(exc)
+        return
+    assert got[1].sub(lv).abs().max() > 0.1  # logvar moved
+    assert max_rel_err(got, ref)[0] < 1e-5
+
+
 # ------------------------------------------------------------------------- compile, threads
 def test_ops_trace_under_torch_compile_fullgraph():
     if not HAVE_CPP:

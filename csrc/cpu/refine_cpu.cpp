@@ -96,6 +96,18 @@ void forward_step_rows(const ForwardStepParams<T>& p) {
     k.grad_sq_rows(p.grad_z, p.mu, p.logvar, p.eps, s.scale, s.kl_weight, p.p_mu_out, p.p_logvar_out, part.data(),
                    b0, b1, D);
   });
+  // A row whose squares overflowed T (float32 gradients above ~1e19 per element: logvar
+  // above ~44) is summed again in double from the stored gradients, so that a norm T can
+  // hold is not turned into inf (which would make the clip factor, and the step, zero).
+  for (int64_t b = 0; b < B; ++b) {
+    for (int col = 0; col < 2; ++col) {
+      if (std::isfinite(part[2 * b + col])) continue;
+      const T* g = (col == 0 ? p.p_mu_out : p.p_logvar_out) + b * D;
+      double sq = 0;
+      for (int64_t j = 0; j < D; ++j) sq += double(g[j]) * double(g[j]);
+      part[2 * b + col] = sq;
+    }
+  }
   const auto [sm, sl] = ordered_sum(part, B);
   const T n_mu = T(std::sqrt(sm)), n_lv = T(std::sqrt(sl));
   p.grad_norms_out[0] = n_mu;

@@ -90,6 +90,17 @@ static void test_clip_jacobian(std::mt19937& rng) {
       check_close("clip Jacobian J v", c * v[i] - kappa * g[i], (clipped(h, i) - clipped(-h, i)) / (2 * h), 1e-7);
   }
   check_close("clip disabled (max_norm <= 0)", m::clip_coef(10.0, 0.0), 1.0, 0);
+  // float32 at gradient norms whose cube overflows (logvar near 30, reduction "sum"): kappa
+  // stays finite and keeps float32 accuracy, for large and small dot products.
+  for (const double norm : {7e12, 2.3e13, 1e16}) {  // (above ~1e17 kappa itself nears float32 underflow)
+    for (const double dot_over_norm : {1e-3, 0.7, 4e2}) {
+      const double dot = dot_over_norm * norm, max_norm = 5.0;
+      const float kf = m::clip_jacobian_kappa(float(norm), float(max_norm), float(dot));
+      const double kd = m::clip_jacobian_kappa(norm, max_norm, dot);
+      check_close("float32 kappa at a large norm (relative)", std::fabs(double(kf) / kd - 1.0) <= 1e-6, 1.0, 0);
+    }
+  }
+  check_close("kappa of a zero gradient clipped by a tiny max_norm", m::clip_jacobian_kappa(0.0, 1e-9, 0.0), 0.0, 0);
 }
 
 static void test_step_and_differences() {

@@ -43,8 +43,9 @@ def forward_step(mu, logvar, p_mu, p_logvar, eps, grad_z, eps_next, scale, kl_we
                  lr_mu, lr_logvar, momentum, max_grad_norm, norms=None):
     """``norms`` (optional): the clip norms to use instead of this batch's own (data parallel)."""
     g_mu, g_logvar = elbo_grad(grad_z, mu, logvar, eps, scale, kl_weight)
-    if norms is None:
-        norms = torch.stack([torch.linalg.vector_norm(g_mu), torch.linalg.vector_norm(g_logvar)])
+    if norms is None:  # in float64: float32 squares overflow above ~1e19 per element (logvar > ~44)
+        norms = torch.stack([torch.linalg.vector_norm(g_mu, dtype=torch.float64),
+                             torch.linalg.vector_norm(g_logvar, dtype=torch.float64)]).to(g_mu.dtype)
     c = clip_coef(norms, max_grad_norm)
     p_mu_n = momentum * p_mu - c[0] * g_mu
     p_logvar_n = momentum * p_logvar - c[1] * g_logvar
@@ -74,8 +75,12 @@ def reverse_direction(lbar_mu, lbar_logvar, pbar_mu, pbar_logvar, mu, logvar, ep
         g_mu, g_logvar = elbo_grad(grad_z, mu, logvar, eps, scale, kl_weight)
         if dots is None:
             dots = torch.stack([(g_mu * pbar_mu).sum(), (g_logvar * pbar_logvar).sum()])
-        n = grad_norms
-        kappa = torch.where(c < 1, max_grad_norm * dots / (n * (n + CLIP_EPS) ** 2), torch.zeros_like(n))
+        # kappa = M dots / (n (n + 1e-6)^2), in factors that do not overflow (n^3 passes float32's
+        # range at n ~ 7e12); zero where the clip is inactive or g = 0
+        n, n_eps = grad_norms, grad_norms + CLIP_EPS
+        active = (c < 1) & (n > 0)
+        kappa = torch.where(active, (max_grad_norm / n_eps) * (dots / torch.where(active, n, 1)) / n_eps,
+                            torch.zeros_like(n))
         v_mu = c[0] * pbar_mu - kappa[0] * g_mu
         v_logvar = c[1] * pbar_logvar - kappa[1] * g_logvar
     else:

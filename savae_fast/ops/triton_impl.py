@@ -135,9 +135,11 @@ if triton is not None:
 
     @triton.jit
     def _kappa(norm, c, max_norm, dot):
-        # the clip Jacobian's rank-one coefficient (zero where the gradient is not clipped)
+        # the clip Jacobian's rank-one coefficient (zero where the gradient is not clipped), in
+        # factors that do not overflow (csrc/savae_math.h, clip_jacobian_kappa)
         np1 = norm + tl.full((), _CLIP_EPS, norm.dtype)
-        return tl.where(c < 1.0, max_norm * dot / (norm * np1 * np1), 0.0)
+        active = (c < 1.0) & (norm > 0.0)
+        return tl.where(active, (max_norm / np1) * (dot / tl.where(active, norm, 1.0)) / np1, 0.0)
 
     @triton.jit
     def _store_directions(vm, vl, mu, sigma, eps, o_vm_ptr, o_vl_ptr, o_u_ptr, offs, m):

@@ -72,7 +72,9 @@ def _forward_steps(cfg: RefineConfig, be: Backend, nll_fn: Callable, mu: Tensor,
         if keep:
             tape.record_step(mu, logvar, grad_z, norms)
         mu, logvar = mu_n, logvar_n
-    if policy is NonFinite.RAISE and steps > 0 and not all_finite(mu, logvar):
+    # (the clip norms too: a gradient norm that overflows, e.g. float32 logvar above ~44, makes
+    # the clip factor 0, and the state stops moving while staying finite)
+    if policy is NonFinite.RAISE and steps > 0 and not all_finite(mu, logvar, torch.stack(tape.grad_norms)):
         tape.mu.append(mu)
         tape.logvar.append(logvar)
         raise nonfinite_error(tape.first_nonfinite_step())

@@ -66,6 +66,12 @@ class Tape:
         for k in range(len(self.grad_z)):
             if not all_finite(self.grad_z[k]):
                 return f"the decoder's gradient dNLL/dz at inner step {k} is not finite"
+            for name, norm in zip(("mu", "logvar"), self.grad_norms[k].unbind(0)):
+                if not all_finite(norm):
+                    return (f"the norm of the inner objective's gradient w.r.t. {name} at inner step {k} is not "
+                            f"finite (it overflows {norm.dtype} for gradients above about "
+                            f"{torch.finfo(norm.dtype).max ** 0.5 / max(self.grad_z[k].numel(), 1) ** 0.5:.1e} "
+                            "per element: a logvar that large needs float64)")
             if k + 1 < len(self.mu) and not all_finite(self.mu[k + 1], self.logvar[k + 1]):
                 return f"the variational parameters after inner step {k} are not finite"
         return "the variational parameters after the last inner step are not finite"
