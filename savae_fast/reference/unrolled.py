@@ -44,12 +44,13 @@ def unrolled(
     noise = noise_or_draw(noise, cfg.steps, mu)
     evaluations = TwiceDifferentiable(mu.device)  # cuDNN RNNs have no double backward
     with torch.enable_grad():
-        # The inner gradient needs a graph through lambda even when the caller's
-        # mu/logvar do not require grad (the decoder parameters still do).
-        if not mu.requires_grad:
-            mu = mu.detach().requires_grad_(True)
-        if not logvar.requires_grad:
-            logvar = logvar.detach().requires_grad_(True)
+        # The inner gradients are taken w.r.t. lambda_0 = (mu, logvar) as tensors of their own
+        # (copies in the graph), not the caller's: mu and logvar may be one tensor, nll_fn may
+        # close over mu (its dependence is the decoder's, not the inner objective's), and a hook
+        # on a non-leaf mu must fire in the caller's backward only. Without requires_grad a copy
+        # that requires it (the decoder parameters may still need the graph).
+        mu = mu.clone() if mu.requires_grad else mu.detach().clone().requires_grad_(True)
+        logvar = logvar.clone() if logvar.requires_grad else logvar.detach().clone().requires_grad_(True)
         p_mu = torch.zeros_like(mu)
         p_logvar = torch.zeros_like(logvar)
         for k in range(cfg.steps):
