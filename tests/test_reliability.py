@@ -221,7 +221,7 @@ def test_nonfinite_in_backward_raises_and_no_nan_reaches_params(hvp):
     def nll(z):
         calls["n"] += 1
         out = ((z - w) ** 2).sum(1)
-        return out * float("nan") if calls["n"] == 7 else out  # a backward evaluation (forward uses 5)
+        return out * float("nan") if calls["n"] in (6, 7) else out  # backward evaluations (forward uses 5)
 
     mu = torch.randn(4, 3, requires_grad=True)
     mu_k, lv_k = sf.refine(mu, torch.zeros(4, 3), nll, [w], steps=5, hvp=hvp)
@@ -447,36 +447,30 @@ def test_default_options_do_not_rewind_the_generators_for_other_threads():
 
 @pytest.mark.parametrize("with_thread", [False, True])
 def test_deterministic_decoder_never_sets_the_generators(monkeypatch, request, with_thread):
-    """Nor does it pay for the per-operator probe while the generator does not move (an idle
-    thread, as tqdm's monitor or a data loader's, does not make it ambiguous)."""
-    from savae_fast.refine import rng
+    """Found by the probe of the first decoder call, once per refine call (an idle thread, as
+    tqdm's monitor or a data loader's, changes nothing)."""
+    from savae_fast.refine import probe
 
     if with_thread:
         request.getfixturevalue("idle_thread")
     calls, probes = [], []
-    real, real_probe_init = torch.set_rng_state, rng.RandomOpProbe.__init__
+    real, real_run = torch.set_rng_state, probe.DecoderProbe.run
     monkeypatch.setattr(torch, "set_rng_state", lambda state: (calls.append(1), real(state)))
-    monkeypatch.setattr(rng.RandomOpProbe, "__init__", lambda self: (probes.append(1), real_probe_init(self))[1])
+    monkeypatch.setattr(probe.DecoderProbe, "run", lambda self, *a: (probes.append(1), real_run(self, *a))[1])
     _default_refine_step(*_deterministic_problem())
-    assert calls == [] and probes == []
+    assert calls == [] and probes == [1]
 
 
-def test_a_moved_generator_with_other_threads_alive_is_settled_by_the_probe(monkeypatch, idle_thread):
-    """Dropout with another thread alive: the first step cannot tell whose draw moved the
-    generator, the second runs under the probe, which finds the dropout; replay follows."""
-    from savae_fast.refine import rng
+def test_with_other_threads_alive_the_probe_finds_dropout_at_the_first_step(monkeypatch, idle_thread):
+    """Dropout with another thread alive (whose draws could move the generators as well): the
+    probe of the first call sees the dropout operator itself; replay follows."""
+    from savae_fast.refine import probe
     from savae_fast.testing import make_problem, refine_grads
 
     found = []
-    real_call = rng.RandomnessCheck.__call__
-
-    def spy(self, z):
-        out = real_call(self, z)
-        found.append((self.probe, self.found))
-        return out
-
-    monkeypatch.setattr(rng.RandomnessCheck, "__call__", spy)
+    real_check = probe.DecoderProbe.check
+    monkeypatch.setattr(probe.DecoderProbe, "check", lambda self: (found.append(self.draws), real_check(self))[1])
     p = make_problem("mlp", torch.float64, batch=6, latent=3, steps=4, dropout=0.5)
     p.decoder.train()
     refine_grads(p)
-    assert found == [(False, None), (True, True)]
+    assert found == [True]

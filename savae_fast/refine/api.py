@@ -9,10 +9,11 @@ from torch import Tensor
 
 from savae_fast.ops import get_backend
 from savae_fast.refine.function import RefineFunction, run_forward
-from savae_fast.refine.precision import reduced_fp32_settings, warn_reduced_precision
+from savae_fast.refine.precision import reduced_fp32_settings, warn_low_precision_differences, warn_reduced_precision
 from savae_fast.refine.config import NonFinite
 from savae_fast.refine.validation import (DEFAULTS, check_backend, check_capture, check_finite_inputs, check_noise,
-                                          check_state, collect_params, make_config, noise_or_draw)
+                                          check_not_transformed, check_state, check_steps_fit, collect_params,
+                                          make_config, noise_or_draw)
 
 # Under torch.compile, refine is one graph break: its loop differentiates the user's
 # decoder (torch.autograd.grad), which Dynamo would otherwise split into many pieces.
@@ -39,6 +40,8 @@ def refine(
     process_group=None,
     on_nonfinite: str = "raise",
     fp32_precision: str = "inherit",
+    batch_coupled: bool | None = None,
+    check_decoder: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """Refine Gaussian variational parameters by K steps of SVI, differentiably.
 
@@ -114,20 +117,44 @@ def refine(
             evaluations run in full float32 (TF32 switched off around them and restored
             after; the settings are process-wide while refine runs).
 
+        batch_coupled: whether ``nll_fn`` couples the examples of the batch (example b's NLL depends on
+            other examples' z: batch statistics such as BatchNorm in training mode, a mean over the
+            batch). The difference modes then take one step for the whole batch instead of one per
+            example (fd_forward, exact and jvp need nothing). ``None`` (default): coupled when the
+            probe of the first decoder call finds batch normalisation in training mode over more
+            than one example; a coupling no operator shows must be declared with ``True``.
+        check_decoder: probe the first decoder call of a differentiable refinement (one Python
+            hook per operator of that call): its random draws (a generator of its own is an
+            error), batch coupling, tensors it writes in place (saved per step and replayed in the
+            backward; writing into a parameter is an error); and cross-check ``hvp="exact"`` /
+            ``"jvp"``'s first second-order terms against two difference quotients. ``False`` skips
+            both (the caller vouches for the decoder; a decoder that draws random numbers is then
+            found by its generator moving).
+
     Returns:
         ``(mu_K, logvar_K)``.
+
+    Raises:
+        TypeError, ValueError: an argument of the wrong type, shape, dtype, device or layout, a
+            hyper-parameter out of range, non-finite ``mu`` / ``logvar`` / ``noise``, a noise tensor
+            that requires grad, ``steps`` whose saved state cannot fit the device.
+        RuntimeError: a decoder refine cannot differentiate (see ``check_decoder``), a call inside
+            a ``torch.func`` transform.
+        FloatingPointError: non-finite values during the refinement (``on_nonfinite="raise"``).
     """
     check_state(mu, logvar)
     if not callable(nll_fn):
         raise TypeError(f"refine: argument 'nll_fn' must be callable, got {type(nll_fn).__name__}")
     params = collect_params(params)
+    check_not_transformed(mu, logvar, *params)
     # read once: they pick the default difference step and say whether to warn
     reduced = (reduced_fp32_settings(mu.device.type) if mu.dtype == torch.float32 and fp32_precision != "ieee"
                else {})
     cfg = make_config(mu, steps=steps, lr=lr, momentum=momentum, max_grad_norm=max_grad_norm,
                       kl_weight=kl_weight, reduction=reduction, hvp=hvp, fd_eps=fd_eps, fd_tol=fd_tol,
                       preserve_rng_state=preserve_rng_state, process_group=process_group,
-                      on_nonfinite=on_nonfinite, fp32_precision=fp32_precision, reduced_fp32=reduced)
+                      on_nonfinite=on_nonfinite, fp32_precision=fp32_precision, reduced_fp32=reduced,
+                      check_decoder=check_decoder, batch_coupled=batch_coupled)
     check_capture(cfg, mu)
     if reduced:
         warn_reduced_precision(mu.device.type, reduced)
@@ -137,6 +164,14 @@ def refine(
             check_noise(noise, 0, mu)
         return mu, logvar
     given_noise = noise is not None
+    needs_grad = torch.is_grad_enabled() and (
+        mu.requires_grad or logvar.requires_grad or any(p.requires_grad for p in params))
+    if given_noise and noise.requires_grad and needs_grad:
+        raise ValueError("refine: argument 'noise' requires grad, but refine treats the noise as fixed draws and "
+                         "gives it no gradient; pass noise.detach() (or draw it without autograd)")
+    check_steps_fit(cfg.steps, mu, noise=not given_noise, tape=needs_grad)
+    if needs_grad:
+        warn_low_precision_differences(cfg)
     noise = noise_or_draw(noise, cfg.steps, mu)
     if cfg.on_nonfinite is not NonFinite.IGNORE:  # (no host read where graph capture needs none)
         check_finite_inputs(mu=mu, logvar=logvar, noise=noise if given_noise else None)
@@ -146,8 +181,6 @@ def refine(
 
         be = clip_coupled_backend(be, cfg.process_group)
 
-    needs_grad = torch.is_grad_enabled() and (
-        mu.requires_grad or logvar.requires_grad or any(p.requires_grad for p in params))
     if not needs_grad:
         mu_k, logvar_k, _ = run_forward(cfg, be, nll_fn, mu.detach().contiguous(), logvar.detach().contiguous(),
                                         noise, (), record=False)

@@ -39,6 +39,10 @@ class RefineConfig:
     on_nonfinite: NonFinite = NonFinite.RAISE
     full_fp32: bool = False  # decoder evaluations with TF32 switched off (fp32_precision="ieee")
     fd_tol: float = 0.0  # fd_adaptive: per-example truncation estimate that makes a step be halved
+    check_decoder: bool = True  # probe the first decoder call (refine/probe.py); cross-check exact terms
+    batch_coupled: bool | None = None  # the decoder couples the examples (None: found by the probe)
+    check_fd_eps: float = 0.0  # the central step of the cross-check of exact second-order terms
+    precision: object = None  # what the decoder computes in: a dtype or "tf32" (precision.decoder_precision)
 
     @property
     def scalars(self) -> StepScalars:

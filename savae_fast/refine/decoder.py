@@ -4,7 +4,6 @@ exact second-order terms by double backward."""
 from __future__ import annotations
 
 import contextlib
-import functools
 from typing import Callable, Sequence
 
 import torch
@@ -73,7 +72,7 @@ def decoder_grads(nll_fn: Callable, z: Tensor, params: Sequence[Tensor], weight:
     _set_grad_enabled(True)
     try:
         z = z.detach().requires_grad_(True)
-        nll = nll_fn(z)
+        nll = nll_fn(z.clone())  # a tensor the decoder may write into (z itself is a leaf)
         check_nll(nll, batch)
         loss = nll.sum() if weight is None else (nll * weight.to(nll.dtype)).sum()
         if not loss.requires_grad:
@@ -94,7 +93,7 @@ def decoder_hvp(nll_fn: Callable, z: Tensor, u: Tensor, params: Sequence[Tensor]
     _set_grad_enabled(True)
     try:
         z = z.detach().requires_grad_(True)
-        nll = evaluations.evaluate(functools.partial(nll_fn, z))
+        nll = evaluations.evaluate(lambda: nll_fn(z.clone()))  # (z.clone(): see decoder_grads)
         check_nll(nll, batch)
         if not nll.requires_grad:
             raise no_graph_error()
@@ -102,14 +101,14 @@ def decoder_hvp(nll_fn: Callable, z: Tensor, u: Tensor, params: Sequence[Tensor]
                   "(once_differentiable functions are not; cuDNN RNNs are run without cuDNN for this)")
         try:
             (grad_z,) = torch.autograd.grad(nll.sum(), z, create_graph=True, allow_unused=True)
-            if grad_z is None:  # the decoder ignores z: no second-order terms
+            if grad_z is None or not grad_z.requires_grad:
+                # the decoder ignores z, or its z-gradient depends on neither z nor a tensor that requires
+                # grad (linear in z with fixed weights): no second-order terms. (A once_differentiable
+                # backward gives a graph that raises; a backward of a custom Function built from
+                # non-differentiable operations is caught by ExactHvp's cross-check.)
                 return torch.zeros_like(z), [None] * len(params)
-            if not grad_z.requires_grad or evaluations.went_through_once_differentiable(grad_z):
-                # Either the NLL is linear in z with no trainable parameters, or the
-                # backward is not differentiable; autograd cannot tell them apart, and
-                # returning zeros for the second case would be a silent wrong answer.
-                raise RuntimeError("the decoder's gradient w.r.t. z has no autograd graph under "
-                                   "create_graph=True, or went through a once_differentiable backward")
+            if evaluations.went_through_once_differentiable(grad_z):
+                raise RuntimeError("the decoder's gradient w.r.t. z went through a once_differentiable backward")
             grads = torch.autograd.grad(grad_z, (z, *params), grad_outputs=u, allow_unused=True)
         except RuntimeError as exc:
             raise RuntimeError(
@@ -140,7 +139,7 @@ def decoder_jvp(nll_fn: Callable, z: Tensor, u: Tensor, params: Sequence[Tensor]
     def evaluate():
         with fwAD.dual_level():
             z_dual = fwAD.make_dual(z.detach().requires_grad_(True), u)
-            nll = nll_fn(z_dual)
+            nll = nll_fn(z_dual.clone())  # (see decoder_grads)
             check_nll(nll, batch)
             if not nll.requires_grad:
                 raise no_graph_error()

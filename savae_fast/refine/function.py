@@ -13,18 +13,20 @@ decoder, by the configured method of :mod:`savae_fast.refine.hvp`.
 
 from __future__ import annotations
 
+import functools
+import threading
 from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from savae_fast.ops import Backend
 from savae_fast.refine.config import NonFinite, RefineConfig
 from savae_fast.refine.decoder import decoder_grads, decoder_precision_scope
 from savae_fast.refine.hvp import ReverseRun
 from savae_fast.refine.nonfinite import all_finite, nonfinite_error, zero_nonfinite
-from savae_fast.refine.rng import RandomnessCheck, RngState
+from savae_fast.refine.probe import DecoderProbe, DecoderState, hooked, suspended_tensor_hooks
+from savae_fast.refine.rng import RngState
 from savae_fast.refine.tape import Tape
 
 
@@ -48,19 +50,23 @@ def _forward_steps(cfg: RefineConfig, be: Backend, nll_fn: Callable, mu: Tensor,
     p_logvar = torch.zeros_like(logvar)
     eps = noise.unbind(0)
     z = be.sample(mu, logvar, eps[0])
-    undecided = save_rng  # whether the decoder draws random numbers (rng.RandomnessCheck)
+    # the first decoder call of a differentiable refinement runs under the probe (refine/probe.py)
+    probe = DecoderProbe(params) if record and cfg.check_decoder else None
+    state = None  # the tensors the decoder writes in place, saved before every step
     for k in range(steps):
         step_fn = nll_fn
         if save_rng:
             tape.rng.append(RngState(mu.device))
-            if undecided:  # the first step, or the next one with the probe when it could not tell
-                step_fn = RandomnessCheck(nll_fn, tape.rng[k], probe=k > 0)
+        if state is not None:
+            state.snapshot()
+        if k == 0 and probe is not None:
+            step_fn = functools.partial(probe.run, nll_fn)
         grad_z, param_grads = decoder_grads(step_fn, z, decoder_params)
         if step_fn is not nll_fn:
-            undecided = step_fn.found is None
-            if step_fn.found is False:
-                # a decoder without random draws needs no replay: never set the process-wide generators
-                save_rng, tape.rng = False, None
+            probe.check()
+            tape.coupled = cfg.batch_coupled if cfg.batch_coupled is not None else probe.coupling is not None
+            if probe.written:
+                state = tape.state = DecoderState(probe.written)
         if policy is NonFinite.ZERO:
             grad_z = zero_nonfinite(grad_z)
             param_grads = [zero_nonfinite(g) for g in param_grads]
@@ -72,6 +78,8 @@ def _forward_steps(cfg: RefineConfig, be: Backend, nll_fn: Callable, mu: Tensor,
         if keep:
             tape.record_step(mu, logvar, grad_z, norms)
         mu, logvar = mu_n, logvar_n
+    if save_rng and not _decoder_drew(tape.rng, probe):
+        tape.rng = None  # a decoder without random draws needs no replay: never set the process-wide generators
     # (the clip norms too: a gradient norm that overflows, e.g. float32 logvar above ~44, makes
     # the clip factor 0, and the state stops moving while staying finite)
     if policy is NonFinite.RAISE and steps > 0 and not all_finite(mu, logvar, torch.stack(tape.grad_norms)):
@@ -81,8 +89,35 @@ def _forward_steps(cfg: RefineConfig, be: Backend, nll_fn: Callable, mu: Tensor,
     return mu, logvar, (tape if record else None)
 
 
+def _decoder_drew(states: list, probe: DecoderProbe | None) -> bool:
+    """Whether the forward's decoder calls drew random numbers, given the generator states
+    before each call. The probe sees the first call's operators; a later call that draws
+    moves the generators past their state before the second call. With other threads alive a
+    move may be theirs: then the probe's answer stands (without a probe, a move counts)."""
+    if probe is not None and probe.draws:
+        return True
+    first = 1 if probe is not None else 0
+    if len(states) <= first or states[first].is_current():
+        return False
+    return probe is None or threading.active_count() == 1
+
+
 def _no_replay() -> None:
     pass
+
+
+def _replay(tape: Tape, k: int, rng: bool) -> Callable[[], None]:
+    """What to do before each decoder evaluation of reverse step k: the random-number state
+    and the decoder's own state (tensors it writes in place) of forward step k."""
+    if tape.state is None:
+        return tape.rng[k].restore if rng else _no_replay
+
+    def replay():
+        if rng:
+            tape.rng[k].restore()
+        tape.state.restore_step(k)
+
+    return replay
 
 
 def reverse_pass(cfg: RefineConfig, be: Backend, nll_fn: Callable, noise: Tensor, tape: Tape,
@@ -91,7 +126,7 @@ def reverse_pass(cfg: RefineConfig, be: Backend, nll_fn: Callable, noise: Tensor
     method, policy = cfg.hvp, cfg.on_nonfinite
     run = ReverseRun(cfg, be, nll_fn, params, tape)
     lbar_mu, lbar_logvar = method.begin(run, lbar_mu, lbar_logvar)
-    direction_scalars = (*cfg.scalars.for_reverse_direction(), int(method.fd_mode), cfg.fd_eps)
+    direction_scalars = (*cfg.scalars.for_reverse_direction(), int(method.direction_fd_mode(tape)), cfg.fd_eps)
     update_scalars = cfg.scalars.for_reverse_update()
     pbar_mu = torch.zeros_like(lbar_mu)
     pbar_logvar = torch.zeros_like(lbar_logvar)
@@ -101,13 +136,14 @@ def reverse_pass(cfg: RefineConfig, be: Backend, nll_fn: Callable, noise: Tensor
     screened = []
     replays = cfg.preserve_rng_state and bool(tape.rng)
     caller_rng = RngState(lbar_mu.device) if replays else None
+    caller_state = tape.state.current() if tape.state is not None else None
     try:
         for k in reversed(range(cfg.steps)):
             logvar_k, eps_k, grad_z_k = tape.logvar[k], eps[k], tape.grad_z[k]
             pbar_mu, pbar_logvar, v_mu, v_logvar, u, z_eval, row_weight = be.reverse_direction(
                 lbar_mu, lbar_logvar, pbar_mu, pbar_logvar, tape.mu[k], logvar_k, eps_k, grad_z_k,
                 tape.grad_norms[k], *direction_scalars)
-            replay = tape.rng[k].restore if replays else _no_replay
+            replay = _replay(tape, k, replays)
             terms = method.decoder_terms(run, k, z_eval, u, row_weight, replay)
             hvp_a, hvp_b, hvp_scale = terms.hvp_a, terms.hvp_b, terms.hvp_scale
             if policy is NonFinite.ZERO:  # a non-finite second-order term contributes nothing
@@ -122,6 +158,8 @@ def reverse_pass(cfg: RefineConfig, be: Backend, nll_fn: Callable, noise: Tensor
     finally:
         if caller_rng is not None:
             caller_rng.restore()
+        if caller_state is not None:
+            tape.state.restore(caller_state)
 
     lbar_mu, lbar_logvar, theta_bar = method.finish(run, lbar_mu, lbar_logvar)
     # float32 buffers of float16/bfloat16 parameters back to the parameters' dtype
@@ -139,38 +177,88 @@ def reverse_pass(cfg: RefineConfig, be: Backend, nll_fn: Callable, noise: Tensor
     return lbar_mu, lbar_logvar, theta_bar
 
 
+_TWICE = (b"refine: differentiating the gradient of a refinement (a second derivative through refine, e.g. "
+          b"autograd.grad(..., create_graph=True) and then a gradient of that) is not supported: refine's backward "
+          b"is itself a reverse pass with difference quotients, not a differentiable graph. For higher-order "
+          b"derivatives use savae_fast.reference.unrolled")
+
+
+def _differentiable_once(backward):
+    """torch.autograd.function.once_differentiable with an error that names refine: a backward
+    under create_graph=True returns gradients whose own gradient raises it."""
+
+    @functools.wraps(backward)
+    def wrapper(ctx, *grads):
+        with torch.no_grad():
+            outputs = backward(ctx, *grads)
+        if not torch.is_grad_enabled() or not any(isinstance(g, Tensor) and g.requires_grad for g in grads):
+            return outputs
+
+        def alias(t):
+            if t is None:
+                return None
+            t = t.detach()
+            t.requires_grad = True
+            return t
+
+        return torch._C._functions.DelayedError(_TWICE, len(outputs))(*[alias(t) for t in outputs])
+
+    return wrapper
+
+
+def _refuse_batched_grads(*grads) -> None:
+    from torch._C import _functorch
+
+    # autograd.grad(is_grads_batched=True) runs the backward under the legacy vmap
+    batched = (_functorch.is_batchedtensor, getattr(_functorch, "is_legacy_batchedtensor", lambda t: False))
+    if any(isinstance(g, Tensor) and any(f(g) for f in batched) for g in grads):
+        raise RuntimeError(
+            "refine: its backward does not support batched gradients (autograd.grad(..., is_grads_batched=True) "
+            "or torch.func.vmap over a backward): call autograd.grad once per gradient output")
+
+
 class RefineFunction(torch.autograd.Function):
-    """apply(cfg, backend, nll_fn, noise, mu0, logvar0, *params) -> (mu_K, logvar_K)."""
+    """apply(cfg, backend, nll_fn, noise, mu0, logvar0, *params) -> (mu_K, logvar_K).
+
+    Saves noise, mu0, logvar0 and the parameters for backward, so that changing any of them
+    in place before the backward is autograd's usual error, not a wrong gradient. The hooks
+    registered on the parameters (Tensor.register_hook) do not fire in refine's own
+    gradient computations: they see the parameters' whole gradient once, as without refine.
+    """
 
     @staticmethod
     def forward(ctx, cfg: RefineConfig, be: Backend, nll_fn: Callable, noise: Tensor, mu0: Tensor,
                 logvar0: Tensor, *params: Tensor):
         diff_params = [p for p in params if p.requires_grad]
-        mu_k, logvar_k, tape = run_forward(cfg, be, nll_fn, mu0, logvar0, noise, diff_params, record=True)
-        ctx.cfg, ctx.be, ctx.nll_fn, ctx.noise = cfg, be, nll_fn, noise
+        with suspended_tensor_hooks(hooked(diff_params)):
+            mu_k, logvar_k, tape = run_forward(cfg, be, nll_fn, mu0, logvar0, noise, diff_params, record=True)
+        ctx.cfg, ctx.be, ctx.nll_fn = cfg, be, nll_fn
         ctx.tape = tape
-        ctx.diff_params = diff_params
+        ctx.save_for_backward(noise, mu0, logvar0, *params)
         ctx.param_requires_grad = [p.requires_grad for p in params]
         return mu_k, logvar_k
 
     @staticmethod
-    @once_differentiable
+    @_differentiable_once
     def backward(ctx, grad_mu: Tensor | None, grad_logvar: Tensor | None):
+        _refuse_batched_grads(grad_mu, grad_logvar)
         tape: Tape | None = ctx.tape
         if tape is None:
             raise RuntimeError(
                 "refine: trying to backward through the refinement a second time; its saved state "
                 "was freed after the first backward (call refine again instead of retain_graph=True)"
             )
+        noise, _, _, *params = ctx.saved_tensors  # (autograd's version check of what backward reads)
         ctx.tape = None
+        diff_params = [p for p, needs in zip(params, ctx.param_requires_grad) if needs]
         cfg = ctx.cfg
         ref = tape.mu[0]
         lbar_mu = grad_mu.contiguous() if grad_mu is not None else torch.zeros_like(ref)
         lbar_logvar = grad_logvar.contiguous() if grad_logvar is not None else torch.zeros_like(ref)
         lbar_mu, lbar_logvar = lbar_mu.to(ref.dtype), lbar_logvar.to(ref.dtype)
-        with decoder_precision_scope(cfg.full_fp32, ref.device):
-            lbar_mu, lbar_logvar, theta_bar = reverse_pass(cfg, ctx.be, ctx.nll_fn, ctx.noise, tape,
-                                                           ctx.diff_params, lbar_mu, lbar_logvar)
+        with decoder_precision_scope(cfg.full_fp32, ref.device), suspended_tensor_hooks(hooked(diff_params)):
+            lbar_mu, lbar_logvar, theta_bar = reverse_pass(cfg, ctx.be, ctx.nll_fn, noise, tape, diff_params,
+                                                           lbar_mu, lbar_logvar)
         it = iter(theta_bar)
         out_params = [next(it) if needs else None for needs in ctx.param_requires_grad]
         return (None, None, None, None, lbar_mu, lbar_logvar, *out_params)

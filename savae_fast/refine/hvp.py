@@ -51,6 +51,7 @@ class ReverseRun:
     out_scale: Tensor | None = None  # fd_forward: the normalisation of the incoming adjoint
     evaluations: TwiceDifferentiable | None = None  # exact: decoder evaluations without cuDNN RNNs
     step_theta_bar: list | None = None  # fd_adaptive: the current reverse step's part of theta_bar
+    exact_checked: bool = False  # exact / jvp: the first reverse step's cross-check is done
 
     @property
     def zero_nonfinite(self) -> bool:
@@ -64,6 +65,38 @@ class ReverseRun:
 
     def zero_theta_bar(self) -> None:
         self.theta_bar = [torch.zeros_like(p, dtype=accumulation_dtype(p)) for p in self.params]
+
+    @property
+    def coupled(self) -> bool:
+        return self.tape.coupled
+
+    def central_points(self, z_eval: Tensor, u: Tensor, row_weight: Tensor) -> tuple[Tensor, Tensor]:
+        """The central points z +- r u and row weights 1 / (2 r): per example (reverse_direction's
+        r_b) for independent examples; for a decoder that couples them (the per-example
+        quotients would mix the examples' steps) reverse_direction prepared z alone
+        (FdMode.EXACT) and one step serves the whole batch (shared_central_points)."""
+        if not self.coupled:
+            return z_eval, row_weight
+        return shared_central_points(z_eval[0], u, self.cfg.fd_eps, self.cfg.process_group, self.cfg.global_batch)
+
+
+def shared_central_points(z: Tensor, u: Tensor, fd_eps: float, process_group=None,
+                          global_batch: int = 0) -> tuple[Tensor, Tensor]:
+    """(z + r u, z - r u) stacked, and the row weights 1 / (2 r) ([B]), for one step
+    r = h (1 + rms_b |z_b|) / rms_b |u_b| shared by the batch (over every process of the group);
+    r = 0 and weight 0 where u = 0."""
+    sq = torch.stack([z.square().sum(), u.square().sum()])
+    batch = z.shape[0]
+    if process_group is not None:
+        from savae_fast.refine.distributed import all_reduce_sum
+
+        sq, batch = all_reduce_sum(sq, process_group), global_batch
+    rms = (sq / batch).sqrt()
+    nonzero = rms[1] > 0
+    r = torch.where(nonzero, fd_eps * (1 + rms[0]) / torch.where(nonzero, rms[1], 1), 0)
+    du = r * u
+    weight = torch.where(nonzero, 0.5 / torch.where(nonzero, r, 1), 0).expand(z.shape[0]).contiguous()
+    return torch.stack([z + du, z - du]), weight
 
 
 class HvpMethod:
@@ -79,6 +112,10 @@ class HvpMethod:
     reads_device_values: ClassVar[bool] = False
     # Per decoder precision: the error estimate above which a step is taken again (fd_adaptive).
     step_tolerance: ClassVar[dict] = {}
+
+    def direction_fd_mode(self, tape: Tape) -> FdMode:
+        """The evaluation points reverse_direction prepares for this method."""
+        return self.fd_mode
 
     def begin(self, run: ReverseRun, lbar_mu: Tensor, lbar_logvar: Tensor) -> tuple[Tensor, Tensor]:
         """Before the first reverse step; returns the adjoints the loop starts from."""
@@ -159,9 +196,14 @@ class CentralDifference(HvpMethod):
     default_fd_eps = {torch.float32: 2e-3, torch.float64: 5e-6, TF32: 5e-2, torch.bfloat16: 1e-1,
                       torch.float16: 5e-2}
 
+    def direction_fd_mode(self, tape):
+        # a decoder coupling the examples gets one step for the batch (ReverseRun.central_points)
+        return FdMode.EXACT if tape.coupled else self.fd_mode
+
     def decoder_terms(self, run, k, z_eval, u, row_weight, replay):
         # theta_bar -= s [g(z + r u) - g(z - r u)] / (2 r), one pass's parameter
         # gradients alive at a time (the 1 / (2 r_b) is in the row weights).
+        z_eval, row_weight = run.central_points(z_eval, u, row_weight)
         s = run.cfg.scale
         replay()
         hvp_a, g_plus = decoder_grads(run.nll_fn, z_eval[0], run.params, weight=row_weight)
@@ -192,6 +234,7 @@ class RichardsonDifference(CentralDifference):
                       torch.float16: 5e-2}
 
     def decoder_terms(self, run, k, z_eval, u, row_weight, replay):
+        z_eval, row_weight = run.central_points(z_eval, u, row_weight)
         return self.combine(self.evaluate(run, self.points(z_eval)[0], row_weight, replay))
 
     @staticmethod
@@ -256,6 +299,7 @@ class AdaptiveRichardson(RichardsonDifference):
         return out
 
     def decoder_terms(self, run, k, z_eval, u, row_weight, replay):
+        z_eval, row_weight = run.central_points(z_eval, u, row_weight)
         points, half = self.points(z_eval)
         base = 0.5 * (z_eval[0] + z_eval[1])  # z_b (to rounding: only the point moves, not the step)
         step = None  # per-example factor of the step ([B]); None: all 1
@@ -267,8 +311,9 @@ class AdaptiveRichardson(RichardsonDifference):
             # (u_b = 0 rows: 0 > 0; non-finite rows: never halved).
             d_r = terms[0] - terms[1]
             d_2r = (terms[2] - terms[3]).mul_(0.5)
-            previous, estimate = estimate, (d_2r - d_r).norm(dim=1)
-            retry = estimate > run.cfg.fd_tol * (4 * d_r - d_2r).norm(dim=1)
+            previous = estimate
+            estimate, size = self._estimate(run, d_r, d_2r)
+            retry = estimate > run.cfg.fd_tol * size
             if previous is not None:  # halving cuts a truncation error (by 4 once r^2 dominates) and
                 retry &= estimate < previous  # doubles a rounding error: stop where it did not fall
             if halvings == self.max_halvings or not self._any(run, retry):
@@ -282,6 +327,20 @@ class AdaptiveRichardson(RichardsonDifference):
         torch._foreach_add_(run.theta_bar, run.step_theta_bar)
         torch._foreach_zero_(run.step_theta_bar)
         return self.combine(terms)
+
+    @staticmethod
+    def _estimate(run, d_r: Tensor, d_2r: Tensor) -> tuple[Tensor, Tensor]:
+        """(|D(2 r) - D(r)|, |4 D(r) - D(2 r)|) per example ([B]), or for the whole batch ([1], over
+        every process) where one step serves the batch (a decoder coupling the examples)."""
+        if not run.coupled:
+            return (d_2r - d_r).norm(dim=1), (4 * d_r - d_2r).norm(dim=1)
+        sq = torch.stack([(d_2r - d_r).square().sum(), (4 * d_r - d_2r).square().sum()])
+        if run.cfg.process_group is not None:
+            from savae_fast.refine.distributed import all_reduce_sum
+
+            sq = all_reduce_sum(sq, run.cfg.process_group)
+        norms = sq.sqrt()
+        return norms[:1], norms[1:]
 
     @staticmethod
     def _any(run, retry: Tensor) -> bool:
@@ -309,8 +368,52 @@ class ExactHvp(HvpMethod):
     def decoder_terms(self, run, k, z_eval, u, row_weight, replay):
         replay()
         hvp_a, g_mixed = self.second_order(run.nll_fn, z_eval[0], u, run.params, run.evaluations)
+        if not run.exact_checked:
+            run.exact_checked = True
+            if run.cfg.check_decoder:
+                self.cross_check(run, z_eval[0], u, hvp_a, replay)
         run.add_param_grads(g_mixed, -run.cfg.scale)
         return DecoderTerms(hvp_a, None, 1.0, (hvp_a,))
+
+    def cross_check(self, run, z: Tensor, u: Tensor, hzz_u: Tensor, replay) -> None:
+        """The first reverse step's Hzz u against central differences of the decoder's gradient (two
+        passes; two more where they disagree). A double backward (or forward-mode derivative) can be
+        silently wrong: a compiled function or a custom autograd.Function whose backward is not made of
+        differentiable operations gives second derivatives without a graph for them, often zeros.
+        Raises where the derivative disagrees by more than half with two difference quotients that
+        agree with each other (curvature and rounding make those disagree instead)."""
+
+        def quotient(step):
+            points, weight = shared_central_points(z, u, step)
+            if not bool(weight[0] > 0):
+                return None, 0.0
+            replay()
+            g_plus = decoder_grads(run.nll_fn, points[0], ())[0]
+            replay()
+            g_minus = decoder_grads(run.nll_fn, points[1], ())[0]
+            rounding = 100 * torch.finfo(g_plus.dtype).eps * float(g_plus.norm()) * float(weight[0])
+            return (g_plus - g_minus) * weight[0], rounding
+
+        def differs(a, b, floor):
+            return float((a - b).norm()) > max(0.5 * max(float(a.norm()), float(b.norm())), floor)
+
+        step = run.cfg.check_fd_eps
+        fd, rounding = quotient(step)
+        if fd is None or not differs(hzz_u, fd, rounding):
+            return
+        fd_half, rounding_half = quotient(0.5 * step)
+        if fd_half is None or differs(fd, fd_half, 0.5 * float(fd_half.norm())) or not differs(
+                hzz_u, fd_half, rounding_half):
+            return
+        rel = float((hzz_u - fd_half).norm()) / max(float(fd_half.norm()), 1e-300)
+        raise RuntimeError(
+            f"refine(hvp={self.name!r}): the decoder's second derivatives from autograd disagree with difference "
+            f"quotients of its gradient (relative difference {rel:.2g} at the last inner step; the quotients at two "
+            "steps agree): the decoder is not twice differentiable the way autograd assumes (a torch.compile'd "
+            "function, a custom autograd.Function whose backward is once_differentiable, detaches or leaves "
+            "autograd). Use "
+            "hvp='fd_richardson' or 'fd_central' (first derivatives only), or an uncompiled decoder; "
+            "check_decoder=False skips this check")
 
 
 class JvpHvp(ExactHvp):

@@ -9,6 +9,7 @@ from torch import Tensor
 
 from savae_fast.ops.torch_impl import accumulate_
 from savae_fast.refine.nonfinite import all_finite
+from savae_fast.refine.probe import DecoderState
 from savae_fast.refine.rng import RngState
 
 
@@ -35,6 +36,8 @@ class Tape:
     # the small LSTM benchmark, where the difference quotient itself dominates.
     param_grad_sum: list[Tensor] | None = None
     casts_param_grads: bool = False  # some parameter is float16/bfloat16 (its sum is float32)
+    coupled: bool = False  # the decoder couples the examples: difference steps shared by the batch
+    state: DecoderState | None = None  # tensors the decoder writes in place, per step (refine/probe.py)
 
     @classmethod
     def for_params(cls, params, sum_param_grads: bool) -> "Tape":

@@ -85,6 +85,12 @@ def check_state(mu, logvar) -> None:
                 f"refine: argument '{name}' must be float32 or float64, got {t.dtype} (keep the variational "
                 "parameters in float32 and run the decoder under autocast for mixed precision)"
             )
+        if t.layout != torch.strided:
+            raise TypeError(f"refine: argument '{name}' must be a dense (strided) tensor, got layout {t.layout} "
+                            "(convert it with .to_dense())")
+        if t.device.type == "meta":
+            raise ValueError(f"refine: argument '{name}' is on the meta device, which holds no values: refine's "
+                             "inner steps depend on the decoder's gradients at the values (use CPU or CUDA tensors)")
         if t.shape[0] < 1 or t.shape[1] < 1:
             raise ValueError(f"refine: argument '{name}' must have batch >= 1 and latent >= 1, got {tuple(t.shape)}")
     if logvar.shape != mu.shape:
@@ -93,6 +99,47 @@ def check_state(mu, logvar) -> None:
         raise TypeError(f"refine: argument 'logvar' has dtype {logvar.dtype} but 'mu' has {mu.dtype}")
     if logvar.device != mu.device:
         raise ValueError(f"refine: argument 'logvar' is on {logvar.device} but 'mu' is on {mu.device}")
+
+
+def check_not_transformed(*tensors: Tensor) -> None:
+    """refine inside torch.func transforms (grad, vjp, jacrev, vmap, ...) is refused by name: its
+    autograd Function has no functorch rules (setup_context, vmap)."""
+    from torch._C._functorch import is_functorch_wrapped_tensor
+
+    if any(is_functorch_wrapped_tensor(t) for t in tensors):
+        raise RuntimeError(
+            "refine: called inside a torch.func transform (torch.func.grad, vjp, jacrev, jacfwd, vmap, "
+            "functional_call under them, ...), which refine does not support: differentiate it with "
+            "torch.autograd.grad or .backward(), and batch over examples in mu / logvar instead of vmap")
+
+
+def memory_capacity(device: torch.device) -> int | None:
+    """Total memory of the device in bytes (None: unknown)."""
+    import os
+
+    if device.type == "cpu":
+        try:
+            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError, AttributeError):
+            return None
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return None
+
+
+def check_steps_fit(steps: int, mu: Tensor, noise: bool, tape: bool) -> None:
+    """A clear error, before any allocation, where ``steps`` needs more memory than the device
+    has: the drawn noise ([steps, B, D]) and the tape of a differentiable refinement (lambda_k
+    and dNLL/dz per step: 3 x [steps, B, D])."""
+    per_step = mu.numel() * mu.element_size() * ((1 if noise else 0) + (3 if tape else 0))
+    need = steps * per_step
+    capacity = memory_capacity(mu.device) if need > 2**30 else None
+    if capacity is not None and need > capacity:
+        raise ValueError(
+            f"refine: argument 'steps' = {steps} needs {need / 2**30:,.1f} GiB for "
+            f"{'the noise and ' if noise else ''}{'the saved inner steps ' if tape else ''}"
+            f"([steps, {mu.shape[0]}, {mu.shape[1]}] {mu.dtype} x {per_step // max(mu.numel() * mu.element_size(), 1)}"
+            f"), more than the {capacity / 2**30:,.1f} GiB of {mu.device}; SA-VAE uses 5 to 100 steps")
 
 
 def collect_params(params, who: str = "refine") -> tuple[Tensor, ...]:
@@ -153,7 +200,8 @@ def check_backend(backend) -> str:
 
 def make_config(mu: Tensor, *, steps, lr, momentum, max_grad_norm, kl_weight, reduction, hvp, fd_eps,
                 preserve_rng_state, fd_tol=None, process_group=None, on_nonfinite="raise",
-                fp32_precision="inherit", reduced_fp32: dict | None = None) -> RefineConfig:
+                fp32_precision="inherit", reduced_fp32: dict | None = None, check_decoder=True,
+                batch_coupled=None) -> RefineConfig:
     """Validate the hyper-parameters of a refine call (errors name the argument).
     ``reduced_fp32``: precision.reduced_fp32_settings for mu's device if already read."""
     from savae_fast.refine.distributed import check_process_group, global_batch as total_batch, world_size
@@ -192,9 +240,11 @@ def make_config(mu: Tensor, *, steps, lr, momentum, max_grad_norm, kl_weight, re
         if not method.step_tolerance:
             raise ValueError(f"refine: argument 'fd_tol' applies to hvp='fd_adaptive' only, got hvp={hvp!r}")
         fd_tol = real("fd_tol", fd_tol, low=0.0, low_open=True, high=1.0)
-    precision = None
-    if fd_eps is None or (fd_tol is None and method.step_tolerance):
-        precision = decoder_precision(mu, full_fp32=fp32_precision == "ieee", reduced=reduced_fp32)
+    if not isinstance(check_decoder, bool):
+        raise TypeError(f"refine: argument 'check_decoder' must be a bool, got {type(check_decoder).__name__}")
+    if batch_coupled is not None and not isinstance(batch_coupled, bool):
+        raise TypeError(f"refine: argument 'batch_coupled' must be None or a bool, got {type(batch_coupled).__name__}")
+    precision = decoder_precision(mu, full_fp32=fp32_precision == "ieee", reduced=reduced_fp32)
     if fd_tol is None:
         fd_tol = method.step_tolerance.get(precision, 0.0)
     if fd_eps is None:
@@ -212,7 +262,8 @@ def make_config(mu: Tensor, *, steps, lr, momentum, max_grad_norm, kl_weight, re
         steps=int(steps), lr_mu=lr_mu, lr_logvar=lr_logvar, momentum=momentum, max_grad_norm=max_grad_norm,
         kl_weight=kl_weight, scale=scale, hvp=method, fd_eps=fd_eps, preserve_rng_state=preserve_rng_state,
         process_group=process_group, global_batch=global_batch, on_nonfinite=NonFinite(on_nonfinite),
-        full_fp32=fp32_precision == "ieee", fd_tol=fd_tol)
+        full_fp32=fp32_precision == "ieee", fd_tol=fd_tol, check_decoder=check_decoder, batch_coupled=batch_coupled,
+        check_fd_eps=HVP_METHODS["fd_central"].default_fd_eps.get(precision, 2e-3), precision=precision)
 
 
 def check_capture(cfg: RefineConfig, mu: Tensor) -> None:
