@@ -23,7 +23,7 @@ from savae_fast.ops.constants import FD_CENTRAL, FD_EXACT, FD_FORWARD
 from savae_fast.reference import unrolled
 
 __all__ = [
-    "MLPDecoder", "Tf32MLPDecoder", "Tf32LSTMDecoder", "cpu_tf32_enabled", "round_to_tf32", "tf32_matmul",
+    "MLPDecoder", "cpu_bfloat16_lstm", "Tf32MLPDecoder", "Tf32LSTMDecoder", "cpu_tf32_enabled", "round_to_tf32", "tf32_matmul",
     "make_decoder", "make_tokens", "Problem", "make_problem", "reached_parameters", "training_step",
     "refine_grads", "reference_grads", "step0_grad_norm", "rel_err", "max_rel_err", "relative_error",
     "OP_TOL", "op_state", "op_scalars", "forward_step_args", "reverse_direction_args", "reverse_update_args",
@@ -46,6 +46,29 @@ class MLPDecoder(nn.Module):
         logits = self.l2(self.drop(torch.tanh(self.l1(z)))).view(-1, self.length, self.vocab)
         return F.cross_entropy(logits.reshape(-1, self.vocab), x.reshape(-1), reduction="none").view(
             -1, self.length).sum(1)
+
+
+# ----------------------------------------------------------------------------- CPU capabilities
+_cpu_bf16_lstm: tuple | None = None
+
+
+def cpu_bfloat16_lstm() -> tuple[bool, str]:
+    """(whether nn.LSTM runs under CPU bfloat16 autocast here, why not). Autocast sends a float32
+    LSTM to oneDNN's bfloat16 RNN, which needs AVX-512 (AVX-512 BF16, AMX or AVX512-core):
+    on CPUs with AVX2 only (AMD Zen 3, older Intel) oneDNN has no such primitive and
+    PyTorch raises "could not create a primitive descriptor for the LSTM forward propagation
+    primitive". Tried once per process on a tiny LSTM."""
+    global _cpu_bf16_lstm
+    if _cpu_bf16_lstm is None:
+        lstm = nn.LSTM(4, 4, batch_first=True)
+        try:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                lstm(torch.zeros(1, 2, 4))
+            _cpu_bf16_lstm = (True, "")
+        except RuntimeError as exc:
+            _cpu_bf16_lstm = (False, "nn.LSTM under CPU bfloat16 autocast needs oneDNN's bfloat16 RNN "
+                                     f"(AVX-512), which this CPU lacks: {str(exc).splitlines()[0][:120]}")
+    return _cpu_bf16_lstm
 
 
 # ----------------------------------------------------------------------------- TF32 emulation

@@ -249,3 +249,171 @@ def test_omniglot_without_scipy_is_one_line(tmp_path, capsys, monkeypatch):
     code = cli_main(["train", "--mode", "vae", "--dataset", "omniglot", "--data-path", str(path), *TINY,
                      "--out-dir", str(tmp_path / "run")])
     _one_line_error(capsys, code, "needs SciPy")
+
+
+# ------------------------------------------------------------------ the run directory
+def _synthetic_train(out, *extra):
+    return cli_main(["train", "--mode", "vae", "--synthetic", TINY_SYNTHETIC, *TINY, "--out-dir", str(out), *extra])
+
+
+def test_a_second_run_on_a_directory_in_use_is_refused(tmp_path, capsys):
+    from savae_fast.app.train.loop import RunDirectory
+
+    other = RunDirectory(str(tmp_path / "run"))
+    other.claim()  # another run holds the directory
+    try:
+        _one_line_error(capsys, _synthetic_train(tmp_path / "run"), "is in use by another savae-fast run", "pid")
+        assert not (tmp_path / "run" / "config.json").exists()
+    finally:
+        other.release()
+    assert _synthetic_train(tmp_path / "run") == 0
+
+
+def test_a_fresh_run_in_a_run_directory_is_refused_unless_overwrite(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert _synthetic_train(out) == 0
+    rows = (out / "metrics.csv").read_text()
+    last = (out / "last.pt").read_bytes()
+    capsys.readouterr()
+    _one_line_error(capsys, _synthetic_train(out), "holds a run already", "--resume", "--overwrite")
+    _one_line_error(capsys, _synthetic_train(out, "--epochs", "0"), "holds a run already")
+    assert (out / "metrics.csv").read_text() == rows and (out / "last.pt").read_bytes() == last
+    assert _synthetic_train(out, "--overwrite", "--seed", "7") == 0
+    assert (out / "metrics.csv").read_text().count("\n") == 2  # header and one epoch, not appended
+
+
+def test_unwritable_out_dir_is_one_line(tmp_path, capsys, monkeypatch):
+    import errno
+
+    from savae_fast.app.train import loop
+
+    out = tmp_path / "run"
+    out.mkdir()
+    real_open = open
+
+    def read_only(path, *a, **k):
+        if str(path).startswith(str(out)) and (a[:1] and any(m in a[0] for m in "wa+")):
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real_open(path, *a, **k)
+
+    monkeypatch.setattr("builtins.open", read_only)
+    _one_line_error(capsys, _synthetic_train(out), "cannot write to out_dir", "Read-only file system")
+    monkeypatch.setattr("builtins.open", real_open)
+
+    def full_disk(obj, path):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(loop.checkpoint, "save", full_disk)
+    _one_line_error(capsys, _synthetic_train(tmp_path / "full"), "No space left on device", "no epoch was saved")
+
+
+def test_metrics_after_a_crash_between_metrics_and_last_pt(tmp_path, capsys, monkeypatch):
+    """A crash after epoch 2's metrics row but before its last.pt: the resumed run's metrics have
+    one row per epoch (the crash left a duplicate of epoch 2's row)."""
+    from savae_fast.app.train import loop
+
+    out = tmp_path / "run"
+    real = loop.Trainer._save_last
+
+    def crash_at_epoch_2(self):
+        if self.state["epoch"] == 2:
+            raise KeyboardInterrupt
+        real(self)
+
+    monkeypatch.setattr(loop.Trainer, "_save_last", crash_at_epoch_2)
+    assert _synthetic_train(out, "--epochs", "3") == 130
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "holds epoch 1 of 3" in err and "--resume" in err, err
+    monkeypatch.setattr(loop.Trainer, "_save_last", real)
+    assert _synthetic_train(out, "--epochs", "3", "--resume") == 0
+    epochs = [line.split(",")[0] for line in (out / "metrics.csv").read_text().splitlines()[1:]]
+    assert epochs == ["1", "2", "3"]
+
+
+def test_ctrl_c_prints_one_line_and_resume_is_exact(tmp_path):
+    """SIGINT to a real training process: exit 130 and one line saying how to continue (that
+    resuming is exact: tests/test_training.py)."""
+    import signal
+    import subprocess
+    import time
+
+    out = tmp_path / "run"
+    args = [sys.executable, "-m", "savae_fast.app.train", "--mode", "vae", "--synthetic",
+            json.dumps({"train": 256, "valid": 8, "test": 8}), *[a for a in TINY if a != "--no-progress"],
+            "--no-progress", "--epochs", "40", "--out-dir", str(out)]
+    proc = subprocess.Popen(args, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while not (out / "last.pt").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("savae-fast train: interrupted"), err
+    assert "--resume" in err
+
+
+def test_fifo_as_a_data_file_is_named(tmp_path, capsys):
+    d = _write_text(tmp_path / "text", {"train": 24, "test": 8})
+    os.mkfifo(os.path.join(d, "valid.txt"))
+    code = cli_main(["train", "--dataset", "text", "--data-path", d, *TINY, "--out-dir", str(tmp_path / "run")])
+    _one_line_error(capsys, code, "valid.txt is not a regular file")
+
+
+def test_eval_refuses_a_checkpoint_of_other_data(tmp_path, capsys):
+    data = _write_text(tmp_path / "a", seed=0)
+    out = tmp_path / "run"
+    assert _train_text(tmp_path, data, str(out)) == 0
+    capsys.readouterr()
+    _write_text(tmp_path / "a", seed=2)  # edited in place, the same vocabulary size (as seed 0)
+    _one_line_error(capsys, cli_main(["eval", str(out / "best.pt")]), "trained on other data", "--other-data")
+    assert cli_main(["eval", str(out / "best.pt"), "--other-data"]) == 0
+    assert "on other data than it was trained on" in capsys.readouterr().err
+
+
+BAD_CONFIG_FILES = [(b"[1, 2]", "got list"), (b'"savae"', "got str"), (b"null", "got null"),
+                    (b"\xff\xfe{}", "not UTF-8"), (b"{bad", "not valid JSON")]
+
+
+@pytest.mark.parametrize("content,needle", BAD_CONFIG_FILES, ids=[n for _, n in BAD_CONFIG_FILES])
+def test_bad_config_file_is_one_line(tmp_path, capsys, content, needle):
+    path = tmp_path / "config.json"
+    path.write_bytes(content)
+    _one_line_error(capsys, cli_main(["train", "--config", str(path), "--out-dir", str(tmp_path / "run")]), needle)
+
+
+@pytest.mark.parametrize("options,needle", [(["--svi-steps", "1000000000", "--mode", "savae"], "svi_steps"),
+                                            (["--hidden-dim", "10000000"], "--hidden-dim")])
+def test_sizes_beyond_memory_are_one_line_before_anything_is_written(tmp_path, capsys, options, needle):
+    out = tmp_path / "run"
+    code = cli_main(["train", "--synthetic", TINY_SYNTHETIC, *TINY, "--out-dir", str(out), *options])
+    _one_line_error(capsys, code, needle, "GiB")
+    assert not (out / "config.json").exists()
+
+
+# ------------------------------------------------------------------ threads
+def test_default_threads_rule():
+    """benchmarks/results/*_threads.md: small text models one thread; otherwise the cores idle
+    at the start less one, at least one."""
+    from savae_fast.app.threads import auto_threads
+    from savae_fast.app.train.config import TrainConfig
+
+    small = TrainConfig(dataset="synthetic", hidden_dim=64)
+    large = TrainConfig(dataset="synthetic", hidden_dim=256)
+    digits = TrainConfig(dataset="digits")
+    assert auto_threads(small, cores=16, load=0.0) == 1
+    assert auto_threads(large, cores=2, load=0.0) == 1
+    assert auto_threads(digits, cores=16, load=0.0) == 15
+    assert auto_threads(large, cores=16, load=10.3) == 5
+    assert auto_threads(large, cores=16, load=40.0) == 1
+
+
+def test_train_sets_its_threads(tmp_path):
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert _synthetic_train(tmp_path / "run", "--threads", "1") == 0
+        assert torch.get_num_threads() == 1
+        assert json.loads((tmp_path / "run" / "config.json").read_text())["threads"] == 1
+    finally:
+        torch.set_num_threads(before)

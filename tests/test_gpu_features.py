@@ -5,7 +5,7 @@ import torch
 
 import savae_fast as sf
 from savae_fast.gaussian import gaussian_kl
-from savae_fast.testing import make_problem, max_rel_err, reference_grads
+from savae_fast.testing import cpu_bfloat16_lstm, make_problem, max_rel_err, reference_grads
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -85,13 +85,17 @@ def test_preserve_rng_state_during_capture_gives_clear_error():
                       preserve_rng_state=False, on_nonfinite="ignore", hvp="fd_adaptive")
 
 
+@pytest.mark.parametrize("kind", ["lstm", "mlp"])
 @pytest.mark.parametrize("hvp,tol", [("fd_central", 5e-3), ("fd_forward", 3e-2), ("fd_richardson", 3e-3),
                                      ("fd_adaptive", 3e-3), ("exact", 3e-3)])
-def test_decoder_under_autocast(hvp, tol, seed):
+def test_decoder_under_autocast(kind, hvp, tol, seed):
     """Mixed precision: refine called inside a bfloat16 autocast region. The decoder runs in
     bfloat16; the variational state, the Gaussian math and the gradients stay float32, and
-    the default finite-difference step follows the decoder's precision."""
-    p = make_problem("lstm", torch.float32, batch=32, latent=8, steps=10)
+    the default finite-difference step follows the decoder's precision. (The LSTM needs
+    oneDNN's bfloat16 RNN, i.e. AVX-512; the MLP runs on every CPU.)"""
+    if kind == "lstm" and not cpu_bfloat16_lstm()[0]:
+        pytest.skip(cpu_bfloat16_lstm()[1])
+    p = make_problem(kind, torch.float32, batch=32, latent=8, steps=10)
     mu0 = p.mu0.clone().requires_grad_(True)
     lv0 = p.logvar0.clone().requires_grad_(True)
     with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -78,6 +78,7 @@ def test_resume_matches_uninterrupted_run(tmp_path):
     interrupted = Trainer(TrainConfig(**dict(kw, epochs=1), out_dir=str(tmp_path / "part")).validate(),
                           progress=False)
     interrupted.fit()  # writes last.pt after epoch 1, as a crash would leave it
+    interrupted.close()  # (the crashed process's lock on the directory ends with it)
     resumed = Trainer(TrainConfig(**kw, out_dir=str(tmp_path / "part")).validate(), resume=True, progress=False)
     assert resumed.state["epoch"] == 1
     resumed.fit()

@@ -10,7 +10,7 @@ import argparse
 import json
 
 from savae_fast.app.devices import resolve_device
-from savae_fast.app.errors import CheckpointError, UserError, report_user_error
+from savae_fast.app.errors import CheckpointError, UserError, notice, report_user_error
 from savae_fast.app.train import command as train_command
 from savae_fast.app.train.config import TrainConfig
 
@@ -22,12 +22,27 @@ def cmd_eval(args) -> int:
     from savae_fast.app.train import checkpoint
     from savae_fast.app.train.data import build_model, load_data
 
+    from savae_fast.app.threads import apply_threads
+
     ck = checkpoint.load(args.checkpoint)
     cfg = TrainConfig.from_dict(ck["config"])
     if args.samples:
         cfg.eval_samples = args.samples
+    if args.threads is not None:
+        cfg.threads = args.threads
+    apply_threads(cfg)
     device = resolve_device(args.device)
     data = load_data(cfg)
+    trained_on = ck.get("data_fingerprint")
+    if trained_on is None:
+        notice(f"{args.checkpoint} records no fingerprint of its training data: the data cannot be checked")
+    elif trained_on != data.fingerprint():
+        if not args.other_data:
+            raise CheckpointError(
+                f"{args.checkpoint} was trained on other data than its configuration now loads (fingerprint "
+                f"{trained_on[:12]}, the data's {data.fingerprint()[:12]}): the files changed; pass --other-data to "
+                "evaluate on them anyway")
+        notice(f"evaluating {args.checkpoint} on other data than it was trained on (--other-data)")
     model = build_model(cfg, data).to(device)
     try:
         model.load_state_dict(ck["model"])
@@ -53,7 +68,7 @@ def cmd_plot(args) -> int:
 def cmd_demo(args) -> int:
     from savae_fast.app.demo import run_demo
 
-    run_demo(args.out_dir, quick=args.quick, progress=not args.no_progress)
+    run_demo(args.out_dir, quick=args.quick, progress=not args.no_progress, threads=args.threads)
     return 0
 
 
@@ -64,6 +79,16 @@ def positive_int(text: str) -> int:
         value = 0
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
     return value
 
 
@@ -87,6 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", choices=("train", "valid", "test"))
     p.add_argument("--samples", type=positive_int, default=None, help="importance samples per example")
     p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=non_negative_int, default=None,
+                   help="CPU threads (default: the checkpoint's setting; 0 chooses, see README, Threads)")
+    p.add_argument("--other-data", action="store_true",
+                   help="evaluate even where the data files differ from those the checkpoint was trained on")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("plot", help="draw the training curves of a run directory (PNG)")
@@ -98,6 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-dir", default="runs/demo")
     p.add_argument("--quick", action="store_true", help="a much shorter run (smoke test)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--threads", type=non_negative_int, default=0,
+                   help="CPU threads of the training runs (default 0: chosen per model, see README, Threads)")
     p.set_defaults(func=cmd_demo)
     return parser
 

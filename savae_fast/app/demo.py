@@ -75,20 +75,24 @@ def plot_curves(histories: dict, path: str) -> str:
     ], path)
 
 
-def run_demo(out_dir: str = "runs/demo", quick: bool = False, progress: bool = True) -> list[dict]:
+def run_demo(out_dir: str = "runs/demo", quick: bool = False, progress: bool = True, threads: int = 0) -> list[dict]:
     os.makedirs(out_dir, exist_ok=True)
     start = time.time()
     rows, histories, data_cache = [], {}, {}
     for data_name, cfg in _configs(out_dir, quick):
+        cfg.threads = threads
         key = (data_name, json.dumps(cfg.synthetic, sort_keys=True))
         if key not in data_cache:
             t = time.time()
             data_cache[key] = load_data(cfg)
             print(f"[demo] {data_name} data ready ({time.time() - t:.0f}s)", file=sys.stderr)
         t = time.time()
-        trainer = Trainer(cfg, progress=progress, data=data_cache[key])
-        trainer.fit()
-        res = trainer.test()
+        trainer = Trainer(cfg, progress=progress, data=data_cache[key], overwrite=True)  # (the demo's own runs)
+        try:
+            trainer.fit()
+            res = trainer.test()
+        finally:
+            trainer.close()
         seconds = time.time() - t
         rows.append({"data": data_name, "mode": cfg.mode, "seconds": seconds, **res})
         if data_name == "synthetic":

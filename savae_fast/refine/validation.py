@@ -40,7 +40,8 @@ DEFAULTS = RefineDefaults()
 # r_b |u_b| = eps (1 + |z_b|).
 # A decoder that computes in lower precision rounds its gradients more coarsely, so
 # the steps are larger: bfloat16 measured on an LSTM decoder under bfloat16 autocast
-# (relative error ~1e-3 central, ~7e-3 forward); TF32 (float32 decoders on GPUs with
+# (the ELBO gradient: ~1e-3 central, ~7e-3 forward; its refinement part alone, small LSTM: fd_central 2e-3,
+# fd_forward 1e-1, benchmarks/results/amd-epyc_2026-12-02_bf16_autocast.md); TF32 (float32 decoders on GPUs with
 # cuDNN/cuBLAS TF32, the cuDNN default) measured with MLP and LSTM decoders whose
 # products are rounded to TF32 as a GPU does (B 32, K 20; error of the refinement
 # path alone, worst of 4 draws: fd_forward 5e-2 -> 6e-2, where the float32 step gives

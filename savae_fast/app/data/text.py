@@ -50,6 +50,8 @@ class Vocabulary:
 def read_sentences(path: str, max_length: int | None = None, notes: list | None = None) -> list[list[str]]:
     """The file's non-empty lines as word lists, those over ``max_length`` words left out
     (how many is appended to ``notes``, for the caller to show)."""
+    if os.path.exists(path) and not os.path.isfile(path):
+        raise DataError(f"{path} is not a regular file (the text data must be files)")
     if not os.path.isfile(path):
         raise DataError(f"text file not found: {path}")
     try:

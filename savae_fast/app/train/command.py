@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 
 from savae_fast.app.errors import ConfigError, UserError, report_user_error
 from savae_fast.app.train.config import TrainConfig
@@ -27,6 +28,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     """--config, --resume, --no-progress and one --option per TrainConfig field (defaults from the dataclass)."""
     p.add_argument("--config", help="JSON file with TrainConfig fields (options below override it)")
     p.add_argument("--resume", action="store_true", help="continue from OUT_DIR/last.pt exactly")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run files already in OUT_DIR (a fresh run refuses a directory holding a run)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     for f in dataclasses.fields(TrainConfig):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
@@ -40,6 +43,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
             p.add_argument(flag, type=json.loads, default=None, help="JSON object")
         elif f.name == "data_path":
             p.add_argument(flag, default=None)
+        elif f.name == "threads":
+            p.add_argument(flag, type=int, default=None,
+                           help="CPU threads of this process (torch.set_num_threads); default 0: one thread for "
+                                "small text models, else the cores idle at the start less one (see README, Threads)")
         elif f.name in ("max_length", "max_batches_per_epoch"):
             p.add_argument(flag, type=_int_or_none, default=None,
                            help=f"an integer, or 'none' for no limit (default {default})")
@@ -52,10 +59,17 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     base = {}
     if args.config:
         try:
-            with open(args.config) as f:
+            with open(args.config, encoding="utf-8") as f:
                 base = json.load(f)
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ConfigError(f"cannot read configuration file {args.config}: {exc}") from exc
+        except OSError as exc:
+            raise ConfigError(f"cannot read configuration file {args.config}: {exc.strerror}") from exc
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"configuration file {args.config} is not UTF-8 text ({exc.reason})") from exc
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"configuration file {args.config} is not valid JSON: {exc}") from exc
+        if not isinstance(base, dict):
+            raise ConfigError(f"configuration file {args.config} must hold a JSON object of TrainConfig fields, "
+                              f"got {type(base).__name__ if base is not None else 'null'}")
     for f in dataclasses.fields(TrainConfig):
         value = getattr(args, f.name, None)
         if value is not None:
@@ -71,15 +85,30 @@ def run(args: argparse.Namespace) -> int:
     from savae_fast.app.train.loop import Trainer
 
     cfg = config_from_args(args)
-    trainer = Trainer(cfg, resume=args.resume, progress=not args.no_progress)
+    trainer = None
     try:
+        trainer = Trainer(cfg, resume=args.resume, progress=not args.no_progress,
+                          overwrite=getattr(args, "overwrite", False))
         trainer.fit()
         res = trainer.test()
         if trainer.d.is_main:
             print(json.dumps({"mode": cfg.mode, "dataset": cfg.dataset, **res}, indent=1))
+    except KeyboardInterrupt:
+        print(interrupted_message(cfg, trainer), file=sys.stderr)
+        return 130
     finally:
-        trainer.close()
+        if trainer is not None:
+            trainer.close()
     return 0
+
+
+def interrupted_message(cfg: TrainConfig, trainer) -> str:
+    """One line after Ctrl-C: where the run stands and how to continue it."""
+    done = trainer._saved_state["epoch"] if trainer is not None else 0
+    if not done:
+        return f"savae-fast train: interrupted before the first epoch was saved; nothing to resume in {cfg.out_dir}"
+    return (f"savae-fast train: interrupted; {cfg.out_dir}/last.pt holds epoch {done} of {cfg.epochs}: rerun the "
+            "same command with --resume to continue exactly from there")
 
 
 def main(argv=None) -> int:

@@ -72,6 +72,7 @@ class TrainConfig:
     # bookkeeping
     seed: int = 3435
     device: str = "auto"
+    threads: int = 0  # CPU intra-op threads (torch.set_num_threads); 0: chosen for the model (app/threads.py)
     out_dir: str = "runs/default"
     log_every: int = 50
     max_batches_per_epoch: int | None = None  # for quick runs
@@ -98,7 +99,7 @@ class TrainConfig:
         for name in ("batch_size", "embed_dim", "hidden_dim", "enc_channels", "dec_channels", "eval_samples",
                      "eval_elbo_samples", "log_every", "max_vocab"):
             _integer(self, name, low=1)
-        for name in ("epochs", "svi_steps", "decay_start_epoch", "warmup_epochs", "seed"):
+        for name in ("epochs", "svi_steps", "decay_start_epoch", "warmup_epochs", "seed", "threads"):
             _integer(self, name, low=0)
         for name in ("max_length", "max_batches_per_epoch"):
             if getattr(self, name) is not None:

@@ -63,6 +63,9 @@ def load_data(cfg: TrainConfig) -> RunData:
             paths = {s: os.path.join(cfg.data_path, f"{s}.txt") for s in ("train", "valid", "test")}
             if not os.path.isdir(cfg.data_path):
                 raise DataError(f"text data directory not found: {cfg.data_path}")
+            special = [p for p in paths.values() if os.path.exists(p) and not os.path.isfile(p)]
+            if special:  # a FIFO, a device, a directory: read as text it would block or fail
+                raise DataError(f"{special[0]} is not a regular file (the text data must be files)")
             missing = [os.path.basename(p) for p in paths.values() if not os.path.isfile(p)]
             if missing:  # found now, not after training (the final evaluation reads test.txt)
                 raise DataError(f"text data directory {cfg.data_path} lacks {', '.join(missing)} "

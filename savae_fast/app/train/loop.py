@@ -16,17 +16,23 @@ import torch.distributed as dist
 from savae_fast.app import evaluate as ev
 from savae_fast.app.devices import resolve_device
 from savae_fast.app.errors import CheckpointError, ConfigError, notice
+from savae_fast.app.threads import apply_threads
 from savae_fast.app.train import checkpoint
 from savae_fast.app.train.config import TrainConfig
 from savae_fast.app.train.data import RunData, build_model, load_data
 from savae_fast.app.train.distributed import Distributed, ShardedObjective
-from savae_fast.app.train.metrics import Progress, append_metrics
+from savae_fast.app.train.metrics import Progress, append_metrics, write_metrics
 from savae_fast.app.train.rng import rng_state, set_rng_state
 
 
 # Options a resumed run may change: none of them changes what is computed.
 RESUMABLE_CHANGES = frozenset({"epochs", "out_dir", "device", "log_every", "eval_samples", "eval_elbo_samples",
-                               "data_path", "backend"})
+                               "data_path", "backend", "threads"})
+
+
+# What a run writes into its out_dir (a fresh run refuses a directory holding any of them).
+RUN_FILES = ("config.json", "metrics.csv", "metrics.json", "last.pt", "best.pt", "results.json")
+LOCK_FILE = ".savae-fast.lock"
 
 
 def check_run_directory(path: str) -> None:
@@ -34,20 +40,75 @@ def check_run_directory(path: str) -> None:
         raise ConfigError(f"out_dir (--out-dir) names a file, not a directory: {path}")
 
 
-def make_run_directory(path: str) -> None:
-    check_run_directory(path)
-    try:
-        os.makedirs(path, exist_ok=True)
-    except OSError as exc:
-        raise ConfigError(f"cannot create out_dir (--out-dir) {path}: {exc.strerror}") from exc
+def run_files(path: str) -> list[str]:
+    """The run files already in ``path``."""
+    return [name for name in RUN_FILES if os.path.exists(os.path.join(path, name))]
+
+
+def refuse_existing_run(path: str, resume: bool, overwrite: bool) -> None:
+    """A fresh run (no --resume) does not write over another run's files unless told to."""
+    found = run_files(path)
+    if found and not resume and not overwrite:
+        raise ConfigError(f"out_dir (--out-dir) {path} holds a run already ({', '.join(found)}): pass --resume to "
+                          "continue it, --overwrite to replace it, or another --out-dir")
+
+
+class RunDirectory:
+    """The out_dir of one run, created and locked (an exclusive lock on a file in it) for the
+    run's lifetime, so that two runs cannot write into one directory at once. The lock goes
+    with the process (also when it is killed)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self._lock = None
+
+    def claim(self) -> None:
+        import fcntl
+
+        check_run_directory(self.path)
+        try:
+            os.makedirs(self.path, exist_ok=True)
+            lock = open(os.path.join(self.path, LOCK_FILE), "a+")
+        except OSError as exc:
+            raise ConfigError(f"cannot write to out_dir (--out-dir) {self.path}: {exc.strerror}") from exc
+        try:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            lock.seek(0)
+            holder = lock.read().strip() or "another process"
+            lock.close()
+            raise ConfigError(f"out_dir (--out-dir) {self.path} is in use by another savae-fast run ({holder}); "
+                              "wait for it or choose another --out-dir") from None
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"pid {os.getpid()}\n")
+        lock.flush()
+        self._lock = lock
+
+    def release(self) -> None:
+        if self._lock is not None:
+            self._lock.close()  # (closing the file releases the lock)
+            self._lock = None
+
+
+def write_failed(path: str, exc: OSError, state: dict) -> ConfigError:
+    """A write into the run directory that failed (full disk, read-only file system, ...)."""
+    done = state.get("epoch", 0)
+    resume = (f"; last.pt holds epoch {done}: free the space and rerun with --resume" if done
+              else "; no epoch was saved yet")
+    return ConfigError(f"cannot write {path}: {exc.strerror or exc}{resume}")
 
 
 class Trainer:
     """Trains one configuration: epochs, validation, checkpoints (last.pt, best.pt), metrics."""
 
-    def __init__(self, cfg: TrainConfig, resume: bool = False, progress: bool = True, data: RunData | None = None):
+    def __init__(self, cfg: TrainConfig, resume: bool = False, progress: bool = True, data: RunData | None = None,
+                 overwrite: bool = False):
         self.cfg = cfg.validate()
         self.out_dir = cfg.out_dir
+        self.run_dir = RunDirectory(self.out_dir)
+        self.state = {"epoch": 0}
+        self._saved_state = {"epoch": 0}  # what last.pt holds (for the message of a failed write)
         if resume and not os.path.isfile(self._path("last.pt")):
             raise CheckpointError(f"cannot resume: {self._path('last.pt')} not found")
         self.d = Distributed()
@@ -55,11 +116,16 @@ class Trainer:
         self.d.init(self.device)
         self.progress = progress and self.d.is_main
         check_run_directory(self.out_dir)
+        if self.d.is_main:
+            refuse_existing_run(self.out_dir, resume, overwrite)
+        self.threads = apply_threads(cfg)
+        check_refinement_fits(cfg, self.device)
         self._steps_per_epoch = None
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
         np.random.seed(cfg.seed % 2**32)
         self.data = data or load_data(cfg)
+        check_model_fits(cfg, self.data, self.device)
         self.model = build_model(cfg, self.data).to(self.device)
         self.objective = ShardedObjective(self.model, cfg, self.d)
         self.step_module = self.objective
@@ -74,27 +140,47 @@ class Trainer:
         if resume:
             self._load_last()
         if self.d.is_main:  # after a resume was accepted: a rejected one leaves the run as it was
-            make_run_directory(self.out_dir)
-            with open(os.path.join(self.out_dir, "config.json"), "w") as f:
-                f.write(cfg.to_json())
+            self.run_dir.claim()
+            try:
+                refuse_existing_run(self.out_dir, resume, overwrite)  # (a run that finished meanwhile)
+                if overwrite and not resume:
+                    for name in run_files(self.out_dir):
+                        os.unlink(self._path(name))
+                with open(self._path("config.json"), "w") as f:
+                    f.write(cfg.to_json())
+                if resume:  # metrics as of last.pt (a crash after a metrics row but before last.pt left one more)
+                    self._rewrite_metrics()
+            except OSError as exc:
+                self.run_dir.release()
+                raise write_failed(self._path("config.json"), exc, self.state) from exc
+            except BaseException:
+                self.run_dir.release()
+                raise
 
     # ------------------------------------------------------------------ checkpoints
     def _path(self, name: str) -> str:
         return os.path.join(self.out_dir, name)
 
+    def _save(self, obj: dict, name: str) -> None:
+        try:
+            checkpoint.save(obj, self._path(name))
+        except OSError as exc:
+            raise write_failed(self._path(name), exc, self._saved_state) from exc
+
     def _save_last(self) -> None:
         if not self.d.is_main:
             return
-        checkpoint.save({"config": self.cfg.to_dict(), "model": self.model.state_dict(),
-                         "optimizer": self.optimizer.state_dict(), "state": self.state, "rng": rng_state(),
-                         "data_fingerprint": self.data_fingerprint}, self._path("last.pt"))
+        self._save({"config": self.cfg.to_dict(), "model": self.model.state_dict(),
+                    "optimizer": self.optimizer.state_dict(), "state": self.state, "rng": rng_state(),
+                    "data_fingerprint": self.data_fingerprint}, "last.pt")
+        self._saved_state = {"epoch": self.state["epoch"]}
 
     def _save_best(self, epoch: int, val: dict) -> None:
         if not self.d.is_main:
             return
-        checkpoint.save({"config": self.cfg.to_dict(), "model": self.model.state_dict(), "epoch": epoch,
-                         "valid": val, "vocab_size": self.data.vocab_size, "image_size": self.data.image_size},
-                        self._path("best.pt"))
+        self._save({"config": self.cfg.to_dict(), "model": self.model.state_dict(), "epoch": epoch,
+                    "valid": val, "vocab_size": self.data.vocab_size, "image_size": self.data.image_size,
+                    "data_fingerprint": self.data_fingerprint}, "best.pt")
 
     def _load_last(self) -> None:
         path = self._path("last.pt")
@@ -116,6 +202,7 @@ class Trainer:
             raise CheckpointError(f"cannot resume: {path} does not match this run's model "
                                   f"({str(exc).splitlines()[0]})") from exc
         self.state = ck["state"]
+        self._saved_state = {"epoch": self.state["epoch"]}
         set_rng_state(ck["rng"])
 
     # --------------------------------------------------------------------- training
@@ -196,7 +283,14 @@ class Trainer:
 
     def _write_metrics(self, record: dict) -> None:
         if self.d.is_main:
-            append_metrics(self.out_dir, record, self.state["history"])
+            try:
+                append_metrics(self.out_dir, record, self.state["history"])
+            except OSError as exc:
+                raise write_failed(self._path("metrics.csv"), exc, self._saved_state) from exc
+
+    def _rewrite_metrics(self) -> None:
+        """metrics.csv and metrics.json from the history in last.pt."""
+        write_metrics(self.out_dir, self.state["history"])
 
     def test(self) -> dict:
         """Full metrics of the best checkpoint on the test split (written to results.json)."""
@@ -215,10 +309,46 @@ class Trainer:
         if self.data.true_test_nll is not None:
             res["true_nll"] = self.data.true_test_nll
         if self.d.is_main:
-            with open(self._path("results.json"), "w") as f:
-                json.dump({"mode": self.cfg.mode, "dataset": self.cfg.dataset, **res}, f, indent=1)
+            try:
+                with open(self._path("results.json"), "w") as f:
+                    json.dump({"mode": self.cfg.mode, "dataset": self.cfg.dataset, **res}, f, indent=1)
+            except OSError as exc:
+                raise write_failed(self._path("results.json"), exc, self._saved_state) from exc
         return res
 
     def close(self) -> None:
+        self.run_dir.release()
         if self.d.enabled and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def check_refinement_fits(cfg: TrainConfig, device: torch.device) -> None:
+    """The inner refinement's saved state (noise and K steps of lambda and dNLL/dz, float32,
+    one batch) within the device's memory: found before anything is written."""
+    from savae_fast.refine.validation import memory_capacity
+
+    if not cfg.uses_refinement:
+        return
+    need = cfg.svi_steps * cfg.batch_size * cfg.latent_dim * 4 * 4
+    capacity = memory_capacity(device) if need > 2**30 else None
+    if capacity is not None and need > capacity:
+        raise ConfigError(f"svi_steps (--svi-steps) {cfg.svi_steps} needs {need / 2**30:,.0f} GiB for the refinement's "
+                          f"saved steps at batch size {cfg.batch_size} and latent_dim {cfg.latent_dim}, more than "
+                          f"the {capacity / 2**30:,.1f} GiB of {device}")
+
+
+def check_model_fits(cfg: TrainConfig, data: RunData, device: torch.device) -> None:
+    """The model's parameters (counted on the meta device, nothing allocated), their gradients
+    and optimiser state within the device's memory."""
+    from savae_fast.refine.validation import memory_capacity
+
+    with torch.device("meta"):
+        numel = sum(p.numel() for p in build_model(cfg, data).parameters())
+    need = numel * 4 * 4  # parameters, gradients, two optimiser moments (Adam)
+    capacity = memory_capacity(device) if need > 2**30 else None
+    if capacity is not None and need > capacity:
+        sizes = (f"embed_dim {cfg.embed_dim}, hidden_dim {cfg.hidden_dim}, vocabulary {data.vocab_size}"
+                 if data.kind == "text" else f"enc_channels {cfg.enc_channels}, dec_channels {cfg.dec_channels}")
+        raise ConfigError(f"the model has {numel:,} parameters ({sizes}): with their gradients and optimiser "
+                          f"state {need / 2**30:,.0f} GiB, more than the {capacity / 2**30:,.1f} GiB of {device} "
+                          "(--hidden-dim, --embed-dim, --max-vocab)")

@@ -10,6 +10,21 @@ import sys
 import time
 
 
+def write_metrics(out_dir: str, history: list[dict]) -> None:
+    """metrics.csv and metrics.json written anew from ``history`` (a resumed run: the rows as of
+    its checkpoint)."""
+    path = os.path.join(out_dir, "metrics.csv")
+    tmp = path + ".tmp"
+    with open(tmp, "w", newline="") as f:
+        if history:
+            writer = csv.DictWriter(f, fieldnames=list(history[0]))
+            writer.writeheader()
+            writer.writerows(history)
+    os.replace(tmp, path)
+    with open(os.path.join(out_dir, "metrics.json"), "w") as f:
+        json.dump(history, f, indent=1)
+
+
 def append_metrics(out_dir: str, record: dict, history: list[dict]) -> None:
     """Append ``record`` to metrics.csv (header first) and rewrite metrics.json with ``history``."""
     path = os.path.join(out_dir, "metrics.csv")
