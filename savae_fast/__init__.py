@@ -4,11 +4,11 @@
 >>> mu_K, logvar_K = sf.refine(mu, logvar, lambda z: decoder.nll(x, z), decoder.parameters())
 """
 
-from savae_fast import ops, reference
+from savae_fast import nn, ops, reference
 from savae_fast.refine import refine
 from savae_fast.refine.graph import RefineGraph
 from savae_fast.step_graph import GraphedStep
 
 __version__ = "0.1.0"
 
-__all__ = ["refine", "RefineGraph", "GraphedStep", "ops", "reference", "__version__"]
+__all__ = ["refine", "RefineGraph", "GraphedStep", "nn", "ops", "reference", "__version__"]

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import savae_fast as sf
+from savae_fast import nn as sfnn
 from savae_fast.gaussian import gaussian_kl
 from savae_fast.models import GatedPixelCNNDecoder, LSTMDecoder
 from savae_fast.ops import torch_impl
@@ -40,10 +41,12 @@ class MLPDecoder(nn.Module):
         self.vocab, self.length = vocab, length
         self.l1 = nn.Linear(latent_dim, hidden)
         self.l2 = nn.Linear(hidden, vocab * length)
-        self.drop = nn.Dropout(dropout)
+        self.drop = sfnn.Dropout(dropout)  # nn.Dropout outside refine's stacked calls
 
     def nll(self, x, z):
+        """[B] (or [n * B] for z holding n points per example, refine's stacked calls)."""
         logits = self.l2(self.drop(torch.tanh(self.l1(z)))).view(-1, self.length, self.vocab)
+        x = sfnn.repeat_rows(x, z)
         return F.cross_entropy(logits.reshape(-1, self.vocab), x.reshape(-1), reduction="none").view(
             -1, self.length).sum(1)
 
@@ -114,6 +117,7 @@ class Tf32MLPDecoder(MLPDecoder):
     def nll(self, x, z):
         h = torch.tanh(tf32_matmul(z, self.l1.weight.t()) + self.l1.bias)
         logits = (tf32_matmul(self.drop(h), self.l2.weight.t()) + self.l2.bias).view(-1, self.length, self.vocab)
+        x = sfnn.repeat_rows(x, z)
         return F.cross_entropy(logits.reshape(-1, self.vocab), x.reshape(-1), reduction="none").view(
             -1, self.length).sum(1)
 
@@ -135,6 +139,7 @@ class Tf32LSTMDecoder(nn.Module):
             nn.init.uniform_(p, -a, a)
 
     def nll(self, x, z):
+        x = sfnn.repeat_rows(x, z)  # (stacked z: n points per example)
         inputs = self.embed(x[:, :-1])
         batch, steps, _ = inputs.shape
         inputs = torch.cat([inputs, z.unsqueeze(1).expand(batch, steps, z.shape[1])], dim=2)

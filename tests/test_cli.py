@@ -417,3 +417,15 @@ def test_train_sets_its_threads(tmp_path):
         assert json.loads((tmp_path / "run" / "config.json").read_text())["threads"] == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_train_with_stacked_points(tmp_path, capsys):
+    """--stack-points with the paper's text model (dropout 0.5, savae_fast.nn.Dropout)."""
+    out = tmp_path / "run"
+    code = cli_main(["train", "--mode", "savae", "--synthetic", TINY_SYNTHETIC, *TINY, "--hvp", "fd_richardson",
+                     "--stack-points", "4", "--dropout", "0.5", "--out-dir", str(out)])
+    assert code == 0, capsys.readouterr().err
+    assert json.loads((out / "config.json").read_text())["stack_points"] == 4
+    capsys.readouterr()
+    _one_line_error(capsys, cli_main(["train", "--synthetic", TINY_SYNTHETIC, *TINY, "--stack-points", "-2",
+                                      "--out-dir", str(tmp_path / "bad")]), "stack_points")

@@ -200,10 +200,12 @@ class _no_warning:
 
 @cuda
 @pytest.mark.cuda
-def test_graphed_step_replay_equals_eager():
+@pytest.mark.parametrize("options", [{}, {"hvp": "fd_richardson", "stack_points": True}], ids=["default", "stacked"])
+def test_graphed_step_replay_equals_eager(options):
     """A deterministic decoder: every replay gives the eager loss and gradients, for new
-    inputs too, and the gradients land in p.grad even after zero_grad(set_to_none=True)."""
-    loss_fn, inputs, params = _graphed_problem("cuda")
+    inputs too, and the gradients land in p.grad even after zero_grad(set_to_none=True).
+    Stacked fd_richardson (four points per reverse step in one decoder call) captures too."""
+    loss_fn, inputs, params = _graphed_problem("cuda", **options)
     step = sf.GraphedStep(loss_fn, inputs, params, fallback=False)
     assert step.captured
     other = (inputs[0].flip(0), torch.randn_like(inputs[1]), torch.randn_like(inputs[2]))

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from savae_fast.models.base import LatentVariableModel
+from savae_fast.nn import repeat_rows
 
 
 def check_images(name: str, x: Tensor, image_size: int) -> None:
@@ -87,6 +88,8 @@ class GatedLayer(nn.Module):
             h_feat = F.pad(h_feat, (1, 0, 0, 0))[:, :, :, :width]  # columns < j only
         h_feat = h_feat + self.vert_to_horiz(v_down)
         if cond is not None:
+            if cond.shape[0] != v_feat.shape[0]:  # n points per example (stacked z): the image's features repeated
+                v_feat, h_feat, h = (repeat_rows(t, cond) for t in (v_feat, h_feat, h))
             v_feat = v_feat + self.cond_v(cond)
             h_feat = h_feat + self.cond_h(cond)
         h_out = self.horiz_out(self._gate(h_feat))
@@ -131,7 +134,7 @@ class GatedPixelCNNDecoder(nn.Module):
         from savae_fast.models.text import check_latent
 
         check_images("GatedPixelCNNDecoder", x, self.image_size)
-        check_latent("GatedPixelCNNDecoder", z, x.shape[0], self.latent_dim)
+        check_latent("GatedPixelCNNDecoder", z, x.shape[0], self.latent_dim)  # [B or n * B, D]
         cond = None
         if self.to_cond is not None:
             cond = self.to_cond(z.to(x.dtype)).view(-1, self.cond_channels, self.image_size, self.image_size)
@@ -145,8 +148,11 @@ class GatedPixelCNNDecoder(nn.Module):
         return self.nll(x, z)
 
     def nll(self, x: Tensor, z: Tensor | None = None) -> Tensor:
-        """Per-image negative log-likelihood (nats), ``[B]``."""
-        return F.binary_cross_entropy_with_logits(self.logits(x, z), x, reduction="none").flatten(1).sum(1)
+        """Per-image negative log-likelihood (nats), ``[B]`` (``[n * B]`` for z of n points per
+        example, point-major: the layers' features of x are computed once and repeated)."""
+        logits = self.logits(x, z)
+        target = x if logits.shape[0] == x.shape[0] else repeat_rows(x, logits)
+        return F.binary_cross_entropy_with_logits(logits, target, reduction="none").flatten(1).sum(1)
 
 
 class ImageVAE(LatentVariableModel):

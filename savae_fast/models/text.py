@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from savae_fast.models.base import LatentVariableModel
+from savae_fast.nn import Dropout, repeat_rows
 
 
 def check_tokens(name: str, x: Tensor, vocab_size: int) -> None:
@@ -26,14 +27,19 @@ def check_tokens(name: str, x: Tensor, vocab_size: int) -> None:
         raise ValueError(f"{name}: argument 'x' has token ids outside [0, {vocab_size})")
 
 
-def check_latent(name: str, z: Tensor | None, batch: int, latent_dim: int) -> None:
+def check_latent(name: str, z: Tensor | None, batch: int, latent_dim: int) -> int:
+    """z a float [n * batch, latent_dim] tensor (n >= 1: refine's stacked calls give several
+    points per example, rows point-major); returns its rows."""
     if latent_dim == 0:
-        return
+        return batch
     if z is None:
         raise ValueError(f"{name}: argument 'z' is required when latent_dim > 0")
-    if not isinstance(z, Tensor) or z.shape != (batch, latent_dim) or not z.is_floating_point():
-        raise ValueError(f"{name}: argument 'z' must be a float [{batch}, {latent_dim}] tensor, got "
+    if (not isinstance(z, Tensor) or z.dim() != 2 or z.shape[1] != latent_dim or not z.is_floating_point()
+            or z.shape[0] < batch or z.shape[0] % max(batch, 1)):
+        raise ValueError(f"{name}: argument 'z' must be a float [{batch}, {latent_dim}] tensor (or [n * {batch}, "
+                         f"{latent_dim}]: n points per example), got "
                          f"{tuple(z.shape) if isinstance(z, Tensor) else type(z).__name__}")
+    return z.shape[0]
 
 
 class LSTMDecoder(nn.Module):
@@ -46,16 +52,19 @@ class LSTMDecoder(nn.Module):
         super().__init__()
         self.vocab_size, self.latent_dim, self.pad_index = vocab_size, latent_dim, pad_index
         self.embed = nn.Embedding(vocab_size, embed_dim)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)  # nn.Dropout outside refine's stacked calls
         self.rnn = nn.LSTM(embed_dim + latent_dim, hidden_dim, batch_first=True)
         self.latent_to_hidden = nn.Linear(latent_dim, hidden_dim) if latent_dim > 0 else None
         self.out = nn.Linear(hidden_dim, vocab_size)
 
     def logits(self, x: Tensor, z: Tensor | None) -> Tensor:
-        """Next-token logits ``[B, T-1, V]``."""
+        """Next-token logits ``[R, T-1, V]``: R = B, or n * B for z holding n points per example
+        (refine's stacked calls): the embedded tokens are repeated, not the tokens re-embedded."""
         check_tokens("LSTMDecoder", x, self.vocab_size)
-        check_latent("LSTMDecoder", z, x.shape[0], self.latent_dim)
-        inputs = self.dropout(self.embed(x[:, :-1]))
+        rows = check_latent("LSTMDecoder", z, x.shape[0], self.latent_dim)
+        inputs = self.dropout(self.embed(x[:, :-1]))  # one dropout mask per example
+        if rows != x.shape[0]:
+            inputs = repeat_rows(inputs, z)
         batch, steps, _ = inputs.shape
         hidden = inputs.new_zeros(1, batch, self.rnn.hidden_size)
         if self.latent_dim > 0:
@@ -69,9 +78,10 @@ class LSTMDecoder(nn.Module):
         return self.nll(x, z)
 
     def nll(self, x: Tensor, z: Tensor | None = None) -> Tensor:
-        """Per-sentence negative log-likelihood (nats, summed over tokens), ``[B]``."""
+        """Per-sentence negative log-likelihood (nats, summed over tokens), ``[B]`` (``[n * B]`` for
+        z of n points per example, point-major)."""
         logits = self.logits(x, z)
-        target = x[:, 1:]
+        target = x[:, 1:] if logits.shape[0] == x.shape[0] else repeat_rows(x[:, 1:], logits)
         token_nll = F.cross_entropy(logits.reshape(-1, self.vocab_size), target.reshape(-1),
                                     ignore_index=self.pad_index, reduction="none")
         return token_nll.view(target.shape).sum(dim=1)

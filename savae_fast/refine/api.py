@@ -42,6 +42,7 @@ def refine(
     fp32_precision: str = "inherit",
     batch_coupled: bool | None = None,
     check_decoder: bool = True,
+    stack_points: bool | int = False,
 ) -> tuple[Tensor, Tensor]:
     """Refine Gaussian variational parameters by K steps of SVI, differentiably.
 
@@ -123,6 +124,15 @@ def refine(
             example (fd_forward, exact and jvp need nothing). ``None`` (default): coupled when the
             probe of the first decoder call finds batch normalisation in training mode over more
             than one example; a coupling no operator shows must be declared with ``True``.
+        stack_points: evaluate the decoder at all the points a reverse step of fd_central (2),
+            fd_richardson and fd_adaptive (4) needs in one call of ``nll_fn`` on ``z`` of shape
+            ``[n * B, D]``, rows point-major (row ``j * B + b`` is example b at point j), and get
+            every point's parameter term from one backward. ``nll_fn`` must then return ``[n * B]``:
+            ``lambda z: decoder.nll(savae_fast.nn.repeat_rows(x, z), z)`` (the bundled models take
+            stacked z as they are). An int caps the points per call (memory). Dropout must be
+            ``savae_fast.nn.Dropout`` (one mask per example); other random draws are refused. Modes
+            with one point per reverse step (fd_forward, exact, jvp) are unchanged. A decoder that
+            couples the examples is evaluated unstacked (with a warning).
         check_decoder: probe the first decoder call of a differentiable refinement (one Python
             hook per operator of that call): its random draws (a generator of its own is an
             error), batch coupling, tensors it writes in place (saved per step and replayed in the
@@ -154,7 +164,7 @@ def refine(
                       kl_weight=kl_weight, reduction=reduction, hvp=hvp, fd_eps=fd_eps, fd_tol=fd_tol,
                       preserve_rng_state=preserve_rng_state, process_group=process_group,
                       on_nonfinite=on_nonfinite, fp32_precision=fp32_precision, reduced_fp32=reduced,
-                      check_decoder=check_decoder, batch_coupled=batch_coupled)
+                      check_decoder=check_decoder, batch_coupled=batch_coupled, stack_points=stack_points)
     check_capture(cfg, mu)
     if reduced:
         warn_reduced_precision(mu.device.type, reduced)

@@ -43,6 +43,7 @@ class RefineConfig:
     batch_coupled: bool | None = None  # the decoder couples the examples (None: found by the probe)
     check_fd_eps: float = 0.0  # the central step of the cross-check of exact second-order terms
     precision: object = None  # what the decoder computes in: a dtype or "tf32" (precision.decoder_precision)
+    stack_points: int = 0  # the most difference points per decoder call (0: one per call, unstacked)
 
     @property
     def scalars(self) -> StepScalars:

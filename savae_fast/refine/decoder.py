@@ -21,10 +21,18 @@ def no_graph_error() -> RuntimeError:
         "compute with autograd (refine itself may be called under no_grad or inference_mode)")
 
 
-def check_nll(nll, batch: int) -> None:
+def check_nll(nll, batch: int, stacked: tuple | None = None) -> None:
+    """``stacked``: (points, examples) of a stacked call (refine(stack_points=...))."""
     if not isinstance(nll, Tensor):
         raise TypeError(f"refine: nll_fn must return a Tensor of per-example NLL, got {type(nll).__name__}")
     if nll.shape != (batch,):
+        if stacked is not None:
+            n, b = stacked
+            raise ValueError(
+                f"refine: argument 'nll_fn' returned shape {tuple(nll.shape)} for a stacked z of shape [{batch}, D]: "
+                f"with stack_points, nll_fn gets the {n} difference points of each of the {b} examples as one batch, "
+                f"rows point-major (row j * {b} + b is example b at point j), and must return {batch} values, e.g. "
+                "lambda z: decoder.nll(savae_fast.nn.repeat_rows(x, z), z)")
         raise ValueError(
             f"refine: nll_fn must return per-example negative log-likelihoods of shape [{batch}], "
             f"got shape {tuple(nll.shape)} (do not reduce over the batch)"
@@ -59,21 +67,23 @@ def gradients(loss: Tensor, inputs: Sequence[Tensor]) -> tuple:
     return torch.autograd.grad(loss, inputs, allow_unused=True)
 
 
-def decoder_grads(nll_fn: Callable, z: Tensor, params: Sequence[Tensor], weight: Tensor | None = None):
+def decoder_grads(nll_fn: Callable, z: Tensor, params: Sequence[Tensor], weight: Tensor | None = None,
+                  stacked: tuple | None = None):
     """dL/dz and dL/dtheta of L = sum_b w_b NLL_b(z_b) (w = 1 when ``weight`` is None).
+    ``stacked``: (points, examples) when ``z`` holds several points of each example (stack_points).
 
     Returns (grad_z, param_grads) with None for parameters the loss does not use.
     """
     if torch.is_inference_mode_enabled():  # the gradient needs autograd: leave inference mode here
         with torch.inference_mode(False):
-            return decoder_grads(nll_fn, z.clone(), params, weight)
+            return decoder_grads(nll_fn, z.clone(), params, weight, stacked)
     batch = z.shape[0]
     grad_was_enabled = torch.is_grad_enabled()
     _set_grad_enabled(True)
     try:
         z = z.detach().requires_grad_(True)
         nll = nll_fn(z.clone())  # a tensor the decoder may write into (z itself is a leaf)
-        check_nll(nll, batch)
+        check_nll(nll, batch, stacked)
         loss = nll.sum() if weight is None else (nll * weight.to(nll.dtype)).sum()
         if not loss.requires_grad:
             raise no_graph_error()

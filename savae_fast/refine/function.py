@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import threading
+import warnings
 from typing import Callable, Sequence
 
 import torch
@@ -53,6 +54,8 @@ def _forward_steps(cfg: RefineConfig, be: Backend, nll_fn: Callable, mu: Tensor,
     # the first decoder call of a differentiable refinement runs under the probe (refine/probe.py)
     probe = DecoderProbe(params) if record and cfg.check_decoder else None
     state = None  # the tensors the decoder writes in place, saved before every step
+    if record and cfg.hvp.points_per_step > 1:
+        tape.stack_points = cfg.stack_points
     for k in range(steps):
         step_fn = nll_fn
         if save_rng:
@@ -67,6 +70,11 @@ def _forward_steps(cfg: RefineConfig, be: Backend, nll_fn: Callable, mu: Tensor,
             tape.coupled = cfg.batch_coupled if cfg.batch_coupled is not None else probe.coupling is not None
             if probe.written:
                 state = tape.state = DecoderState(probe.written)
+            if tape.stack_points and tape.coupled:
+                warn_unstacked(probe.coupling or "batch_coupled=True")
+                tape.stack_points = 0
+            if tape.stack_points:
+                probe.check_stackable()
         if policy is NonFinite.ZERO:
             grad_z = zero_nonfinite(grad_z)
             param_grads = [zero_nonfinite(g) for g in param_grads]
@@ -80,6 +88,10 @@ def _forward_steps(cfg: RefineConfig, be: Backend, nll_fn: Callable, mu: Tensor,
         mu, logvar = mu_n, logvar_n
     if save_rng and not _decoder_drew(tape.rng, probe):
         tape.rng = None  # a decoder without random draws needs no replay: never set the process-wide generators
+    if save_rng and tape.rng and tape.stack_points and probe is None:
+        raise RuntimeError("refine: stack_points with a decoder that draws random numbers needs check_decoder=True, "
+                           "which finds out whether its draws come from savae_fast.nn.Dropout (the same at every "
+                           "point of an example) or not")
     # (the clip norms too: a gradient norm that overflows, e.g. float32 logvar above ~44, makes
     # the clip factor 0, and the state stops moving while staying finite)
     if policy is NonFinite.RAISE and steps > 0 and not all_finite(mu, logvar, torch.stack(tape.grad_norms)):
@@ -87,6 +99,20 @@ def _forward_steps(cfg: RefineConfig, be: Backend, nll_fn: Callable, mu: Tensor,
         tape.logvar.append(logvar)
         raise nonfinite_error(tape.first_nonfinite_step())
     return mu, logvar, (tape if record else None)
+
+
+_warned_unstacked = False
+
+
+def warn_unstacked(cause: str) -> None:
+    """Once per process: stack_points ignored for a decoder that couples the examples."""
+    global _warned_unstacked
+    if _warned_unstacked:
+        return
+    _warned_unstacked = True
+    warnings.warn(f"refine: stack_points ignored: the decoder couples the examples of the batch ({cause}), and "
+                  "batch statistics over stacked points would mix an example's points; its difference points are "
+                  "evaluated one call each", UserWarning, stacklevel=4)
 
 
 def _decoder_drew(states: list, probe: DecoderProbe | None) -> bool:

@@ -51,7 +51,8 @@ class RefineGraph:
     """
 
     def __init__(self, nll_fn: Callable[[Tensor], Tensor], *, steps: int = DEFAULTS.steps, warmup: int = 3, **refine_kwargs):
-        for bad in ("hvp", "fd_eps", "fd_tol", "preserve_rng_state", "noise", "on_nonfinite"):
+        for bad in ("hvp", "fd_eps", "fd_tol", "preserve_rng_state", "noise", "on_nonfinite", "stack_points",
+                    "batch_coupled", "check_decoder"):
             if bad in refine_kwargs:
                 raise TypeError(f"RefineGraph: argument '{bad}' does not apply to forward-only refinement")
         if not callable(nll_fn):

@@ -19,6 +19,7 @@ from typing import Callable, ClassVar, NamedTuple, Sequence
 import torch
 from torch import Tensor
 
+from savae_fast.nn import stacked_call
 from savae_fast.ops import Backend
 from savae_fast.ops.constants import FdMode
 from savae_fast.refine.config import NonFinite
@@ -70,6 +71,38 @@ class ReverseRun:
     def coupled(self) -> bool:
         return self.tape.coupled
 
+    def evaluate_points(self, points: Sequence[Tensor], coefs: Sequence[float], param_scale: float,
+                        row_weight: Tensor, replay: Callable[[], None], into: list | None = None) -> list:
+        """t_j = dL_j/dz at each point z_j, L_j = sum_b w_b NLL_b(z_j) (w: ``row_weight``), and
+        theta_bar (or ``into``) += param_scale * sum_j coefs[j] dL_j/dtheta.
+
+        One decoder call per point, or with stacking (tape.stack_points > 1) up to that many points
+        in one call on their rows stacked point-major ([n B, D]), its loss weighted
+        coefs[j] w_b per row: one backward gives every point's parameter term at once, and the
+        z-gradient rows divided by coefs[j] (powers of two: exact) are the t_j."""
+        cap = max(1, self.tape.stack_points)
+        batch = points[0].shape[0]
+        terms = []
+        for start in range(0, len(points), cap):
+            group = range(start, min(start + cap, len(points)))
+            replay()
+            if len(group) == 1:
+                (j,) = group
+                g_z, g_theta = decoder_grads(self.nll_fn, points[j], self.params, weight=row_weight)
+                self.add_param_grads(g_theta, param_scale * coefs[j], into)
+                terms.append(g_z)
+                continue
+            z = torch.cat([points[j] for j in group])
+            weight = torch.cat([row_weight * coefs[j] for j in group])
+            with stacked_call(len(group), batch):
+                g_z, g_theta = decoder_grads(self.nll_fn, z, self.params, weight=weight, stacked=(len(group), batch))
+            self.add_param_grads(g_theta, param_scale, into)
+            del g_theta
+            for i, j in enumerate(group):
+                rows = g_z[i * batch:(i + 1) * batch]
+                terms.append(rows if coefs[j] == 1 else rows / coefs[j])
+        return terms
+
     def central_points(self, z_eval: Tensor, u: Tensor, row_weight: Tensor) -> tuple[Tensor, Tensor]:
         """The central points z +- r u and row weights 1 / (2 r): per example (reverse_direction's
         r_b) for independent examples; for a decoder that couples them (the per-example
@@ -112,6 +145,8 @@ class HvpMethod:
     reads_device_values: ClassVar[bool] = False
     # Per decoder precision: the error estimate above which a step is taken again (fd_adaptive).
     step_tolerance: ClassVar[dict] = {}
+    # Decoder evaluation points per reverse step (stack_points puts them in one call).
+    points_per_step: ClassVar[int] = 1
 
     def direction_fd_mode(self, tape: Tape) -> FdMode:
         """The evaluation points reverse_direction prepares for this method."""
@@ -193,6 +228,7 @@ class CentralDifference(HvpMethod):
 
     name = "fd_central"
     fd_mode = FdMode.CENTRAL
+    points_per_step = 2
     default_fd_eps = {torch.float32: 2e-3, torch.float64: 5e-6, TF32: 5e-2, torch.bfloat16: 1e-1,
                       torch.float16: 5e-2}
 
@@ -202,16 +238,10 @@ class CentralDifference(HvpMethod):
 
     def decoder_terms(self, run, k, z_eval, u, row_weight, replay):
         # theta_bar -= s [g(z + r u) - g(z - r u)] / (2 r), one pass's parameter
-        # gradients alive at a time (the 1 / (2 r_b) is in the row weights).
+        # gradients alive at a time, or both points in one stacked call (the 1 / (2 r_b) is in
+        # the row weights).
         z_eval, row_weight = run.central_points(z_eval, u, row_weight)
-        s = run.cfg.scale
-        replay()
-        hvp_a, g_plus = decoder_grads(run.nll_fn, z_eval[0], run.params, weight=row_weight)
-        run.add_param_grads(g_plus, -s)
-        del g_plus
-        replay()
-        hvp_b, g_minus = decoder_grads(run.nll_fn, z_eval[1], run.params, weight=row_weight)
-        run.add_param_grads(g_minus, s)
+        hvp_a, hvp_b = run.evaluate_points((z_eval[0], z_eval[1]), (1.0, -1.0), -run.cfg.scale, row_weight, replay)
         return DecoderTerms(hvp_a, hvp_b, 1.0, (hvp_a, hvp_b))
 
 
@@ -225,6 +255,7 @@ class RichardsonDifference(CentralDifference):
     accurate as fd_central at a step tuned for each draw (three draws swept)."""
 
     name = "fd_richardson"
+    points_per_step = 4
     # float32: large-weight LSTM (truncation ~3e6 eps^4, rounding ~1e-7 / eps) and small-weight
     # decoders (rounding only, 3-4e-6) swept over 1e-3..1e-2. TF32 (the CPU emulation of
     # test_precision, MLP and LSTM, 4 draws) swept over 2e-2..2e-1: 1e-1 gives 2-3e-3
@@ -249,16 +280,9 @@ class RichardsonDifference(CentralDifference):
         """dNLL/dz at z +- r u, z +- 2 r u (rows weighted 1 / (2 r_b)); their parameter
         gradients added to theta_bar (or ``into``) as the extrapolated quotient's: with D(h)
         the central quotient at step h, (4 D(r) - D(2 r)) / 3 = [(8 g(z+) - g(z2+)) -
-        (8 g(z-) - g(z2-))] / 6 * row_weight. One pass's parameter gradients alive at a time."""
-        s = run.cfg.scale
-        terms = []
-        for z, alpha in zip(points, (-s * 8 / 6, s * 8 / 6, s / 6, -s / 6)):
-            replay()
-            g_z, g_theta = decoder_grads(run.nll_fn, z, run.params, weight=row_weight)
-            run.add_param_grads(g_theta, alpha, into)
-            del g_theta
-            terms.append(g_z)
-        return terms
+        (8 g(z-) - g(z2-))] / 6 * row_weight. One pass's parameter gradients alive at a time
+        (or one stacked call's)."""
+        return run.evaluate_points(points, (8.0, -8.0, -1.0, 1.0), -run.cfg.scale / 6, row_weight, replay, into)
 
     @staticmethod
     def combine(terms: list) -> DecoderTerms:

@@ -32,6 +32,8 @@ import torch
 from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from savae_fast.nn import in_replayable_draw
+
 _SEEDED = torch.Tag.nondeterministic_seeded
 _argument_info: dict = {}
 
@@ -96,6 +98,7 @@ class DecoderProbe(TorchDispatchMode):
         self.created: set = set()  # storages made during the call (z included)
         self.draws = False
         self.own_generator: str | None = None  # an operator drawing from a generator of the decoder's own
+        self.unstackable_draw: str | None = None  # a draw outside savae_fast.nn.Dropout (stacked calls)
         self.coupling: str | None = None  # an operator that couples the examples
         self.written: dict = {}  # storage -> (base tensor, its values before the call)
         self.refused: str | None = None  # why refine cannot differentiate this decoder
@@ -128,6 +131,8 @@ class DecoderProbe(TorchDispatchMode):
             self.draws = True
             if _argument(names, args, kwargs, "generator") is not None and self.own_generator is None:
                 self.own_generator = f"aten.{op}"
+            if self.unstackable_draw is None and not in_replayable_draw():
+                self.unstackable_draw = f"aten.{op}"
         for i in written:
             value = args[i] if i < len(args) else kwargs.get(names[i])
             for t in _tensors(value):
@@ -155,6 +160,17 @@ class DecoderProbe(TorchDispatchMode):
                 if key:
                     self.created.add(key)
         return out
+
+    def check_stackable(self) -> None:
+        """Raise where the decoder's random draws would differ between the points of a stacked call."""
+        if self.unstackable_draw:
+            raise RuntimeError(
+                f"refine: stack_points evaluates an example's difference points in one decoder call, and nll_fn "
+                f"draws random numbers outside savae_fast.nn.Dropout ({self.unstackable_draw}: nn.Dropout, "
+                "F.dropout, the inter-layer dropout of nn.LSTM(dropout=p), ...), which would give each point of "
+                "an example other random numbers and make the difference quotients noise. Use "
+                "savae_fast.nn.Dropout in place of nn.Dropout (one mask per example in stacked calls, nn.Dropout "
+                "elsewhere), put the decoder in eval mode, or pass stack_points=False")
 
     def check(self) -> None:
         """Raise for what refine cannot differentiate (after the call)."""

@@ -38,6 +38,7 @@ class Tape:
     casts_param_grads: bool = False  # some parameter is float16/bfloat16 (its sum is float32)
     coupled: bool = False  # the decoder couples the examples: difference steps shared by the batch
     state: DecoderState | None = None  # tensors the decoder writes in place, per step (refine/probe.py)
+    stack_points: int = 0  # the most difference points per decoder call in the backward (0 / 1: one)
 
     @classmethod
     def for_params(cls, params, sum_param_grads: bool) -> "Tape":

@@ -102,6 +102,20 @@ def check_state(mu, logvar) -> None:
         raise ValueError(f"refine: argument 'logvar' is on {logvar.device} but 'mu' is on {mu.device}")
 
 
+# stack_points=True: every point of a reverse step in one call (4 is the most any method has)
+STACK_ALL = 1 << 16
+
+
+def check_stack_points(stack_points) -> int:
+    """False / 0 / 1: one point per decoder call; True: all; an int >= 2: at most that many."""
+    if isinstance(stack_points, bool):
+        return STACK_ALL if stack_points else 0
+    if not isinstance(stack_points, numbers.Integral) or stack_points < 0:
+        raise ValueError(f"refine: argument 'stack_points' must be a bool or an int >= 0 (the most difference points "
+                         f"per decoder call), got {stack_points!r}")
+    return int(stack_points) if stack_points > 1 else 0
+
+
 def check_not_transformed(*tensors: Tensor) -> None:
     """refine inside torch.func transforms (grad, vjp, jacrev, vmap, ...) is refused by name: its
     autograd Function has no functorch rules (setup_context, vmap)."""
@@ -202,7 +216,7 @@ def check_backend(backend) -> str:
 def make_config(mu: Tensor, *, steps, lr, momentum, max_grad_norm, kl_weight, reduction, hvp, fd_eps,
                 preserve_rng_state, fd_tol=None, process_group=None, on_nonfinite="raise",
                 fp32_precision="inherit", reduced_fp32: dict | None = None, check_decoder=True,
-                batch_coupled=None) -> RefineConfig:
+                batch_coupled=None, stack_points=False) -> RefineConfig:
     """Validate the hyper-parameters of a refine call (errors name the argument).
     ``reduced_fp32``: precision.reduced_fp32_settings for mu's device if already read."""
     from savae_fast.refine.distributed import check_process_group, global_batch as total_batch, world_size
@@ -243,6 +257,7 @@ def make_config(mu: Tensor, *, steps, lr, momentum, max_grad_norm, kl_weight, re
         fd_tol = real("fd_tol", fd_tol, low=0.0, low_open=True, high=1.0)
     if not isinstance(check_decoder, bool):
         raise TypeError(f"refine: argument 'check_decoder' must be a bool, got {type(check_decoder).__name__}")
+    stack_points = check_stack_points(stack_points)
     if batch_coupled is not None and not isinstance(batch_coupled, bool):
         raise TypeError(f"refine: argument 'batch_coupled' must be None or a bool, got {type(batch_coupled).__name__}")
     precision = decoder_precision(mu, full_fp32=fp32_precision == "ieee", reduced=reduced_fp32)
@@ -264,7 +279,8 @@ def make_config(mu: Tensor, *, steps, lr, momentum, max_grad_norm, kl_weight, re
         kl_weight=kl_weight, scale=scale, hvp=method, fd_eps=fd_eps, preserve_rng_state=preserve_rng_state,
         process_group=process_group, global_batch=global_batch, on_nonfinite=NonFinite(on_nonfinite),
         full_fp32=fp32_precision == "ieee", fd_tol=fd_tol, check_decoder=check_decoder, batch_coupled=batch_coupled,
-        check_fd_eps=HVP_METHODS["fd_central"].default_fd_eps.get(precision, 2e-3), precision=precision)
+        check_fd_eps=HVP_METHODS["fd_central"].default_fd_eps.get(precision, 2e-3), precision=precision,
+        stack_points=stack_points)
 
 
 def check_capture(cfg: RefineConfig, mu: Tensor) -> None:

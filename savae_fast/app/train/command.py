@@ -43,6 +43,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
             p.add_argument(flag, type=json.loads, default=None, help="JSON object")
         elif f.name == "data_path":
             p.add_argument(flag, default=None)
+        elif f.name == "stack_points":
+            p.add_argument(flag, type=int, default=None,
+                           help="evaluate up to this many difference points of a reverse step in one decoder call "
+                                "(fd_central 2, fd_richardson / fd_adaptive 4); 0 or 1: one call per point "
+                                f"(default {default})")
         elif f.name == "threads":
             p.add_argument(flag, type=int, default=None,
                            help="CPU threads of this process (torch.set_num_threads); default 0: one thread for "

@@ -65,6 +65,7 @@ class TrainConfig:
     svi_momentum: float = DEFAULTS.momentum
     svi_max_grad_norm: float = DEFAULTS.max_grad_norm
     hvp: str = DEFAULTS.hvp
+    stack_points: int = 0  # refine's stack_points: the most difference points per decoder call (0: one)
     backend: str = "auto"
     # evaluation
     eval_samples: int = 500  # importance samples per example for the IW NLL estimate
@@ -99,7 +100,7 @@ class TrainConfig:
         for name in ("batch_size", "embed_dim", "hidden_dim", "enc_channels", "dec_channels", "eval_samples",
                      "eval_elbo_samples", "log_every", "max_vocab"):
             _integer(self, name, low=1)
-        for name in ("epochs", "svi_steps", "decay_start_epoch", "warmup_epochs", "seed", "threads"):
+        for name in ("epochs", "svi_steps", "decay_start_epoch", "warmup_epochs", "seed", "threads", "stack_points"):
             _integer(self, name, low=0)
         for name in ("max_length", "max_batches_per_epoch"):
             if getattr(self, name) is not None:
@@ -129,7 +130,8 @@ class TrainConfig:
     def refine_options(self, beta: float) -> dict:
         """Keyword arguments of savae_fast.refine for this configuration's inner optimiser."""
         return dict(steps=self.svi_steps, lr=self.svi_lr, momentum=self.svi_momentum,
-                    max_grad_norm=self.svi_max_grad_norm, kl_weight=beta, hvp=self.hvp, backend=self.backend)
+                    max_grad_norm=self.svi_max_grad_norm, kl_weight=beta, hvp=self.hvp, backend=self.backend,
+                    stack_points=self.stack_points)
     @property
     def uses_refinement(self) -> bool:
         return self.mode in ("svi", "vae+svi", "vae+svi+kl", "savae")
