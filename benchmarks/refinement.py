@@ -36,6 +36,10 @@ METHODS: dict[str, Callable] = {
     "refine fd_central": _refine("fd_central"),
     "refine fd_richardson": _refine("fd_richardson"),
     "refine fd_adaptive": _refine("fd_adaptive"),
+    # a reverse step's points in one decoder call and one backward (stack_points)
+    "refine fd_central, stacked": _refine("fd_central", stack_points=True),
+    "refine fd_richardson, stacked": _refine("fd_richardson", stack_points=True),
+    "refine fd_adaptive, stacked": _refine("fd_adaptive", stack_points=True),
     "refine exact": _refine("exact"),
     "refine jvp": _refine("jvp"),
     "refine fd_forward (torch ops)": _refine("fd_forward", backend="torch"),
@@ -265,7 +269,9 @@ def peak_memory(cfg_name: str, method: str, steps: int, device: str) -> dict:
 
 
 def bench_memory(cfg_name: str, device: str, ks: tuple = (20,), methods=None) -> dict:
-    methods = methods or ["refine fd_forward", "refine fd_central", "optim_n2n (authors)", "unrolled (autograd)"]
+    methods = methods or ["refine fd_forward", "refine fd_central", "refine fd_central, stacked",
+                          "refine fd_richardson", "refine fd_richardson, stacked", "optim_n2n (authors)",
+                          "unrolled (autograd)"]
     out = {"config": cfg_name, "device": device, "ks": list(ks), "rows": []}
     for k in ks:
         floor = peak_memory(cfg_name, "floor", k, device)
