@@ -18,7 +18,8 @@ from benchmarks.accuracy import accuracy_table, bench_accuracy
 from benchmarks.configs import CONFIGS
 from benchmarks.op_level import QUICK_SIZES, SIZES, bench_latency, bench_ops, latency_table, ops_table
 from benchmarks.refinement import (bench_graphed_step, bench_memory, bench_scaling_batch, bench_scaling_k,
-                                   bench_step, graphed_step_table, step_table)
+                                   bench_stacked_passes, bench_step, graphed_step_table, stacked_passes_table,
+                                   step_table)
 
 SECTIONS = ("ops", "step", "accuracy", "scaling", "memory")
 
@@ -117,6 +118,10 @@ def main(argv=None) -> int:
             errors_on = "" if r["error_batch"] == cfg.batch else f"; errors on the first {r['error_batch']} examples"
             emit(report, [f"## SA-VAE training step: {name} (B={cfg.batch}, D={cfg.latent}, K={cfg.steps}, "
                        f"{r['decoder_params']:,} decoder parameters{errors_on})", step_table(r), ""])
+            passes = bench_stacked_passes(cfg, dev, rounds=min(rounds, cfg.max_rounds or rounds))
+            results.setdefault("stacked_passes", []).append(passes)
+            emit(report, [f"### {name}: one decoder pass over n B rows (stack_points' calls)",
+                          stacked_passes_table(passes), ""])
             if dev == "cuda" and cfg.kind == "lstm":
                 try:
                     g = bench_graphed_step(cfg, dev, rounds=min(rounds, cfg.max_rounds or rounds))

@@ -146,6 +146,33 @@ def bench_step(cfg: DecoderConfig, device: str, rounds: int, include_slow: bool 
             "rows": rows}
 
 
+def bench_stacked_passes(cfg: DecoderConfig, device: str, rounds: int, copies=(1, 2, 4)) -> dict:
+    """One decoder pass (forward and backward, gradients w.r.t. z and every parameter) on z of
+    n B rows (n points per example, as refine's stacked calls give it), interleaved: what
+    stacking can save is what a pass over n B rows costs less than n passes over B."""
+    p = make_problem(cfg, device)
+    params = p.params
+
+    def one_pass(z):
+        zz = z.detach().requires_grad_(True)
+        torch.autograd.grad(p.nll_fn(zz).sum(), [zz, *params])
+
+    zs = {n: p.mu0.repeat(n, 1) + 1e-3 * torch.randn(n * p.mu0.shape[0], p.mu0.shape[1], device=p.mu0.device,
+                                                     dtype=p.mu0.dtype) for n in copies}
+    times = harness.interleaved({f"{n} B rows": (lambda z=zs[n]: one_pass(z)) for n in copies}, rounds, device)
+    base = f"{copies[0]} B rows"
+    rows = [{"rows": name, **harness.summary(samples), "vs_one": harness.ratio(times, name, base)}
+            for name, samples in times.items()]
+    return {"config": cfg.name, "device": device, "batch": cfg.batch, "rows": rows}
+
+
+def stacked_passes_table(result: dict) -> str:
+    rows = [{"rows": r["rows"], "ms": r["median_s"] * 1e3, "ratio": r["vs_one"]["median_of_ratios"]}
+            for r in result["rows"]]
+    return harness.markdown_table(rows, [("z rows (B = %d)" % result["batch"], "rows", ""),
+                                         ("ms per pass", "ms", "{:.2f}"), ("/ B rows", "ratio", "{:.2f}")])
+
+
 def bench_graphed_step(cfg: DecoderConfig, device: str, rounds: int, fallback: bool = False) -> dict:
     """CUDA: the training step with refine fd_forward and the decoder floor, each captured as
     one CUDA graph by sf.GraphedStep and timed by replay, next to the eager step and floor.

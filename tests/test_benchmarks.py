@@ -104,3 +104,19 @@ def test_latency_candidate_settings_apply_and_restore():
             raise KeyError
     assert extension.cuda_single_block_max_elements() == before_limit
     assert triton_launch.enabled() == before_cache
+
+
+@pytest.mark.slow
+def test_threads_benchmark_child_trains_and_times_batches():
+    out = _run(["-m", "benchmarks.threads", "--child", "demo_text", "1", "2"])
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    assert res["threads"] == 1 and len(res["seconds"]) == 2 and all(s > 0 for s in res["seconds"])
+
+
+def test_stacked_passes_benchmark_times_n_points():
+    from benchmarks.configs import CONFIGS
+    from benchmarks.refinement import bench_stacked_passes, stacked_passes_table
+
+    res = bench_stacked_passes(CONFIGS["tiny_lstm"], "cpu", rounds=1)
+    assert [r["rows"] for r in res["rows"]] == ["1 B rows", "2 B rows", "4 B rows"]
+    assert "/ B rows" in stacked_passes_table(res)
