@@ -224,3 +224,35 @@ def test_two_process_gloo_matches_one_process(mode, hvp, tmp_path):
         torch.testing.assert_close(two["model"][k], v, rtol=1e-5, atol=1e-6, msg=k)
         moved += int(not torch.equal(v, init.model.state_dict()[k]))
     assert moved > 0
+
+
+def test_optim_n2n_training_option_is_the_reference_on_one_batch(tmp_path):
+    """--hvp optim_n2n: the savae objective's loss and gradients are reference.optim_n2n's (the
+    authors' algorithm), with the same random draws."""
+    from savae_fast.gaussian import gaussian_kl
+    from savae_fast.reference import optim_n2n
+
+    cfg = TrainConfig(**dict(TINY_TEXT, dataset="synthetic", synthetic=TINY_SYNTHETIC, mode="savae", hvp="optim_n2n",
+                             out_dir=str(tmp_path / "run"))).validate()
+    trainer = Trainer(cfg, progress=False)
+    x = trainer.data.batches("train", cfg.batch_size, shuffle=False)[0]
+    model, params = trainer.model, list(trainer.model.parameters())
+    torch.manual_seed(7)
+    out = trainer.objective(x, 0.6, x.shape[0], slice(None))
+    got = torch.autograd.grad(out.loss, params, allow_unused=True)
+    torch.manual_seed(7)
+    mu0, logvar0 = model.encode(x)
+    noise = torch.randn(cfg.svi_steps, x.shape[0], cfg.latent_dim)
+    nll = lambda z: model.nll(x, z)  # noqa: E731
+    mu_k, lv_k = optim_n2n(mu0, logvar0, nll, model.decoder.parameters(), noise=noise, steps=cfg.svi_steps,
+                           lr=cfg.svi_lr, momentum=cfg.svi_momentum, max_grad_norm=cfg.svi_max_grad_norm, kl_weight=0.6)
+    z = mu_k + torch.exp(0.5 * lv_k) * torch.randn_like(mu_k)
+    want = torch.autograd.grad((model.nll(x, z) + 0.6 * gaussian_kl(mu_k, lv_k)).mean(), params, allow_unused=True)
+    for g, w in zip(got, want):
+        assert (g is None) == (w is None) and (g is None or torch.equal(g, w))
+    trainer.close()
+    assert cli_main(["train", "--mode", "savae", "--hvp", "optim_n2n", "--dataset", "synthetic", "--synthetic",
+                     json.dumps(TINY_SYNTHETIC), "--latent-dim", "2", "--embed-dim", "8", "--hidden-dim", "8",
+                     "--epochs", "1", "--batch-size", "8", "--svi-steps", "2", "--eval-samples", "2",
+                     "--out-dir", str(tmp_path / "cli"), "--no-progress"]) == 0
+    assert cli_main(["train", "--mode", "vae", "--hvp", "optim_n2n", "--out-dir", str(tmp_path / "x")]) == 2

@@ -43,6 +43,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
             p.add_argument(flag, type=json.loads, default=None, help="JSON object")
         elif f.name == "data_path":
             p.add_argument(flag, default=None)
+        elif f.name == "hvp":
+            from savae_fast.app.train.config import OPTIM_N2N
+            from savae_fast.refine.hvp import HVP_METHODS
+
+            p.add_argument(flag, default=None, metavar="{" + ",".join((*HVP_METHODS, OPTIM_N2N)) + "}",
+                           help=f"how refine differentiates the inner steps (default {default}); '{OPTIM_N2N}' trains "
+                                "with the SA-VAE authors' published algorithm instead (lambda-space differences, "
+                                "eps 1e-5, their clipping): for comparison, not a recommended mode")
         elif f.name == "stack_points":
             p.add_argument(flag, type=int, default=None,
                            help="evaluate up to this many difference points of a reverse step in one decoder call "

@@ -29,6 +29,9 @@ def _real(cfg, name: str, **bounds) -> None:
 
 
 MODES = ("autoreg", "vae", "svi", "vae+svi", "vae+svi+kl", "savae")
+# --hvp optim_n2n: the SA-VAE authors' published algorithm (savae_fast.reference.optim_n2n: a
+# lambda-space one-sided difference with eps 1e-5 and their clipping), for comparison only
+OPTIM_N2N = "optim_n2n"
 DATASETS = ("synthetic", "text", "ptb", "digits", "omniglot", "mnist")
 
 
@@ -93,8 +96,11 @@ class TrainConfig:
             raise ConfigError(f"dataset {self.dataset!r} needs --data-path")
         if self.optimizer not in ("sgd", "adam"):
             raise ConfigError(f"optimizer must be 'sgd' or 'adam', got {self.optimizer!r}")
-        if self.hvp not in HVP_METHODS:
-            raise ConfigError(f"hvp must be one of {tuple(HVP_METHODS)}, got {self.hvp!r}")
+        if self.hvp not in HVP_METHODS and self.hvp != OPTIM_N2N:
+            raise ConfigError(f"hvp must be one of {(*HVP_METHODS, OPTIM_N2N)}, got {self.hvp!r}")
+        if self.hvp == OPTIM_N2N and self.mode != "savae":
+            raise ConfigError(f"hvp (--hvp) {OPTIM_N2N!r} (the authors' algorithm) applies to --mode savae only, got "
+                              f"mode {self.mode!r}")
         if self.backend not in BACKENDS:
             raise ConfigError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
         for name in ("batch_size", "embed_dim", "hidden_dim", "enc_channels", "dec_channels", "eval_samples",
@@ -127,11 +133,17 @@ class TrainConfig:
             raise ConfigError(f"synthetic (--synthetic): {exc}") from exc
         return self
 
+    def optimiser_options(self, beta: float) -> dict:
+        """The inner optimiser's options alone (for the reference implementations)."""
+        return dict(steps=self.svi_steps, lr=self.svi_lr, momentum=self.svi_momentum,
+                    max_grad_norm=self.svi_max_grad_norm, kl_weight=beta)
+
     def refine_options(self, beta: float) -> dict:
         """Keyword arguments of savae_fast.refine for this configuration's inner optimiser."""
-        return dict(steps=self.svi_steps, lr=self.svi_lr, momentum=self.svi_momentum,
-                    max_grad_norm=self.svi_max_grad_norm, kl_weight=beta, hvp=self.hvp, backend=self.backend,
-                    stack_points=self.stack_points)
+        # (--hvp optim_n2n trains with the authors' backward; evaluation refines with refine's forward,
+        # which is the same optimiser)
+        return dict(self.optimiser_options(beta), hvp=DEFAULTS.hvp if self.hvp == OPTIM_N2N else self.hvp,
+                    backend=self.backend, stack_points=self.stack_points)
     @property
     def uses_refinement(self) -> bool:
         return self.mode in ("svi", "vae+svi", "vae+svi+kl", "savae")

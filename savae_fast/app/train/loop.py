@@ -18,7 +18,7 @@ from savae_fast.app.devices import resolve_device
 from savae_fast.app.errors import CheckpointError, ConfigError, notice
 from savae_fast.app.threads import apply_threads
 from savae_fast.app.train import checkpoint
-from savae_fast.app.train.config import TrainConfig
+from savae_fast.app.train.config import OPTIM_N2N, TrainConfig
 from savae_fast.app.train.data import RunData, build_model, load_data
 from savae_fast.app.train.distributed import Distributed, ShardedObjective
 from savae_fast.app.train.metrics import Progress, append_metrics, write_metrics
@@ -114,6 +114,9 @@ class Trainer:
         self.d = Distributed()
         self.device = resolve_device(cfg.device, self.d.local_rank)
         self.d.init(self.device)
+        if self.d.enabled and cfg.hvp == OPTIM_N2N:
+            raise ConfigError("hvp (--hvp) 'optim_n2n' (the authors' algorithm) runs in one process: its clipping "
+                              "uses the local batch's norms")
         self.progress = progress and self.d.is_main
         check_run_directory(self.out_dir)
         if self.d.is_main:

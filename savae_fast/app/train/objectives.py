@@ -22,7 +22,8 @@ from torch.func import functional_call
 
 from savae_fast.gaussian import gaussian_kl, gaussian_kl_between, sample
 from savae_fast.refine import refine
-from savae_fast.app.train.config import TrainConfig
+from savae_fast.app.train.config import OPTIM_N2N, TrainConfig
+from savae_fast.reference import optim_n2n
 
 
 @dataclass
@@ -82,7 +83,11 @@ class Objective(nn.Module):
         else:
             mu0, logvar0 = model.encode(x)
         if mode == "savae":
-            mu_k, logvar_k = refine(mu0, logvar0, nll_fn, model.decoder.parameters(), **self.refine_kwargs(beta))
+            if self.cfg.hvp == OPTIM_N2N:  # the published algorithm, for comparison (reference.optim_n2n)
+                mu_k, logvar_k = optim_n2n(mu0, logvar0, nll_fn, model.decoder.parameters(), noise=self.refine_noise(),
+                                           **self.cfg.optimiser_options(beta))
+            else:
+                mu_k, logvar_k = refine(mu0, logvar0, nll_fn, model.decoder.parameters(), **self.refine_kwargs(beta))
             nll, kl = self.elbo_terms(x, mu_k, logvar_k)
             return StepStats((nll + beta * kl).mean(), nll.detach(), kl.detach())
         with torch.no_grad():
