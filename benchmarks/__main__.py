@@ -21,7 +21,9 @@ from benchmarks.refinement import (bench_graphed_step, bench_memory, bench_scali
                                    bench_stacked_passes, bench_step, graphed_step_table, stacked_passes_table,
                                    step_table)
 
-SECTIONS = ("ops", "step", "accuracy", "scaling", "memory")
+SECTIONS = ("ops", "step", "accuracy", "scaling", "memory", "training")
+# "training": benchmarks.training (hours on a CPU: run only when named in --only)
+DEFAULT_SECTIONS = SECTIONS[:-1]
 
 
 def emit(report: list[str], lines: list[str]) -> None:
@@ -59,7 +61,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--quick", action="store_true", help="small sizes and few rounds (about 2 minutes on CPU)")
-    p.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}")
+    p.add_argument("--only", default=",".join(DEFAULT_SECTIONS), help=f"comma-separated subset of {SECTIONS}")
     p.add_argument("--out", default=harness.RESULTS_DIR)
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile in the op benchmarks")
     p.add_argument("--rounds", type=int, default=None, help="timed rounds per candidate (default 20, 5 with --quick)")
@@ -169,6 +171,10 @@ def main(argv=None) -> int:
         rows = [{"B": b, **{n: s[i] * 1e3 for n, s in sb["series"].items()}} for i, b in enumerate(sb["batches"])]
         emit(report, ["## Time per training step vs batch size (ms)",
                    harness.markdown_table(rows, [("B", "B", "{}")] + [(n, n, "{:.1f}") for n in sb["series"]]), ""])
+    if "training" in sections:  # its own runs, results and plots (benchmarks/training.py, default settings)
+        from benchmarks import training
+
+        training.main(["--smoke"] if quick else [])
     if "memory" in sections:
         mem = bench_memory("lstm_5m", dev, ks=(20,) if quick else (5, 20))
         results["memory"] = mem

