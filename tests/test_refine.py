@@ -313,7 +313,8 @@ def test_richardson_difference_is_fourth_order_and_beats_central_on_a_large_weig
     1e-3 / 2^i whose error stays above 1e-10: 15.4-16.2; fd_central's ratio is 4), which
     checks the stencil. In float32 at the default steps it is more
     accurate than fd_central on this decoder (40 draws: 2.7x to 100x; median errors
-    9e-5 vs 4e-3, worst 4.1e-3 vs 7.9e-2; float32 unrolled's own error 7e-7 to 2e-3)."""
+    9e-5 vs 4e-3, worst 4.1e-3 vs 7.9e-2; float32 unrolled's own error 7e-7 to 2e-3; over 150
+    draws at least 1.29x, worst 2.8e-2)."""
     from savae_fast.reference import unrolled
     from savae_fast.testing import relative_error, training_step
 
@@ -330,7 +331,9 @@ def test_richardson_difference_is_fourth_order_and_beats_central_on_a_large_weig
     assert coarse / fine >= 10, f"error ratio {coarse / fine:.1f} at half the step, errors {errors} (seed={seed})"
     richardson = relative_error(training_step(_mode("fd_richardson"), p), exact)
     central = relative_error(training_step(_mode("fd_central"), p), exact)
-    assert richardson <= min(central, 1e-2), f"{richardson:.2e} vs fd_central {central:.2e} (seed={seed})"
+    # (the absolute cap from the worst seen over 150 draws, 2.8e-2; fd_richardson <= fd_central held on
+    # all 150, by 1.29x at the least: a cap of 1e-2 failed on 3 of them)
+    assert richardson <= min(central, 5e-2), f"{richardson:.2e} vs fd_central {central:.2e} (seed={seed})"
 
 
 def test_adaptive_step_reaches_rounding_on_a_large_weight_decoder(seed):
