@@ -445,3 +445,17 @@ def test_every_train_option_says_what_it_takes(capsys):
     for choices in ("{synthetic,text,ptb,digits,omniglot,mnist}", "{autoreg,vae,svi,vae+svi,vae+svi+kl,savae}",
                     "{sgd,adam}", "{auto,cpp,triton,torch}", "optim_n2n}"):
         assert choices in out, choices
+
+
+def test_plot_of_a_one_epoch_run_shows_its_points(tmp_path, monkeypatch):
+    """A one-epoch run is one point per curve: drawn with markers (the panels looked empty)."""
+    import matplotlib.axes
+
+    out = tmp_path / "run"
+    assert _synthetic_train(out) == 0
+    markers = []
+    real = matplotlib.axes.Axes.plot
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot",
+                        lambda self, *a, **k: (markers.append(k.get("marker")), real(self, *a, **k))[1])
+    assert cli_main(["plot", str(out)]) == 0
+    assert markers and all(m == "o" for m in markers)

@@ -34,7 +34,9 @@ def plot_panels(panels: list[dict], path: str, title: str | None = None) -> str:
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
     for ax, panel in zip(axes[0], panels):
         for label, (xs, ys) in panel["lines"].items():
-            ax.plot(xs, ys, marker=panel.get("marker"), label=label)
+            # points where there are few: a one-epoch run is one point, which a bare line does not show
+            marker = panel.get("marker") or ("o" if len(xs) <= 30 else None)
+            ax.plot(xs, ys, marker=marker, label=label)
         ax.set(xlabel=panel["xlabel"], ylabel=panel["ylabel"], title=panel.get("title", ""))
         ax.legend()
     if title:
