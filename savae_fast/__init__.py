@@ -9,6 +9,6 @@ from savae_fast.refine import refine
 from savae_fast.refine.graph import RefineGraph
 from savae_fast.step_graph import GraphedStep
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = ["refine", "RefineGraph", "GraphedStep", "nn", "ops", "reference", "__version__"]

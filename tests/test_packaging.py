@@ -120,3 +120,16 @@ def test_source_distribution_manifest_covers_the_build_inputs():
     assert re.search(r"recursive-include csrc .*\*\.h", manifest) and "*.cu" in manifest and "*.cpp" in manifest
     for name in ("README.md", "LICENSE", "CMakeLists.txt"):
         assert name in manifest and os.path.exists(os.path.join(ROOT, name)), name
+
+
+def test_version_agrees_with_pyproject_and_changelog():
+    import re
+
+    import savae_fast
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "pyproject.toml")) as f:
+        project = re.search(r'^version = "([^"]+)"', f.read(), re.M).group(1)
+    with open(os.path.join(root, "CHANGELOG.md")) as f:
+        released = re.findall(r"^## \[(\d+\.\d+\.\d+)\]", f.read(), re.M)
+    assert savae_fast.__version__ == project == released[0], (savae_fast.__version__, project, released)
