@@ -54,10 +54,17 @@ def extension_loaded() -> bool:
 
 
 def build_info() -> dict:
-    """How the extension was built ({} when it is not available): ``cuda``,
-    ``cuda_archs``, ``torch_target_version``, ``compiler``, ``cpu_vector_kernels``
-    (whether the AVX2 loops are compiled in and this CPU runs them)."""
-    return json.loads(_LIB.savae_fast_build_info().decode()) if _LIB is not None else {}
+    """How the extension was built ({} when it is not available): ``cuda_kernels_compiled``
+    (whether CUDA kernels are compiled in: they may be on a machine without a GPU; whether
+    one runs here is ``torch.cuda.is_available()``, see ``savae-fast info``), ``cuda_archs``,
+    ``torch_target_version``, ``compiler``, ``cpu_vector_kernels`` (whether the AVX2 loops
+    are compiled in and this CPU runs them)."""
+    if _LIB is None:
+        return {}
+    info = json.loads(_LIB.savae_fast_build_info().decode())
+    if "cuda" in info:  # (the extension's own name for it)
+        info = {"cuda_kernels_compiled": info.pop("cuda"), **info}
+    return info
 
 
 def cpu_vector_kernels() -> bool:
