@@ -459,3 +459,22 @@ def test_plot_of_a_one_epoch_run_shows_its_points(tmp_path, monkeypatch):
                         lambda self, *a, **k: (markers.append(k.get("marker")), real(self, *a, **k))[1])
     assert cli_main(["plot", str(out)]) == 0
     assert markers and all(m == "o" for m in markers)
+
+
+def test_info_reports_what_runs_here(capsys):
+    """savae-fast info: versions, the extension's build, backends with auto's pick, precision, hvp
+    modes; on a machine without a GPU it says so in one line, and exits 0."""
+    import savae_fast as sf
+
+    assert cli_main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert f"savae_fast {sf.__version__}" in out and f"torch {torch.__version__}" in out
+    assert "[cpu] backend='auto' uses: " + sf.ops.get_backend("auto", "cpu").name in out
+    assert "[cpu]   hvp fd_central: yes" in out and "default fd_eps: fd_forward 0.001" in out
+    if not torch.cuda.is_available():
+        assert "GPU: none (torch.cuda.is_available() is False)" in out and "[cuda]" not in out
+    assert "[cpu]   backend triton: " in out  # (yes under TRITON_INTERPRET=1, as in the tests; else why not)
+    assert cli_main(["info", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["devices"]["cpu"]["backends"]["torch"] is True
+    assert isinstance(data["extension"], (dict, str))

@@ -1,4 +1,4 @@
-"""Command line: ``savae-fast train | eval | plot | demo``.
+"""Command line: ``savae-fast train | eval | plot | info | demo``.
 
 Errors in user input (missing or corrupt data files and checkpoints, invalid
 options) print one line and exit with status 2.
@@ -65,6 +65,12 @@ def cmd_plot(args) -> int:
     return 0
 
 
+def cmd_info(args) -> int:
+    from savae_fast.info import main as info_main
+
+    return info_main(["--json"] if args.json else [])
+
+
 def cmd_demo(args) -> int:
     from savae_fast.app.demo import run_demo
 
@@ -122,6 +128,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.add_argument("--output", default=None)
     p.set_defaults(func=cmd_plot)
+
+    p = sub.add_parser("info", help="what is installed and what runs here: versions, the extension's build, "
+                                    "backends, precision settings, hvp modes per device")
+    p.add_argument("--json", action="store_true", help="the report as JSON")
+    p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("demo", help="the main job: vae / svi / savae on synthetic data and a quick digits run")
     p.add_argument("--out-dir", default="runs/demo")
