@@ -37,6 +37,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 SETTING = dict(max_vocab=5000, min_words=5, max_words=20, embed_dim=128, hidden_dim=256, latent_dim=32,
@@ -218,22 +219,28 @@ def run_all(args) -> dict:
            str(args.eval_every), "--eval-sentences", str(args.eval_sentences), "--grad-checks",
            ",".join(map(str, args.grad_checks)), *(["--smoke"] if args.smoke else [])]
     pending = list(jobs)
+    scratch = tempfile.mkdtemp(prefix="savae-training-")
+    # (each child writes its record and its messages to files: a pipe left unread until the child
+    # ends would fill and stall it)
     while pending or running:
         while pending and len(running) < args.jobs:
             variant, seed = pending.pop(0)
-            proc = subprocess.Popen([*cmd, "--child", variant, str(seed)], stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE, text=True)
-            running.append((variant, seed, proc))
+            base = os.path.join(scratch, f"{variant.replace(' ', '_')}_{seed}")
+            with open(base + ".log", "w") as log:
+                proc = subprocess.Popen([*cmd, "--child", variant, str(seed), "--record", base + ".json"],
+                                        stdout=log, stderr=subprocess.STDOUT)
+            running.append((variant, seed, proc, base))
         time.sleep(0.5)
         for item in list(running):
-            variant, seed, proc = item
+            variant, seed, proc, base = item
             if proc.poll() is None:
                 continue
-            out, err = proc.communicate()
             running.remove(item)
             if proc.returncode != 0:
-                raise RuntimeError(f"{variant} seed {seed} failed:\n{err[-3000:]}")
-            results.append(json.loads(out.strip().splitlines()[-1]))
+                with open(base + ".log") as log:
+                    raise RuntimeError(f"{variant} seed {seed} failed:\n{log.read()[-3000:]}")
+            with open(base + ".json") as f:
+                results.append(json.load(f))
             print(f"[training] {variant} seed {seed} done ({results[-1]['log'][-1]['train_seconds']:.0f} s of "
                   "training)", file=sys.stderr, flush=True)
     return {"machine": harness.machine("cpu"), "commit": harness.git_commit(), "date": dt.date.today().isoformat(),
@@ -349,6 +356,7 @@ def main(argv=None) -> int:
     p.add_argument("--jobs", type=int, default=2, help="runs at a time (one thread each)")
     p.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
     p.add_argument("--child", nargs=2, metavar=("VARIANT", "SEED"), help=argparse.SUPPRESS)
+    p.add_argument("--record", default=None, help=argparse.SUPPRESS)  # the child's result file
     args = p.parse_args(argv)
     args.argv = list(argv if argv is not None else sys.argv[1:])
     args.grad_checks = [float(v) for v in args.grad_checks.split(",")]
@@ -357,7 +365,12 @@ def main(argv=None) -> int:
     if unknown:
         p.error(f"--variants: unknown {unknown}; known: {list(VARIANTS)}")
     if args.child:
-        print(json.dumps(run_one(args.child[0], int(args.child[1]), args)))
+        record = run_one(args.child[0], int(args.child[1]), args)
+        if args.record:
+            with open(args.record, "w") as f:
+                json.dump(record, f)
+        else:
+            print(json.dumps(record))
         return 0
     from benchmarks import harness
 
