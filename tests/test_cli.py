@@ -478,3 +478,39 @@ def test_info_reports_what_runs_here(capsys):
     data = json.loads(capsys.readouterr().out)
     assert data["devices"]["cpu"]["backends"]["torch"] is True
     assert isinstance(data["extension"], (dict, str))
+
+
+def test_quick_run_limits_evaluation_and_says_when_validation_takes_long(tmp_path, capsys, monkeypatch):
+    """--max-eval-batches caps validation and test (a 5-batch run evaluated all of PTB's validation
+    for minutes, silently); with --no-progress a validation over 30 s says how long it may take."""
+    from savae_fast.app.train import metrics
+
+    out = tmp_path / "run"
+    code = cli_main(["train", "--mode", "vae", "--synthetic", json.dumps({"train": 32, "valid": 64, "test": 64}),
+                     *TINY, "--max-eval-batches", "2", "--out-dir", str(out)])
+    assert code == 0
+    err = capsys.readouterr().err
+    assert "on the test split (16 examples, 2 batches" in err
+    assert json.loads((out / "metrics.json").read_text())[0]["valid_examples"] == 16
+    clock = iter(range(0, 10**6, 40))  # every reading 40 s later: the first batch "took" 40 s
+    monkeypatch.setattr(metrics.time, "monotonic", lambda: next(clock))
+    bar = metrics.Progress(False, 5, "vae valid", estimate=True, estimate_above=30.0)
+    bar.update()
+    assert "vae valid: 1/5 took 40.0 s; the rest may take about" in capsys.readouterr().err
+
+
+def test_mutual_information_comes_with_its_standard_error(capsys):
+    """At small sizes the estimate can be below 0 (eval printed mutual_info -0.04): its standard
+    error is reported, and eval notes an estimate within two of them of 0."""
+    from savae_fast.app.cli import mi_note
+    from savae_fast.app.evaluate import mutual_information_se
+
+    mu, logvar = 0.01 * torch.randn(20, 2), torch.zeros(20, 2)  # posteriors all alike: I(x; z) ~ 0
+    mi, se = mutual_information_se(mu, logvar)
+    assert se > 0 and abs(mi) < 5 * se
+    mi_note({"mutual_info": mi, "mutual_info_se": se, "examples": 20})
+    assert "within two standard errors" in capsys.readouterr().err
+    mu = 3 * torch.randn(200, 2)  # well separated posteriors: clearly positive, no note
+    mi, se = mutual_information_se(mu, torch.full((200, 2), -4.0))
+    mi_note({"mutual_info": mi, "mutual_info_se": se, "examples": 200})
+    assert mi > 10 * se and capsys.readouterr().err == ""

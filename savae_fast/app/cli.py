@@ -54,7 +54,16 @@ def cmd_eval(args) -> int:
     if data.true_test_nll is not None and args.split == "test":
         res["true_nll"] = data.true_test_nll
     print(json.dumps({"mode": cfg.mode, "dataset": cfg.dataset, "split": args.split, **res}, indent=1))
+    mi_note(res)
     return 0
+
+
+def mi_note(res: dict) -> None:
+    """A note where the mutual information estimate is within two standard errors of zero (or below)."""
+    mi, se = res.get("mutual_info"), res.get("mutual_info_se")
+    if mi is not None and se is not None and mi < 2 * se:
+        notice(f"mutual_info {mi:.3f} is within two standard errors ({se:.3f}) of 0 over {res.get('examples')} "
+               "examples: the estimate is biased and noisy at this size (the true value is >= 0)")
 
 
 def cmd_plot(args) -> int:

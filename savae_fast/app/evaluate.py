@@ -72,7 +72,7 @@ def evaluate(model, cfg, batches: list[Tensor], device, num_tokens: int = 0, iw_
             out["iw_ppl"] = math.exp(iw_sum / num_tokens)
         if mus:
             mu, logvar = torch.cat(mus), torch.cat(logvars)
-            out["mutual_info"] = mutual_information(mu, logvar)
+            out["mutual_info"], out["mutual_info_se"] = mutual_information_se(mu, logvar)
             out["active_units"] = active_units(mu)
     return out
 
@@ -95,15 +95,30 @@ def importance_weighted_nll(model, x: Tensor, mu: Tensor, logvar: Tensor, sample
     return -(torch.logsumexp(log_w, dim=0) - math.log(samples))
 
 
-def mutual_information(mu: Tensor, logvar: Tensor) -> float:
-    """I(x; z) under q(z|x) p_data(x) (He et al. 2019): E[log q(z|x)] - E[log q(z)], with the
-    aggregate posterior q(z) the mixture of the test set's posteriors, one z per example."""
+def mutual_information_terms(mu: Tensor, logvar: Tensor) -> Tensor:
+    """Per-example terms of the I(x; z) estimate: -H(q(z|x_i)) - log q(z_i), z_i ~ q(z|x_i)."""
     n, latent = mu.shape
-    neg_entropy = float((-0.5 * latent * LOG_2PI - 0.5 * (1 + logvar).sum(1)).mean())
+    neg_entropy = -0.5 * latent * LOG_2PI - 0.5 * (1 + logvar).sum(1)
     z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
     log_q = torch.stack([gaussian_log_density(z[i:i + 1], mu, logvar) for i in range(n)])  # [n, n]
     log_qz = torch.logsumexp(log_q, dim=1) - math.log(n)
-    return neg_entropy - float(log_qz.mean())
+    return neg_entropy - log_qz
+
+
+def mutual_information(mu: Tensor, logvar: Tensor) -> float:
+    """I(x; z) under q(z|x) p_data(x) (He et al. 2019): E[log q(z|x)] - E[log q(z)], with the
+    aggregate posterior q(z) the mixture of the test set's posteriors, one z per example. The
+    estimate is biased at small sample sizes (the mixture includes each example's own posterior)
+    and noisy: it can come out below 0, which the true value never is (see
+    :func:`mutual_information_se`)."""
+    return float(mutual_information_terms(mu, logvar).mean())
+
+
+def mutual_information_se(mu: Tensor, logvar: Tensor) -> tuple[float, float]:
+    """(the estimate of :func:`mutual_information`, its standard error over the examples)."""
+    terms = mutual_information_terms(mu, logvar)
+    se = float(terms.std() / math.sqrt(terms.numel())) if terms.numel() > 1 else float("nan")
+    return float(terms.mean()), se
 
 
 def active_units(mu: Tensor, threshold: float = 0.01) -> int:

@@ -52,6 +52,7 @@ HELP = {
     "seed": "random seed (data order, initialisation, draws)", "device": "auto, cpu, cuda or cuda:N",
     "out_dir": "the run's directory (checkpoints, metrics, config.json)", "log_every": "batches between log lines",
     "max_batches_per_epoch": "batches per epoch at most (quick runs): an integer, or 'none'",
+    "max_eval_batches": "validation and test evaluation: batches at most (quick runs): an integer, or 'none'",
     "max_length": "text: sentences longer than this many words are left out: an integer, or 'none'",
 }
 CHOICES = {"dataset": "DATASETS", "mode": "MODES", "optimizer": ("sgd", "adam"), "backend": "BACKENDS"}
@@ -105,7 +106,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
             p.add_argument(flag, type=int, default=None,
                            help="CPU threads of this process (torch.set_num_threads); default 0: one thread for "
                                 "small text models, else the cores idle at the start less one (see README, Threads)")
-        elif f.name in ("max_length", "max_batches_per_epoch"):
+        elif f.name in ("max_length", "max_batches_per_epoch", "max_eval_batches"):
             p.add_argument(flag, type=_int_or_none, default=None, help=f"{HELP[f.name]} (default {default})")
         else:
             p.add_argument(flag, type=type(default), default=None, metavar=_metavar(f.name),

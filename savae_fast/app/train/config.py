@@ -80,6 +80,7 @@ class TrainConfig:
     out_dir: str = "runs/default"
     log_every: int = 50
     max_batches_per_epoch: int | None = None  # for quick runs
+    max_eval_batches: int | None = None  # validation and test evaluation: at most this many batches (quick runs)
 
     def validate(self) -> "TrainConfig":
         """Every field checked before anything runs; errors name the field and its option."""
@@ -108,7 +109,7 @@ class TrainConfig:
             _integer(self, name, low=1)
         for name in ("epochs", "svi_steps", "decay_start_epoch", "warmup_epochs", "seed", "threads", "stack_points"):
             _integer(self, name, low=0)
-        for name in ("max_length", "max_batches_per_epoch"):
+        for name in ("max_length", "max_batches_per_epoch", "max_eval_batches"):
             if getattr(self, name) is not None:
                 _integer(self, name, low=1)
         _integer(self, "latent_dim", low=0 if self.mode == "autoreg" else 1)

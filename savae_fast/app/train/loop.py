@@ -252,10 +252,22 @@ class Trainer:
         loss, nll, kl, n = self.d.sum(totals, self.device)
         return {"train_loss": loss / max(n, 1), "train_nll": nll / max(n, 1), "train_kl": kl / max(n, 1)}
 
+    def eval_batches(self, split: str) -> list:
+        return self.data.batches(split, self.cfg.batch_size, shuffle=False)[: self.cfg.max_eval_batches]
+
     def validate(self, split: str = "valid", full: bool = False, progress: Progress | None = None) -> dict:
-        batches = self.data.batches(split, self.cfg.batch_size, shuffle=False)
-        return ev.evaluate(self.model, self.cfg, batches, self.device, self.data.num_tokens(split), full=full,
-                           progress=progress)
+        batches = self.eval_batches(split)
+        tokens = self.data.num_tokens(split) if self.cfg.max_eval_batches is None else sum(
+            int((x[:, 1:] != 0).sum()) for x in batches) if self.data.kind == "text" else 0
+        own = progress is None
+        if own:  # validation: a bar, or with --no-progress a line if it takes over 30 s
+            progress = Progress(self.progress, len(batches), f"{self.cfg.mode} {split}", estimate=self.d.is_main,
+                                estimate_above=30.0)
+        try:
+            return ev.evaluate(self.model, self.cfg, batches, self.device, tokens, full=full, progress=progress)
+        finally:
+            if own:
+                progress.close()
 
     def fit(self) -> dict:
         c = self.cfg
@@ -301,11 +313,12 @@ class Trainer:
         if os.path.exists(best):
             self.model.load_state_dict(checkpoint.load(best, map_location=self.device)["model"])
         c = self.cfg
-        batches = math.ceil(len(self.data.splits["test"]) / c.batch_size)  # as data.batches chunks them
+        batches = len(self.eval_batches("test"))
+        examples = min(len(self.data.splits["test"]), batches * c.batch_size)
         what = "exact NLL" if c.mode == "autoreg" else f"{c.eval_samples} importance samples per example"
         if self.d.is_main:  # the full test evaluation can take long: say so even with --no-progress
             notice(f"testing {'best.pt' if os.path.exists(best) else 'the last model'} on the test split "
-                   f"({len(self.data.splits['test'])} examples, {batches} batches, {what})")
+                   f"({examples} examples, {batches} batches, {what})")
         bar = Progress(self.progress, batches, f"{c.mode} test", estimate=self.d.is_main)
         res = self.validate("test", full=True, progress=bar)
         bar.close()

@@ -47,9 +47,11 @@ class Progress:
     run with --no-progress) one line after the first item saying how long the rest may take.
     """
 
-    def __init__(self, enabled: bool, total: int, desc: str, interval: float = 30.0, estimate: bool = False):
+    def __init__(self, enabled: bool, total: int, desc: str, interval: float = 30.0, estimate: bool = False,
+                 estimate_above: float = 0.0):
         self.total, self.desc, self.interval = total, desc, interval
         self.done, self.postfix = 0, {}
+        self.estimate_above = estimate_above  # estimate mode: no line where the rest takes less (seconds)
         self.start = self.last_line = time.monotonic()
         self.bar = None
         self.mode = None
@@ -80,6 +82,8 @@ class Progress:
             self._line(f"{self.done}/{self.total}")
         elif self.mode == "estimate" and self.done == 1:
             left = (now - self.start) * (self.total - 1)
+            if left < self.estimate_above:
+                return
             self._line(f"1/{self.total} took {now - self.start:.1f} s; the rest may take about {_duration(left)}")
 
     def _line(self, what: str) -> None:
