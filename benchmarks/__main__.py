@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import os
+import sys
 import time
 
 import torch
@@ -76,7 +77,7 @@ def main(argv=None) -> int:
     start = time.time()
     info = harness.machine(dev)
     results = {"machine": info, "commit": harness.git_commit(), "date": dt.date.today().isoformat(),
-               "command": "python -m benchmarks " + " ".join(argv if argv is not None else []), "quick": quick}
+               "command": "python -m benchmarks " + " ".join(argv if argv is not None else sys.argv[1:]), "quick": quick}
     report = [f"# savae_fast benchmarks: {info.get('gpu') or info['cpu']} ({dev})",
               f"date {results['date']}, commit {results['commit']}, torch {info['torch']}, "
               f"threads {info['torch_threads']}{', quick' if quick else ''}", ""]

@@ -79,7 +79,8 @@ class Dropout(nn.Dropout):
     (not stacked yet), exactly ``nn.Dropout``.
 
     Args:
-        p, inplace: as ``nn.Dropout``.
+        p: the probability of an element to be zeroed, as ``nn.Dropout``.
+        inplace: as ``nn.Dropout`` (not in stacked calls, which return a new tensor).
         batch_dim: the dimension of the examples in this layer's input (0 for batch-first).
 
     Example::

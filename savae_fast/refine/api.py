@@ -37,7 +37,7 @@ def refine(
     noise: Tensor | None = None,
     backend: str = "auto",
     preserve_rng_state: bool = True,
-    process_group=None,
+    process_group: object | None = None,
     on_nonfinite: str = "raise",
     fp32_precision: str = "inherit",
     batch_coupled: bool | None = None,
@@ -56,7 +56,8 @@ def refine(
     (the decoder parameters ``nll_fn`` uses), through all K steps.
 
     Args:
-        mu, logvar: ``[B, D]`` float32/float64 initial variational parameters.
+        mu: ``[B, D]`` float32/float64 initial means of the variational posterior (the encoder's).
+        logvar: ``[B, D]`` initial log-variances, of mu's shape, dtype and device.
         nll_fn: maps ``z`` ``[B, D]`` to per-example negative log-likelihoods ``[B]``.
             Evaluated once per forward step (in order, from the caller's RNG state)
             and again in the backward with that step's RNG state restored.

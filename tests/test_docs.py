@@ -1,0 +1,53 @@
+"""The documentation checked like code: README's quick start runs, README stays a front page
+with its figures, and the API reference documents every argument of refine."""
+
+import inspect
+import os
+import re
+
+import pytest
+
+import savae_fast as sf
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _readme() -> str:
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        return f.read()
+
+
+def test_readme_quick_start_runs(capsys):
+    block = re.search(r"## Quick start with your own model\n\n```python\n(.*?)```", _readme(), re.S).group(1)
+    exec(compile(block, "README.md (quick start)", "exec"), {})
+    losses = [float(line.split()[1]) for line in capsys.readouterr().out.splitlines()]
+    assert len(losses) == 3 and all(l > 0 for l in losses)
+
+
+def test_readme_is_a_front_page_with_its_figures():
+    text = _readme()
+    assert text.count("\n") <= 300
+    images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
+    assert len(images) >= 2 and all(os.path.isfile(os.path.join(ROOT, p)) for p in images), images
+    for link in re.findall(r"\]\((docs/[^)#]+)", text):  # every page it links to exists
+        assert os.path.isfile(os.path.join(ROOT, link)), link
+
+
+def test_every_argument_of_refine_is_documented():
+    """The API reference renders refine's signature from the code and its docstring's Args: every
+    parameter must be there, by name."""
+    doc = inspect.getdoc(sf.refine)
+    args = doc.split("Args:")[1].split("Returns:")[0]
+    documented = set(re.findall(r"^    (\w+):", args, re.M))
+    params = set(inspect.signature(sf.refine).parameters)
+    assert params == documented, (params - documented, documented - params)
+    assert "Raises:" in doc and "Returns:" in doc
+
+
+@pytest.mark.parametrize("obj", [sf.refine, sf.RefineGraph, sf.GraphedStep, sf.reference.unrolled,
+                                 sf.reference.optim_n2n, sf.nn.Dropout, sf.nn.repeat_rows, sf.ops.get_backend,
+                                 sf.ops.forward_step, sf.ops.reverse_direction, sf.ops.reverse_update],
+                         ids=lambda o: o.__qualname__)
+def test_public_names_have_docstrings(obj):
+    doc = inspect.getdoc(obj)
+    assert doc and len(doc) > 80, obj
