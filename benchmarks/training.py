@@ -218,10 +218,23 @@ def run_all(args) -> dict:
     cmd = [sys.executable, "-m", "benchmarks.training", "--batches", str(args.batches), "--eval-every",
            str(args.eval_every), "--eval-sentences", str(args.eval_sentences), "--grad-checks",
            ",".join(map(str, args.grad_checks)), *(["--smoke"] if args.smoke else [])]
-    pending = list(jobs)
-    scratch = tempfile.mkdtemp(prefix="savae-training-")
-    # (each child writes its record and its messages to files: a pipe left unread until the child
-    # ends would fill and stall it)
+    # The longest runs first, so that two jobs end together; each child writes its record and its
+    # messages to files in runs_dir (a pipe left unread until the child ends would fill and stall
+    # it), and a record already there from the same command is reused: an interrupted benchmark
+    # resumes where it stopped.
+    cost = {"savae fd_central": 0, "savae fd_central stacked": 1, "savae optim_n2n": 2, "savae fd_forward": 3}
+    pending = sorted(jobs, key=lambda j: (cost.get(j[0], 9), j[1]))
+    scratch = args.runs_dir or tempfile.mkdtemp(prefix="savae-training-")
+    os.makedirs(scratch, exist_ok=True)
+    for variant, seed in list(pending):
+        base = os.path.join(scratch, f"{variant.replace(' ', '_')}_{seed}")
+        if os.path.exists(base + ".json"):
+            with open(base + ".json") as f:
+                record = json.load(f)
+            if record.get("command") == cmd[3:]:
+                pending.remove((variant, seed))
+                results.append(record)
+                print(f"[training] {variant} seed {seed}: reusing {base}.json", file=sys.stderr, flush=True)
     while pending or running:
         while pending and len(running) < args.jobs:
             variant, seed = pending.pop(0)
@@ -357,6 +370,9 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
     p.add_argument("--child", nargs=2, metavar=("VARIANT", "SEED"), help=argparse.SUPPRESS)
     p.add_argument("--record", default=None, help=argparse.SUPPRESS)  # the child's result file
+    p.add_argument("--runs-dir", default=None,
+                   help="folder for each run's record (default: a temporary one); records of the same "
+                        "settings already there are reused, so an interrupted benchmark resumes")
     args = p.parse_args(argv)
     args.argv = list(argv if argv is not None else sys.argv[1:])
     args.grad_checks = [float(v) for v in args.grad_checks.split(",")]
@@ -366,6 +382,7 @@ def main(argv=None) -> int:
         p.error(f"--variants: unknown {unknown}; known: {list(VARIANTS)}")
     if args.child:
         record = run_one(args.child[0], int(args.child[1]), args)
+        record["command"] = args.argv[: args.argv.index("--child")]  # its settings (reuse checks them)
         if args.record:
             with open(args.record, "w") as f:
                 json.dump(record, f)

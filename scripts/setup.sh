@@ -14,5 +14,5 @@ PIP=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 # --no-build-isolation: a development install compiles against the torch installed
 # above (no second torch in an isolated build environment); the extension targets
 # the stable ABI, so plain `pip install .` works as well.
-MAX_JOBS=${MAX_JOBS:-2} "${PIP[@]}" --no-build-isolation -e ".[test,models,bench]"
+MAX_JOBS=${MAX_JOBS:-2} "${PIP[@]}" --no-build-isolation -e ".[test,models,bench,docs]"
 .venv/bin/python -c "import savae_fast as sf; print('savae_fast', sf.__version__, 'compiled kernels:', sf.ops.build_info() or 'none')"

