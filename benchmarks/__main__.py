@@ -22,7 +22,7 @@ from benchmarks.refinement import (bench_graphed_step, bench_memory, bench_scali
                                    bench_stacked_passes, bench_step, graphed_step_table, stacked_passes_table,
                                    step_table)
 
-SECTIONS = ("ops", "step", "accuracy", "scaling", "memory", "training")
+SECTIONS = ("startup", "ops", "step", "accuracy", "scaling", "memory", "training")
 # "training": benchmarks.training (hours on a CPU: run only when named in --only)
 DEFAULT_SECTIONS = SECTIONS[:-1]
 
@@ -83,6 +83,12 @@ def main(argv=None) -> int:
               f"threads {info['torch_threads']}{', quick' if quick else ''}", ""]
     print("\n".join(report), flush=True)
 
+    if "startup" in sections:
+        from benchmarks.startup import bench_startup, startup_table
+
+        results["startup"] = bench_startup(rounds=3 if quick else 7)
+        emit(report, ["## Start-up: fresh interpreters, interleaved (benchmarks/startup.py)",
+                      startup_table(results["startup"]), ""])
     if "ops" in sections:
         r = bench_ops(dev, QUICK_SIZES if quick else SIZES, rounds=args.rounds or (5 if quick else 20),
                       compile_=not (args.no_compile or quick))

@@ -144,3 +144,12 @@ def test_training_benchmark_smoke_writes_results_and_plots(tmp_path):
     assert json.load(open(tmp_path / next(f for f in files if f.endswith(".json"))))["runs"] == data["runs"]
     other = _run([*args[:6], "3", *args[7:], "--variants", "vae"])
     assert "reusing" not in other.stderr
+
+
+def test_startup_benchmark_reports_each_command_against_import_torch():
+    from benchmarks.startup import COMMANDS, bench_startup, startup_table
+
+    res = bench_startup(rounds=1)
+    assert [r["command"] for r in res["rows"]] == list(COMMANDS)
+    assert res["rows"][0]["vs_import_torch"] == 1.0 and all(r["seconds"] > 0 for r in res["rows"])
+    assert "x import torch" in startup_table(res)

@@ -6,6 +6,7 @@ import gzip
 import json
 import os
 import stat
+import subprocess
 import sys
 
 import numpy as np
@@ -514,3 +515,12 @@ def test_mutual_information_comes_with_its_standard_error(capsys):
     mi, se = mutual_information_se(mu, torch.full((200, 2), -4.0))
     mi_note({"mutual_info": mi, "mutual_info_se": se, "examples": 200})
     assert mi > 10 * se and capsys.readouterr().err == ""
+
+
+def test_help_does_not_import_the_heavy_modules():
+    """`savae-fast --help` costs little more than `import torch`: it loads neither Dynamo (refine's
+    compile boundary is made at its first call) nor Triton, matplotlib or scikit-learn."""
+    code = ("import sys; from savae_fast.app.cli import main; main(['train', '--help']); "
+            "print([m for m in ('torch._dynamo', 'triton', 'matplotlib', 'sklearn', 'scipy') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "[]"

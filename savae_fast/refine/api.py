@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, Iterable
 
 import torch
@@ -15,10 +16,26 @@ from savae_fast.refine.validation import (DEFAULTS, check_backend, check_capture
                                           check_not_transformed, check_state, check_steps_fit, collect_params,
                                           make_config, noise_or_draw)
 
+def _compile_boundary(fn):
+    """``torch.compiler.disable(fn)``, made at the first call: importing Dynamo costs about a
+    second, which ``import savae_fast`` (and ``savae-fast --help``) need not pay. A first call
+    traced by Dynamo breaks the graph there as well (the wrapper is then run eagerly)."""
+    disabled = None
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        nonlocal disabled
+        if disabled is None:
+            disabled = torch.compiler.disable(fn)
+        return disabled(*args, **kwargs)
+
+    return call
+
+
 # Under torch.compile, refine is one graph break: its loop differentiates the user's
 # decoder (torch.autograd.grad), which Dynamo would otherwise split into many pieces.
 # The code around it compiles; the savae_fast:: operators trace (fake kernels).
-@torch.compiler.disable
+@_compile_boundary
 def refine(
     mu: Tensor,
     logvar: Tensor,
