@@ -18,7 +18,20 @@ def sample(mu: Tensor, logvar: Tensor, eps: Tensor) -> Tensor:
 
 
 def gaussian_kl(mu: Tensor, logvar: Tensor) -> Tensor:
-    """KL(N(mu, exp(logvar)) || N(0, I)) per example, [B]."""
+    """KL(N(mu, exp(logvar)) || N(0, I)) per example.
+
+    Args:
+        mu, logvar: ``[..., D]`` means and log-variances.
+
+    Returns:
+        ``[...]``: the KL summed over the last dimension.
+
+    Example:
+        >>> float(gaussian_kl(torch.zeros(2, 3), torch.zeros(2, 3)).abs().max())  # the prior itself
+        0.0
+        >>> gaussian_kl(torch.ones(1, 2), torch.zeros(1, 2))
+        tensor([1.])
+    """
     return -0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).sum(dim=-1)
 
 

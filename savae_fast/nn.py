@@ -39,7 +39,16 @@ def stacked_call(copies: int, batch: int):
 
 
 def stacked_copies() -> tuple[int, int] | None:
-    """(points per example, examples) of the stacked decoder call running in this thread, or None."""
+    """The stacked decoder call running in this thread, if any.
+
+    Returns:
+        ``(points per example, examples)`` inside one of refine's stacked calls of ``nll_fn``,
+        else ``None`` (for a decoder that shapes its per-example state itself).
+
+    Example:
+        >>> stacked_copies() is None  # outside refine
+        True
+    """
     return getattr(_local, "stack", None)
 
 
@@ -59,8 +68,28 @@ def _replayable_draw():
 
 
 def repeat_rows(data: Tensor, z: Tensor, dim: int = 0) -> Tensor:
-    """``data`` (B rows along ``dim``) repeated to the rows of ``z`` (n * B, point-major); ``data``
-    itself when ``z`` has B rows. An error names both shapes where n * B is not a multiple of B."""
+    """``data`` (B rows along ``dim``) repeated to the rows of ``z`` (n * B, point-major).
+
+    Args:
+        data: the decoder's per-example data: tokens, images, an encoded state.
+        z: the latent rows of this call: B (unstacked) or n * B (a stacked call).
+        dim: the dimension of the examples in ``data``.
+
+    Returns:
+        ``data`` itself when ``z`` has B rows, else ``data`` repeated n times along ``dim``
+        (row ``j * B + b`` is example b).
+
+    Raises:
+        ValueError: ``z``'s rows are not a multiple of the data's B (both named).
+
+    Example:
+        >>> x = torch.tensor([[1, 2], [3, 4]])
+        >>> repeat_rows(x, torch.zeros(4, 8))
+        tensor([[1, 2],
+                [3, 4],
+                [1, 2],
+                [3, 4]])
+    """
     rows, batch = z.shape[0], data.shape[dim]
     if rows == batch:
         return data
@@ -83,9 +112,17 @@ class Dropout(nn.Dropout):
         inplace: as ``nn.Dropout`` (not in stacked calls, which return a new tensor).
         batch_dim: the dimension of the examples in this layer's input (0 for batch-first).
 
-    Example::
+    Returns:
+        Called, ``x`` with dropout applied (a new tensor in stacked calls).
 
-        self.drop = savae_fast.nn.Dropout(0.5)      # in place of nn.Dropout(0.5)
+    Raises:
+        ValueError: in a stacked call, an input whose size along ``batch_dim`` is neither B nor
+            n * B (set ``batch_dim``).
+
+    Example:
+        >>> drop = Dropout(0.5)  # in place of nn.Dropout(0.5) in a decoder
+        >>> drop(torch.ones(4, 3)).shape
+        torch.Size([4, 3])
     """
 
     def __init__(self, p: float = 0.5, inplace: bool = False, batch_dim: int = 0):

@@ -54,6 +54,29 @@ class GraphedStep:
     clears the parameters' ``.grad``. Every call must pass tensors of the example
     inputs' shapes, dtypes and device (also when running eagerly, so that a CPU dry run
     catches what a GPU capture would refuse). ``captured`` says which mode runs.
+
+    Returns:
+        Called, the step's loss (a new scalar tensor); the gradients are in ``p.grad``.
+
+    Raises:
+        TypeError: ``loss_fn`` not callable, a non-tensor example input, ``fallback`` not a
+            bool; at call time, inputs of other shapes, dtypes or device than the examples.
+        ValueError: ``warmup`` < 1, no parameter that requires grad.
+        RuntimeError: the step cannot be captured and ``fallback=False`` (the reason named).
+
+    Example:
+        >>> import torch, savae_fast as sf
+        >>> enc, dec = torch.nn.Linear(6, 8), torch.nn.Linear(4, 6)
+        >>> def loss_fn(x):
+        ...     mu, logvar = enc(x).chunk(2, dim=1)
+        ...     nll = lambda z: ((dec(z) - x) ** 2).sum(1)
+        ...     mu, logvar = sf.refine(mu, logvar, nll, dec.parameters(), steps=3)
+        ...     return nll(mu).mean()
+        >>> x = torch.randn(16, 6)
+        >>> step = sf.GraphedStep(loss_fn, (x,), [*enc.parameters(), *dec.parameters()])
+        >>> loss = step(x)  # replays one CUDA graph on a GPU; runs eagerly here, with one warning
+        >>> dec.weight.grad.shape
+        torch.Size([6, 4])
     """
 
     def __init__(self, loss_fn: Callable[..., Tensor], example_inputs: Sequence[Tensor],

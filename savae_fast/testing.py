@@ -34,7 +34,21 @@ __all__ = [
 
 # ----------------------------------------------------------------------------- decoders
 class MLPDecoder(nn.Module):
-    """z -> tanh MLP -> independent categorical tokens (twice differentiable)."""
+    """z -> tanh MLP -> independent categorical tokens (twice differentiable).
+
+    Args:
+        latent_dim: D.
+        hidden: the hidden layer's size.
+        vocab, length: tokens per example and their vocabulary.
+        dropout: after the hidden layer (a :class:`savae_fast.nn.Dropout`).
+
+    ``nll(x, z)``: tokens ``[B, length]``, ``z`` ``[B, D]`` or ``[n * B, D]`` -> ``[B]`` or ``[n * B]``.
+
+    Example:
+        >>> dec = MLPDecoder(4)
+        >>> dec.nll(torch.randint(0, 9, (3, 6)), torch.zeros(3, 4)).shape
+        torch.Size([3])
+    """
 
     def __init__(self, latent_dim: int, hidden: int = 32, vocab: int = 9, length: int = 6, dropout: float = 0.0):
         super().__init__()
@@ -60,7 +74,17 @@ def cpu_bfloat16_lstm() -> tuple[bool, str]:
     LSTM to oneDNN's bfloat16 RNN, which needs AVX-512 (AVX-512 BF16, AMX or AVX512-core):
     on CPUs with AVX2 only (AMD Zen 3, older Intel) oneDNN has no such primitive and
     PyTorch raises "could not create a primitive descriptor for the LSTM forward propagation
-    primitive". Tried once per process on a tiny LSTM."""
+    primitive". Tried once per process on a tiny LSTM.
+
+    Returns:
+        ``(supported, reason)``: ``reason`` is ``""`` where it runs, else one line for a
+        ``pytest.skip``.
+
+    Example:
+        >>> ok, why = cpu_bfloat16_lstm()
+        >>> ok or why.startswith("nn.LSTM")
+        True
+    """
     global _cpu_bf16_lstm
     if _cpu_bf16_lstm is None:
         lstm = nn.LSTM(4, 4, batch_first=True)
@@ -83,11 +107,31 @@ def cpu_bfloat16_lstm() -> tuple[bool, str]:
 
 
 def cpu_tf32_enabled() -> bool:
+    """Whether the CPU's TF32 setting (``torch.backends.mkldnn.matmul.fp32_precision``) is ``"tf32"``.
+
+    Returns:
+        ``True`` when :func:`tf32_matmul` rounds as a TF32 GPU would.
+
+    Example:
+        >>> isinstance(cpu_tf32_enabled(), bool)
+        True
+    """
     return getattr(torch.backends.mkldnn.matmul, "fp32_precision", "none") == "tf32"
 
 
 def round_to_tf32(x: torch.Tensor) -> torch.Tensor:
-    """Round float32 values to TF32 (10 explicit mantissa bits), to nearest, ties to even."""
+    """Round float32 values to TF32 (10 explicit mantissa bits), to nearest, ties to even.
+
+    Args:
+        x: a float32 tensor.
+
+    Returns:
+        A new float32 tensor of TF32 values.
+
+    Example:
+        >>> round_to_tf32(torch.tensor([1 + 2 ** -12]))
+        tensor([1.])
+    """
     bits = x.contiguous().view(torch.int32)
     bits = (bits + 0xFFF + ((bits >> 13) & 1)) & ~0x1FFF
     return bits.view(torch.float32)
@@ -107,13 +151,36 @@ class Tf32Matmul(torch.autograd.Function):
 
 def tf32_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a @ b as a TF32 GPU computes it (float32 under the CPU TF32 setting), differentiable
-    (twice: the backward is made of the same products)."""
+    (twice: the backward is made of the same products).
+
+    Args:
+        a, b: matrices (batched as ``@``).
+
+    Returns:
+        ``a @ b``, with TF32 rounding of both inputs where ``a`` is float32 and
+        :func:`cpu_tf32_enabled`; plain ``a @ b`` otherwise.
+
+    Example:
+        >>> tf32_matmul(torch.eye(2), torch.ones(2, 2))
+        tensor([[1., 1.],
+                [1., 1.]])
+    """
     if a.dtype != torch.float32 or not cpu_tf32_enabled():
         return a @ b
     return Tf32Matmul.apply(a, b)
 
 
 class Tf32MLPDecoder(MLPDecoder):
+    """:class:`MLPDecoder` with its products in TF32 (:func:`tf32_matmul`) under the CPU TF32 setting.
+
+    Args:
+        latent_dim, hidden, vocab, length, dropout: as :class:`MLPDecoder`.
+
+    Example:
+        >>> Tf32MLPDecoder(4).nll(torch.randint(0, 9, (3, 6)), torch.zeros(3, 4)).shape
+        torch.Size([3])
+    """
+
     def nll(self, x, z):
         h = torch.tanh(tf32_matmul(z, self.l1.weight.t()) + self.l1.bias)
         logits = (tf32_matmul(self.drop(h), self.l2.weight.t()) + self.l2.bias).view(-1, self.length, self.vocab)
@@ -124,7 +191,17 @@ class Tf32MLPDecoder(MLPDecoder):
 
 class Tf32LSTMDecoder(nn.Module):
     """The bundled LSTMDecoder's model (z concatenated to every input and mapped to the initial
-    hidden state) with an LSTM cell written out, its products in TF32 (as cuDNN's)."""
+    hidden state) with an LSTM cell written out, its products in TF32 (as cuDNN's).
+
+    Args:
+        vocab_size, latent_dim, embed_dim, hidden_dim: as :class:`savae_fast.models.LSTMDecoder`.
+        init_scale: weights uniform in ``[-init_scale, init_scale]`` (default ``hidden_dim ** -0.5``).
+
+    Example:
+        >>> dec = Tf32LSTMDecoder(11, 2, 4, 8)
+        >>> dec.nll(torch.randint(1, 11, (3, 5)), torch.zeros(3, 2)).shape
+        torch.Size([3])
+    """
 
     def __init__(self, vocab_size: int, latent_dim: int, embed_dim: int, hidden_dim: int, init_scale: float | None = None):
         super().__init__()
@@ -157,6 +234,23 @@ class Tf32LSTMDecoder(nn.Module):
 
 
 def make_decoder(kind: str, latent_dim: int, dropout: float = 0.0) -> nn.Module:
+    """A small decoder of the tests.
+
+    Args:
+        kind: ``"mlp"``, ``"lstm"``, ``"pixelcnn"``, ``"tf32_mlp"`` or ``"tf32_lstm"``.
+        latent_dim: D.
+        dropout: the decoder's dropout (mlp, lstm).
+
+    Returns:
+        The decoder (an ``nn.Module`` with ``nll(x, z)``), float32.
+
+    Raises:
+        ValueError: an unknown ``kind``.
+
+    Example:
+        >>> type(make_decoder("lstm", 4)).__name__
+        'LSTMDecoder'
+    """
     if kind == "mlp":
         return MLPDecoder(latent_dim, dropout=dropout)
     if kind == "lstm":
@@ -167,10 +261,24 @@ def make_decoder(kind: str, latent_dim: int, dropout: float = 0.0) -> nn.Module:
         return Tf32MLPDecoder(latent_dim, dropout=dropout)
     if kind == "tf32_lstm":
         return Tf32LSTMDecoder(vocab_size=11, latent_dim=latent_dim, embed_dim=8, hidden_dim=16)
-    raise ValueError(kind)
+    raise ValueError(f"make_decoder: argument 'kind' must be one of mlp, lstm, pixelcnn, tf32_mlp, tf32_lstm, "
+                     f"got {kind!r}")
 
 
 def make_tokens(kind: str, batch: int) -> torch.Tensor:
+    """Random data for a decoder of :func:`make_decoder`.
+
+    Args:
+        kind: the decoder's kind.
+        batch: B.
+
+    Returns:
+        Tokens ``[B, T]`` (no padding), or 0/1 images ``[B, 1, 6, 6]`` (float64) for ``"pixelcnn"``.
+
+    Example:
+        >>> make_tokens("mlp", 3).shape
+        torch.Size([3, 6])
+    """
     if kind in ("mlp", "tf32_mlp"):
         return torch.randint(0, 9, (batch, 6))
     if kind == "pixelcnn":
@@ -183,7 +291,22 @@ def make_tokens(kind: str, batch: int) -> torch.Tensor:
 # ----------------------------------------------------------------------------- problems
 def reached_parameters(decoder: nn.Module, nll_fn: Callable[[Tensor], Tensor], z: Tensor) -> tuple[str, ...]:
     """Names of the decoder parameters the NLL depends on (a PixelCNN's last vertical
-    stack feeds nothing: such parameters get no gradient and are left out)."""
+    stack feeds nothing: such parameters get no gradient and are left out).
+
+    Args:
+        decoder: the module whose parameters are named.
+        nll_fn: ``z -> [B]`` using ``decoder``.
+        z: a point to differentiate at.
+
+    Returns:
+        The names (``named_parameters`` order) of the parameters with a gradient.
+
+    Example:
+        >>> dec = make_decoder("mlp", 4)
+        >>> x = make_tokens("mlp", 2)
+        >>> reached_parameters(dec, lambda z: dec.nll(x, z), torch.zeros(2, 4))
+        ('l1.weight', 'l1.bias', 'l2.weight', 'l2.bias')
+    """
     names, tensors = zip(*decoder.named_parameters())
     z = z.detach().requires_grad_(True)
     grads = torch.autograd.grad(nll_fn(z).sum(), tensors, allow_unused=True)
@@ -193,7 +316,24 @@ def reached_parameters(decoder: nn.Module, nll_fn: Callable[[Tensor], Tensor], z
 @dataclass
 class Problem:
     """One SA-VAE training step's data: a decoder and its data x, the encoder's
-    lambda_0 = (mu0, logvar0), the inner steps' noise [K, B, D] and the final sample's."""
+    lambda_0 = (mu0, logvar0), the inner steps' noise [K, B, D] and the final sample's.
+
+    Args:
+        decoder, x: the decoder and its data.
+        mu0, logvar0: lambda_0, ``[B, D]``.
+        noise: ``[K, B, D]``.
+        final_eps: ``[B, D]``, the outer objective's sample.
+        param_names: the decoder parameters the NLL depends on (``None``: all).
+        config: what built it (a benchmark configuration).
+
+    ``params``, ``nll_fn``, ``elbo_loss(mu_K, logvar_K)``, ``to(dtype, device)``,
+    ``examples(rows)`` and ``first_examples(n)`` give what a training step needs.
+
+    Example:
+        >>> p = make_problem("mlp", batch=4, latent=2, steps=3)
+        >>> p.noise.shape, p.num_params() > 0
+        (torch.Size([3, 4, 2]), True)
+    """
 
     decoder: nn.Module
     x: Tensor
@@ -245,7 +385,21 @@ class Problem:
 
 def make_problem(kind: str, dtype=torch.float64, batch: int = 32, latent: int = 8, steps: int = 10,
                  dropout: float = 0.0) -> Problem:
-    """A small random problem of the tests (decoder kinds of :func:`make_decoder`)."""
+    """A small random problem of the tests (decoder kinds of :func:`make_decoder`).
+
+    Args:
+        kind: the decoder's kind (:func:`make_decoder`).
+        dtype: of the decoder and the tensors.
+        batch, latent, steps: B, D and K.
+        dropout: the decoder's dropout.
+
+    Returns:
+        A :class:`Problem` with fresh random draws (from the default generator).
+
+    Example:
+        >>> make_problem("lstm", batch=4, latent=2).mu0.shape
+        torch.Size([4, 2])
+    """
     dec = make_decoder(kind, latent, dropout).to(dtype)
     x = make_tokens(kind, batch)
     x = x.to(dtype) if x.is_floating_point() else x
@@ -286,23 +440,83 @@ def _through(method: Callable, p: Problem, steps: int | None, objective: str, **
 def training_step(method: Callable, p: Problem, steps: int | None = None, objective: str = "elbo", **kw):
     """One SA-VAE training step through ``method`` (refine or a reference): refine lambda_0,
     the objective at lambda_K ("elbo": the negative ELBO; "linear": a fixed linear
-    functional, the refinement path only), its gradients w.r.t. (mu0, logvar0, *params)."""
+    functional, the refinement path only), its gradients w.r.t. (mu0, logvar0, *params).
+
+    Args:
+        method: ``sf.refine``, ``reference.unrolled`` or ``reference.optim_n2n``.
+        p: the problem.
+        steps: K (default: all the problem's noise).
+        objective: ``"elbo"`` or ``"linear"``.
+        **kw: passed to ``method``.
+
+    Returns:
+        The gradients, a tuple of tensors.
+
+    Raises:
+        ValueError: an unknown ``objective``.
+
+    Example:
+        >>> import savae_fast as sf
+        >>> p = make_problem("mlp", batch=4, latent=2, steps=3)
+        >>> len(training_step(sf.refine, p)) == 2 + len(p.params)
+        True
+    """
     return _through(method, p, steps, objective, **kw)[1]
 
 
 def refine_grads(p: Problem, objective="elbo", **kw):
-    """((mu_K, logvar_K), gradients w.r.t. (mu0, logvar0, *params)) through sf.refine."""
+    """One training step through ``sf.refine``.
+
+    Args:
+        p: the problem.
+        objective: as :func:`training_step`.
+        **kw: refine's options (``hvp``, ``backend``, ...).
+
+    Returns:
+        ``((mu_K, logvar_K), gradients w.r.t. (mu0, logvar0, *params))``.
+
+    Example:
+        >>> p = make_problem("mlp", batch=4, latent=2, steps=3)
+        >>> (mu_k, lv_k), grads = refine_grads(p, hvp="fd_central")
+        >>> relative_error(grads, reference_grads(p)[1]) < 1e-6
+        True
+    """
     return _through(sf.refine, p, None, objective, **kw)
 
 
 def reference_grads(p: Problem, objective="elbo", **kw):
-    """The same through reference.unrolled, in float64 (exact ground truth)."""
+    """The same through ``reference.unrolled`` in float64 (the exact ground truth).
+
+    Args:
+        p: the problem (converted to float64).
+        objective: as :func:`training_step`.
+        **kw: refine's options; those of no meaning to the reference are dropped.
+
+    Returns:
+        ``((mu_K, logvar_K), gradients)`` in float64.
+
+    Example:
+        >>> p = make_problem("mlp", batch=4, latent=2, steps=3)
+        >>> reference_grads(p)[1][0].dtype
+        torch.float64
+    """
     kw = {k: v for k, v in kw.items() if k not in ("hvp", "fd_eps", "backend", "preserve_rng_state")}
     return _through(unrolled, p.to(torch.float64), None, objective, **kw)
 
 
 def step0_grad_norm(p: Problem) -> float:
-    """Smaller of |g_mu| and |g_logvar| at the first inner step (mean reduction, beta 1)."""
+    """Smaller of |g_mu| and |g_logvar| at the first inner step (mean reduction, beta 1).
+
+    Args:
+        p: the problem.
+
+    Returns:
+        The norm (to put a clip norm below or above it in a test).
+
+    Example:
+        >>> step0_grad_norm(make_problem("mlp", batch=4, latent=2)) > 0
+        True
+    """
     z = (p.mu0 + torch.exp(0.5 * p.logvar0) * p.noise[0]).detach().requires_grad_(True)
     (gz,) = torch.autograd.grad(p.nll_fn(z).sum(), z)
     s = 1.0 / p.mu0.shape[0]
@@ -313,20 +527,53 @@ def step0_grad_norm(p: Problem) -> float:
 
 # ----------------------------------------------------------------------------- errors
 def rel_err(a: Tensor, b: Tensor) -> float:
-    """||a - b|| / ||b|| in float64 (0 when both vanish)."""
+    """||a - b|| / ||b|| in float64 (||a - b|| when b vanishes).
+
+    Args:
+        a, b: tensors of one shape (b the reference).
+
+    Returns:
+        The relative error, a float.
+
+    Example:
+        >>> rel_err(torch.tensor([1.0, 1.0]), torch.tensor([1.0, 0.0]))
+        1.0
+    """
     a, b = a.detach().double(), b.detach().double()
     nb = b.norm().item()
     return (a - b).norm().item() / nb if nb > 0 else (a - b).norm().item()
 
 
 def max_rel_err(grads, ref) -> tuple[float, list[float]]:
-    """The largest per-tensor relative error, and all of them."""
+    """The largest per-tensor relative error, and all of them.
+
+    Args:
+        grads, ref: sequences of tensors (ref the reference).
+
+    Returns:
+        ``(max, [rel_err per tensor])``.
+
+    Example:
+        >>> max_rel_err([torch.ones(2)], [torch.ones(2)])
+        (0.0, [0.0])
+    """
     errs = [rel_err(a, b) for a, b in zip(grads, ref)]
     return max(errs), errs
 
 
 def relative_error(grads, ref) -> float:
-    """||grads - ref|| / ||ref|| over all the tensors together, in float64."""
+    """||grads - ref|| / ||ref|| over all the tensors together, in float64.
+
+    Args:
+        grads, ref: sequences of tensors (ref the reference).
+
+    Returns:
+        The relative error of the concatenation, a float.
+
+    Example:
+        >>> relative_error([torch.ones(2), torch.zeros(1)], [torch.ones(2), torch.full((1,), 2.0)])
+        0.8164965809277261
+    """
     num = sum((a.double() - b.double()).pow(2).sum() for a, b in zip(grads, ref)) ** 0.5
     den = sum(b.double().pow(2).sum() for b in ref) ** 0.5
     return float(num / den)
@@ -341,7 +588,19 @@ def op_state(shape, dtype, device="cpu"):
     """Random state whose ELBO gradients are not near-cancellations of their terms: on
     tiny shapes a chance cancellation makes g ill-conditioned in float32 whatever the
     implementation, and the clip Jacobian would magnify it (a test of the draw, not of
-    the kernels)."""
+    the kernels).
+
+    Args:
+        shape: ``(B, D)``.
+        dtype, device: of the tensors.
+
+    Returns:
+        A dict of ``mu``, ``logvar``, ``p_mu``, ``p_logvar``, ``eps``, ``grad_z``, ``eps_next``.
+
+    Example:
+        >>> sorted(op_state((3, 2), torch.float64))[:3]
+        ['eps', 'eps_next', 'grad_z']
+    """
     b, d = shape
     t = lambda scale=1.0: scale * torch.randn(b, d, dtype=dtype, device=device)  # noqa: E731
     while True:
@@ -355,7 +614,19 @@ def op_state(shape, dtype, device="cpu"):
 
 
 def op_scalars(clip: str, state):
-    """Hyper-parameters with the clip clearly inactive / active for both tensors."""
+    """Hyper-parameters with the clip clearly inactive / active for both tensors.
+
+    Args:
+        clip: ``"off"``, ``"inactive"`` or ``"active"``.
+        state: an :func:`op_state`.
+
+    Returns:
+        A dict of the operators' scalar arguments (``scale`` ... ``max_grad_norm``).
+
+    Example:
+        >>> op_scalars("off", op_state((3, 2), torch.float64))["max_grad_norm"]
+        0.0
+    """
     s, beta = 1.0 / state["mu"].shape[0], 0.7
     g_mu, g_lv = torch_impl.elbo_grad(state["grad_z"], state["mu"], state["logvar"], state["eps"], s, beta)
     n = min(g_mu.norm().item(), g_lv.norm().item())
@@ -364,6 +635,20 @@ def op_scalars(clip: str, state):
 
 
 def forward_step_args(shape, dtype, clip, with_next=True, device="cpu"):
+    """Positional arguments of a ``forward_step`` operator call (its schema's order).
+
+    Args:
+        shape, dtype, device: as :func:`op_state`.
+        clip: as :func:`op_scalars`.
+        with_next: whether ``eps_next`` is given.
+
+    Returns:
+        The argument tuple.
+
+    Example:
+        >>> len(forward_step_args((3, 2), torch.float64, "active"))
+        13
+    """
     st = op_state(shape, dtype, device)
     sc = op_scalars(clip, st)
     return (st["mu"], st["logvar"], st["p_mu"], st["p_logvar"], st["eps"], st["grad_z"],
@@ -372,6 +657,21 @@ def forward_step_args(shape, dtype, clip, with_next=True, device="cpu"):
 
 
 def reverse_direction_args(shape, dtype, clip, fd_mode, device="cpu"):
+    """Positional arguments of a ``reverse_direction`` operator call (one example with a zero
+    direction where B > 1, for the u_b = 0 branch).
+
+    Args:
+        shape, dtype, device: as :func:`op_state`.
+        clip: as :func:`op_scalars`.
+        fd_mode: an ``FdMode`` value.
+
+    Returns:
+        The argument tuple.
+
+    Example:
+        >>> len(reverse_direction_args((3, 2), torch.float64, "off", 2))
+        16
+    """
     st = op_state(shape, dtype, device)
     sc = op_scalars(clip, st)
     g_mu, g_lv = torch_impl.elbo_grad(st["grad_z"], st["mu"], st["logvar"], st["eps"], sc["scale"], sc["kl_weight"])
@@ -385,6 +685,19 @@ def reverse_direction_args(shape, dtype, clip, fd_mode, device="cpu"):
 
 
 def reverse_update_args(shape, dtype, with_b=True, device="cpu"):
+    """Positional arguments of a ``reverse_update`` operator call.
+
+    Args:
+        shape, dtype, device: as :func:`op_state`.
+        with_b: whether ``hvp_b`` is given.
+
+    Returns:
+        The argument tuple.
+
+    Example:
+        >>> reverse_update_args((3, 2), torch.float64, with_b=False)[10] is None
+        True
+    """
     st = op_state(shape, dtype, device)
     t = lambda: torch.randn(shape, dtype=dtype, device=device)  # noqa: E731
     return (t(), t(), t(), t(), t(), t(), st["logvar"], st["eps"], st["grad_z"], t(), t() if with_b else None,
@@ -394,12 +707,40 @@ def reverse_update_args(shape, dtype, with_b=True, device="cpu"):
 def op_err(a, b, scale=1.0) -> float:
     """||a - b|| relative to max(||b||, RMS ``scale``): the inputs are O(1) random draws,
     and an output that cancels to almost nothing (the clip Jacobian on a 1x1 tensor)
-    must be judged against the size of its terms, not its own size."""
+    must be judged against the size of its terms, not its own size.
+
+    Args:
+        a, b: tensors (b the reference).
+        scale: the RMS size of the terms.
+
+    Returns:
+        The error, a float.
+
+    Example:
+        >>> op_err(torch.zeros(4), torch.zeros(4))
+        0.0
+    """
     a, b = a.detach().double(), b.detach().double()
     return (a - b).norm().item() / max(b.norm().item(), scale * max(b.numel(), 1) ** 0.5)
 
 
 def assert_outputs_close(out, ref, dtype, scales=None):
+    """Assert each output within ``OP_TOL[dtype]`` of the reference's (:func:`op_err`).
+
+    Args:
+        out, ref: a tensor or a sequence of tensors each.
+        dtype: selects the tolerance.
+        scales: ``{output index: RMS scale}`` for :func:`op_err`.
+
+    Returns:
+        ``None``.
+
+    Raises:
+        AssertionError: a shape, dtype or value differs (the output's index named).
+
+    Example:
+        >>> assert_outputs_close(torch.ones(3), torch.ones(3), torch.float32)
+    """
     out = out if isinstance(out, (tuple, list)) else (out,)
     ref = ref if isinstance(ref, (tuple, list)) else (ref,)
     assert len(out) == len(ref)
@@ -414,7 +755,25 @@ def assert_reverse_direction_close(out, ref, args, dtype):
     |u_b| / (2 h (1 + |z_b|)) live on the 1 / (2 h) scale. With a single element and the
     clip active, J v = c v 1e-6 / (n + 1e-6) cancels below float32 rounding: the sign of
     the direction u is rounding noise, and the central points z + r u, z - r u may come out
-    in either order (about 3% of draws), so they are compared as a pair."""
+    in either order (about 3% of draws), so they are compared as a pair.
+
+    Args:
+        out, ref: the operator's outputs and the formula's.
+        args: the call's positional arguments (:func:`reverse_direction_args`).
+        dtype: selects the tolerance.
+
+    Returns:
+        ``None``.
+
+    Raises:
+        AssertionError: an output out of tolerance (named).
+
+    Example:
+        >>> from savae_fast.ops import torch_impl
+        >>> args = reverse_direction_args((3, 2), torch.float64, "active", 2)
+        >>> out = torch_impl.reverse_direction(*args)
+        >>> assert_reverse_direction_close(out, out, args, torch.float64)
+    """
     fd_mode, max_norm, norms = args[14], args[13], args[8]
     out, ref = list(out), list(ref)
     if (fd_mode == FD_CENTRAL and dtype == torch.float32 and args[4].numel() == 1
@@ -424,6 +783,20 @@ def assert_reverse_direction_close(out, ref, args, dtype):
 
 
 def accumulate_case(dtype, shapes=((7,), (3, 4), (1,), (300, 5), (5000,))):
+    """Arguments of an ``accumulate_`` call: random totals and values, one value ``None``.
+
+    Args:
+        dtype: of the tensors.
+        shapes: one per tensor.
+
+    Returns:
+        ``(total, values)``.
+
+    Example:
+        >>> total, values = accumulate_case(torch.float32)
+        >>> len(total), values[1] is None
+        (5, True)
+    """
     total = [torch.randn(s, dtype=dtype) for s in shapes]
     values = [torch.randn(s, dtype=dtype) for s in shapes]
     values[1] = None  # a parameter the loss did not use

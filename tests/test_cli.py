@@ -341,14 +341,18 @@ def test_ctrl_c_prints_one_line_and_resume_is_exact(tmp_path):
     out = tmp_path / "run"
     args = [sys.executable, "-m", "savae_fast.app.train", "--mode", "vae", "--synthetic",
             json.dumps({"train": 256, "valid": 8, "test": 8}), *[a for a in TINY if a != "--no-progress"],
-            "--no-progress", "--epochs", "40", "--out-dir", str(out)]
+            "--no-progress", "--epochs", "100000", "--out-dir", str(out)]  # (runs until interrupted)
     proc = subprocess.Popen(args, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    deadline = time.time() + 240
-    while not (out / "last.pt").exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.2)
-    time.sleep(0.3)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
+    try:
+        deadline = time.time() + 240
+        while not (out / "last.pt").exists() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
     assert proc.returncode == 130, err
     assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("savae-fast train: interrupted"), err
     assert "--resume" in err

@@ -34,7 +34,24 @@ class ResidualBlock(nn.Module):
 
 
 class ResidualEncoder(nn.Module):
-    """q(z | x): residual conv layers (the first two downsample), then a linear map to (mu, logvar)."""
+    """q(z | x): residual conv layers (the first two downsample), then a linear map to (mu, logvar).
+
+    Args:
+        latent_dim: D.
+        image_size: the side of the square binary images.
+        channels: convolution channels.
+        layers: residual blocks.
+
+    Called on images ``[B, 1, S, S]`` it returns ``(mu, logvar)``, ``[B, D]`` each.
+
+    Raises:
+        ValueError: at call time, images of another shape or an integer dtype (named).
+
+    Example:
+        >>> enc = ResidualEncoder(latent_dim=2, image_size=8, channels=4, layers=2)
+        >>> enc(torch.zeros(3, 1, 8, 8))[0].shape
+        torch.Size([3, 2])
+    """
 
     def __init__(self, latent_dim: int, image_size: int = 28, channels: int = 64, layers: int = 3):
         super().__init__()
@@ -114,7 +131,28 @@ def _activation(owner: str, name: str):
 class GatedPixelCNNDecoder(nn.Module):
     """p(x | z): gated PixelCNN over binary pixels, conditioned on z through a linear map
     to ``cond_channels`` extra feature maps; ``latent_dim=0`` gives the plain PixelCNN.
-    ``activation`` is the output head's non-linearity (smooth by default: see ACTIVATIONS)."""
+    ``activation`` is the output head's non-linearity (smooth by default: see ACTIVATIONS).
+
+    Args:
+        latent_dim: D (0: the plain PixelCNN).
+        image_size: the side of the square binary images.
+        channels: the gated layers' channels.
+        kernels: one kernel size per gated layer.
+        cond_channels: feature maps made from z.
+        activation: the head's non-linearity, a name of ``ACTIVATIONS`` (``"gelu"``; a
+            piecewise-linear one has no second derivative for the difference modes to see).
+
+    ``nll(x, z)`` takes images ``[B, 1, S, S]`` of 0/1 pixels and ``z`` ``[B, D]`` or
+    ``[n * B, D]`` and returns per-image NLLs (nats) ``[B]`` or ``[n * B]``.
+
+    Raises:
+        ValueError: an unknown ``activation``; at call time, bad images or latents (named).
+
+    Example:
+        >>> dec = GatedPixelCNNDecoder(latent_dim=2, image_size=8, channels=4, kernels=(3, 3))
+        >>> dec.nll(torch.zeros(3, 1, 8, 8), torch.zeros(3, 2)).shape
+        torch.Size([3])
+    """
 
     def __init__(self, latent_dim: int, image_size: int = 28, channels: int = 32,
                  kernels: tuple = (9, 9, 9, 7, 7, 7, 5, 5, 5, 3, 3, 3), cond_channels: int = 4,
@@ -156,6 +194,28 @@ class GatedPixelCNNDecoder(nn.Module):
 
 
 class ImageVAE(LatentVariableModel):
+    """The paper's image VAE: a residual encoder and a gated PixelCNN decoder conditioned on z
+    (``latent_dim=0``: the plain PixelCNN, the autoregressive baseline).
+
+    Args:
+        latent_dim: D.
+        image_size: the side of the square binary images.
+        enc_channels, enc_layers: the :class:`ResidualEncoder`'s.
+        dec_channels, kernels, cond_channels, activation: the :class:`GatedPixelCNNDecoder`'s.
+
+    ``encode(x) -> (mu, logvar)``; ``nll(x, z) -> [B]`` (the decoder's).
+
+    Raises:
+        ValueError: a bad ``activation``; at call time, bad images or latents (named).
+
+    Example:
+        >>> model = ImageVAE(latent_dim=2, image_size=8, enc_channels=4, enc_layers=2, dec_channels=4,
+        ...                  kernels=(3, 3))
+        >>> x = torch.zeros(3, 1, 8, 8)
+        >>> model.nll(x, model.encode(x)[0]).shape
+        torch.Size([3])
+    """
+
     def __init__(self, latent_dim: int = 32, image_size: int = 28, enc_channels: int = 64, enc_layers: int = 3,
                  dec_channels: int = 32, kernels: tuple = (9, 9, 9, 7, 7, 7, 5, 5, 5, 3, 3, 3),
                  cond_channels: int = 4, activation: str = "gelu"):

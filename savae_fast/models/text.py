@@ -45,7 +45,29 @@ def check_latent(name: str, z: Tensor | None, batch: int, latent_dim: int) -> in
 class LSTMDecoder(nn.Module):
     """p(x | z): LSTM language model with z concatenated to every input and
     z -> initial hidden state (Kim et al. 2018); ``latent_dim=0`` gives the
-    plain LSTM language model (the autoregressive baseline)."""
+    plain LSTM language model (the autoregressive baseline).
+
+    Args:
+        vocab_size: V, including the padding token.
+        latent_dim: D (0: no latent).
+        embed_dim, hidden_dim: the word embedding and LSTM sizes.
+        dropout: on the embeddings and the LSTM outputs (a :class:`savae_fast.nn.Dropout`:
+            one mask per example in refine's stacked calls).
+        pad_index: the padding token, ignored by the loss.
+
+    ``nll(x, z)`` takes tokens ``[B, T]`` (begin and end tokens included) and ``z`` ``[B, D]``
+    or ``[n * B, D]`` (stacked) and returns per-sentence NLLs (nats) ``[B]`` or ``[n * B]``.
+
+    Raises:
+        ValueError: at call time, tokens that are not a ``[B, T]`` integer tensor in
+            ``[0, vocab_size)``, or ``z`` of the wrong shape or dtype (named).
+
+    Example:
+        >>> dec = LSTMDecoder(vocab_size=10, latent_dim=2, embed_dim=4, hidden_dim=8)
+        >>> x = torch.randint(1, 10, (3, 5))
+        >>> dec.nll(x, torch.zeros(3, 2)).shape, dec.nll(x, torch.zeros(6, 2)).shape
+        (torch.Size([3]), torch.Size([6]))
+    """
 
     def __init__(self, vocab_size: int, latent_dim: int, embed_dim: int = 512, hidden_dim: int = 1024,
                  dropout: float = 0.5, pad_index: int = 0):
@@ -88,7 +110,23 @@ class LSTMDecoder(nn.Module):
 
 
 class LSTMEncoder(nn.Module):
-    """q(z | x): embedding + LSTM, last hidden state -> (mu, logvar)."""
+    """q(z | x): embedding + LSTM, last hidden state -> (mu, logvar).
+
+    Args:
+        vocab_size, latent_dim, embed_dim, hidden_dim, pad_index: as :class:`LSTMDecoder`.
+
+    Called on tokens ``[B, T]`` it returns ``(mu, logvar)``, ``[B, D]`` each (padding at the
+    end of a sentence is skipped: packed sequences).
+
+    Raises:
+        ValueError: at call time, tokens that are not a ``[B, T]`` integer tensor in range.
+
+    Example:
+        >>> enc = LSTMEncoder(vocab_size=10, latent_dim=2, embed_dim=4, hidden_dim=8)
+        >>> mu, logvar = enc(torch.randint(1, 10, (3, 5)))
+        >>> mu.shape
+        torch.Size([3, 2])
+    """
 
     def __init__(self, vocab_size: int, latent_dim: int, embed_dim: int = 512, hidden_dim: int = 1024,
                  pad_index: int = 0):
@@ -110,7 +148,29 @@ class LSTMEncoder(nn.Module):
 
 class TextVAE(LatentVariableModel):
     """The paper's text VAE (latent 32, word 512, hidden 1024, dropout 0.5 by default);
-    ``latent_dim=0`` gives the LSTM language model (the autoregressive baseline)."""
+    ``latent_dim=0`` gives the LSTM language model (the autoregressive baseline).
+
+    Args:
+        vocab_size, latent_dim, embed_dim, hidden_dim, dropout, pad_index: as
+            :class:`LSTMDecoder` (the encoder has no dropout).
+        enc_hidden_dim: the encoder's LSTM size (default ``hidden_dim``).
+
+    ``encode(x) -> (mu, logvar)``; ``nll(x, z) -> [B]`` (the decoder's).
+
+    Raises:
+        ValueError: at call time, bad tokens or latents (named); ``encode`` of the
+            autoregressive model.
+
+    Example:
+        >>> import savae_fast as sf
+        >>> model = TextVAE(vocab_size=10, latent_dim=2, embed_dim=4, hidden_dim=8)
+        >>> x = torch.randint(1, 10, (3, 5))
+        >>> mu, logvar = model.encode(x)
+        >>> mu_k, logvar_k = sf.refine(mu, logvar, lambda z: model.nll(x, z), model.decoder.parameters(),
+        ...                            steps=2)
+        >>> mu_k.shape
+        torch.Size([3, 2])
+    """
 
     def __init__(self, vocab_size: int, latent_dim: int = 32, embed_dim: int = 512, hidden_dim: int = 1024,
                  dropout: float = 0.5, pad_index: int = 0, enc_hidden_dim: int | None = None):

@@ -66,7 +66,18 @@ __all__ = [
 
 
 class Backend(NamedTuple):
-    """One implementation of every operator (positional signatures as the schemas)."""
+    """One implementation of every operator (positional signatures as the schemas).
+
+    A resolved backend, as :func:`get_backend` returns it: ``name`` is ``"cpp"``,
+    ``"triton"`` or ``"torch"``; the other fields are the operators, called with the
+    positional arguments of their ``torch.ops.savae_fast`` schemas (no validation: the
+    validated entry points are the functions of this module).
+
+    Example:
+        >>> be = get_backend("auto", "cpu")
+        >>> be.name in ("cpp", "torch")
+        True
+    """
 
     name: str
     sample: Callable
@@ -95,7 +106,18 @@ CPP_BACKEND = (
 
 
 def triton_available(device: torch.device | str | None = None) -> bool:
-    """Whether the Triton kernels can run on ``device`` (GPU, or CPU under TRITON_INTERPRET=1)."""
+    """Whether the Triton kernels can run on ``device`` (GPU, or CPU under TRITON_INTERPRET=1).
+
+    Args:
+        device: a device or its name; ``None``: the current CUDA device.
+
+    Returns:
+        ``True`` when Triton is installed and can launch kernels for tensors on ``device``.
+
+    Example:
+        >>> triton_available("cpu")  # doctest: +SKIP
+        False
+    """
     from savae_fast.ops import triton_impl
 
     return triton_impl.usable(None if device is None else torch.device(device))
@@ -132,7 +154,28 @@ def _warn_fallback(device: torch.device) -> None:
 
 
 def get_backend(backend: str, device: torch.device | str) -> Backend:
-    """Resolve ``backend`` ("auto", "cpp", "triton", "torch") for tensors on ``device``."""
+    """Resolve ``backend`` ("auto", "cpp", "triton", "torch") for tensors on ``device``.
+
+    ``"auto"`` takes the compiled kernels for the device, else Triton on a GPU, else the
+    pure-PyTorch operators (with one ``RuntimeWarning`` saying why).
+
+    Args:
+        backend: ``"auto"``, ``"cpp"``, ``"triton"`` or ``"torch"``.
+        device: the device of the tensors the operators will see.
+
+    Returns:
+        The :class:`Backend` whose operators run there.
+
+    Raises:
+        ValueError: ``backend`` is not one of the four names.
+        RuntimeError: the backend asked for cannot run on ``device`` (the message says why:
+            the extension did not import, was built without that device's kernels, or Triton
+            cannot run there).
+
+    Example:
+        >>> get_backend("torch", "cpu").name
+        'torch'
+    """
     device = torch.device(device)
     if backend not in BACKENDS:
         raise ValueError(f"argument 'backend' must be one of {BACKENDS}, got {backend!r}")
@@ -191,14 +234,64 @@ def _check_matrices(op: str, **tensors: Tensor | None) -> None:
 
 
 def sample(mu: Tensor, logvar: Tensor, eps: Tensor, *, backend: str = "auto") -> Tensor:
-    """z = mu + exp(logvar / 2) * eps."""
+    """The reparameterised sample ``z = mu + exp(logvar / 2) * eps``.
+
+    Args:
+        mu, logvar, eps: ``[B, D]`` tensors of one floating dtype (float32 or float64) and
+            one device.
+        backend: see :func:`get_backend`.
+
+    Returns:
+        ``z``, ``[B, D]``.
+
+    Raises:
+        TypeError, ValueError: an argument is not a tensor, not 2-D, of another dtype, shape
+            or device than ``mu`` (the message names it).
+
+    Example:
+        >>> mu, lv = torch.zeros(2, 3), torch.zeros(2, 3)
+        >>> sample(mu, lv, torch.ones(2, 3), backend="torch")
+        tensor([[1., 1., 1.],
+                [1., 1., 1.]])
+    """
     _check_matrices("sample", mu=mu, logvar=logvar, eps=eps)
     return get_backend(backend, mu.device).sample(mu, logvar, eps)
 
 
 def forward_step(mu, logvar, p_mu, p_logvar, eps, grad_z, eps_next=None, *, scale, kl_weight, lr_mu,
                  lr_logvar, momentum, max_grad_norm, backend: str = "auto"):
-    """One fused inner SVI step; returns (mu', logvar', p_mu', p_logvar', z_next, grad_norms)."""
+    """One fused inner SVI step: the ELBO gradient from the decoder's ``grad_z``, clipped,
+    heavy-ball momentum, and the next sample (docs/math.md, "Forward").
+
+    Args:
+        mu, logvar: the variational parameters lambda_k, ``[B, D]``.
+        p_mu, p_logvar: the momentum buffers p_k.
+        eps: the draw of this step (z_k = mu + sigma eps).
+        grad_z: dNLL_b/dz at z_k, per example (without ``scale``).
+        eps_next: the next step's draw (then z_{k+1} is returned), or ``None``.
+        scale: weight s of the inner loss (1/B for ``reduction="mean"``).
+        kl_weight: beta.
+        lr_mu, lr_logvar: the inner learning rates.
+        momentum: m.
+        max_grad_norm: clip norm M of each gradient tensor (<= 0: no clipping).
+        backend: see :func:`get_backend`.
+
+    Returns:
+        ``(mu', logvar', p_mu', p_logvar', z_next, grad_norms)``: the updated parameters and
+        buffers, z_{k+1} (an empty tensor without ``eps_next``) and the ``[2]`` norms of
+        g_mu and g_logvar, which the reverse pass needs.
+
+    Raises:
+        TypeError, ValueError: a tensor argument of the wrong type, shape, dtype or device
+            (named in the message).
+
+    Example:
+        >>> t = lambda: torch.randn(4, 2)
+        >>> out = forward_step(t(), t(), t(), t(), t(), t(), t(), scale=0.25, kl_weight=1.0, lr_mu=1.0,
+        ...                    lr_logvar=1.0, momentum=0.5, max_grad_norm=5.0, backend="torch")
+        >>> [tuple(o.shape) for o in out]
+        [(4, 2), (4, 2), (4, 2), (4, 2), (4, 2), (2,)]
+    """
     _check_matrices("forward_step", mu=mu, logvar=logvar, p_mu=p_mu, p_logvar=p_logvar, eps=eps,
                     grad_z=grad_z, eps_next=eps_next)
     scalars = StepScalars(*map(float, (scale, kl_weight, lr_mu, lr_logvar, momentum, max_grad_norm)))
@@ -209,7 +302,38 @@ def forward_step(mu, logvar, p_mu, p_logvar, eps, grad_z, eps_next=None, *, scal
 def reverse_direction(lbar_mu, lbar_logvar, pbar_mu, pbar_logvar, mu, logvar, eps, grad_z, grad_norms, *,
                       scale, kl_weight, lr_mu, lr_logvar, max_grad_norm, fd_mode, fd_step,
                       backend: str = "auto"):
-    """First half of a reverse step; returns (pbar_mu', pbar_logvar', v_mu, v_logvar, u, z_eval, row_weight)."""
+    """First half of a reverse step: the momentum adjoint, the clip Jacobian applied to it and
+    the points where the decoder is evaluated (docs/math.md, "Reverse pass").
+
+    Args:
+        lbar_mu, lbar_logvar: the adjoint dF/dlambda_{k+1}, ``[B, D]``.
+        pbar_mu, pbar_logvar: the adjoint dF/dp_{k+1}.
+        mu, logvar, eps, grad_z: step k's parameters, draw and decoder gradient (as given to
+            :func:`forward_step`).
+        grad_norms: the ``[2]`` norms :func:`forward_step` returned for step k.
+        scale, kl_weight, lr_mu, lr_logvar, max_grad_norm: as for :func:`forward_step`.
+        fd_mode: an :class:`FdMode` (``FD_EXACT``, ``FD_FORWARD``, ``FD_CENTRAL``).
+        fd_step: the difference step h (forward: the step r itself; central: relative,
+            r_b = h (1 + |z_b|) / |u_b|).
+        backend: see :func:`get_backend`.
+
+    Returns:
+        ``(pbar_mu', pbar_logvar', v_mu, v_logvar, u, z_eval, row_weight)``: the updated
+        momentum adjoint, v = J_clip pbar', its z-space direction u, the evaluation points
+        ``[1 or 2, B, D]`` and the per-example loss weights ``[B]`` (central: 1 / (2 r_b)).
+
+    Raises:
+        TypeError, ValueError: a tensor of the wrong type, shape, dtype or device, a bad
+            ``grad_norms`` or ``fd_mode`` (named in the message).
+
+    Example:
+        >>> t = lambda: torch.randn(4, 2)
+        >>> *_, z_eval, w = reverse_direction(t(), t(), t(), t(), t(), t(), t(), t(), torch.ones(2), scale=0.25,
+        ...                                   kl_weight=1.0, lr_mu=1.0, lr_logvar=1.0, max_grad_norm=5.0,
+        ...                                   fd_mode=FD_CENTRAL, fd_step=1e-3, backend="torch")
+        >>> tuple(z_eval.shape), tuple(w.shape)
+        ((2, 4, 2), (4,))
+    """
     _check_matrices("reverse_direction", lbar_mu=lbar_mu, lbar_logvar=lbar_logvar, pbar_mu=pbar_mu,
                     pbar_logvar=pbar_logvar, mu=mu, logvar=logvar, eps=eps, grad_z=grad_z)
     if (not isinstance(grad_norms, Tensor) or grad_norms.shape != (2,) or grad_norms.dtype != mu.dtype
@@ -226,7 +350,32 @@ def reverse_direction(lbar_mu, lbar_logvar, pbar_mu, pbar_logvar, mu, logvar, ep
 
 def reverse_update(lbar_mu, lbar_logvar, pbar_mu, pbar_logvar, v_mu, v_logvar, logvar, eps, grad_z, hvp_a,
                    hvp_b=None, *, hvp_scale, scale, kl_weight, momentum, backend: str = "auto"):
-    """Second half of a reverse step; returns (lbar_mu', lbar_logvar', pbar_mu', pbar_logvar')."""
+    """Second half of a reverse step: the Gaussian second-order terms with the decoder's
+    Hzz u = (hvp_a - hvp_b) * hvp_scale, and the momentum of the adjoint.
+
+    Args:
+        lbar_mu, lbar_logvar, pbar_mu, pbar_logvar: the adjoints after :func:`reverse_direction`.
+        v_mu, v_logvar: the direction v it returned.
+        logvar, eps, grad_z: step k's log-variance, draw and decoder gradient.
+        hvp_a: the decoder's z-gradient at the first point (exact modes: Hzz u itself).
+        hvp_b: the gradient at the second point (``None``: zero).
+        hvp_scale: the factor of the difference (1 / r, or 1 where ``row_weight`` took it).
+        scale, kl_weight, momentum: as for :func:`forward_step`.
+        backend: see :func:`get_backend`.
+
+    Returns:
+        ``(lbar_mu', lbar_logvar', pbar_mu', pbar_logvar')``: the adjoints of step k.
+
+    Raises:
+        TypeError, ValueError: a tensor of the wrong type, shape, dtype or device (named).
+
+    Example:
+        >>> t = lambda: torch.randn(4, 2)
+        >>> out = reverse_update(t(), t(), t(), t(), t(), t(), t(), t(), t(), t(), hvp_scale=1.0, scale=0.25,
+        ...                      kl_weight=1.0, momentum=0.5, backend="torch")
+        >>> len(out)
+        4
+    """
     _check_matrices("reverse_update", lbar_mu=lbar_mu, lbar_logvar=lbar_logvar, pbar_mu=pbar_mu,
                     pbar_logvar=pbar_logvar, v_mu=v_mu, v_logvar=v_logvar, logvar=logvar, eps=eps,
                     grad_z=grad_z, hvp_a=hvp_a, hvp_b=hvp_b)
@@ -238,7 +387,26 @@ def reverse_update(lbar_mu, lbar_logvar, pbar_mu, pbar_logvar, v_mu, v_logvar, l
 
 def accumulate_(total, values, *, backend: str = "auto") -> None:
     """In place, for each i with ``values[i]`` not None: ``total[i] += values[i]``
-    (one call for a list of tensors, e.g. all the parameter gradients of a model)."""
+    (one call for a list of tensors, e.g. all the parameter gradients of a model).
+
+    Args:
+        total: floating-point tensors, updated in place.
+        values: tensors of the same shapes, dtypes and devices, or ``None`` (skipped).
+        backend: see :func:`get_backend`.
+
+    Returns:
+        ``None``.
+
+    Raises:
+        ValueError, TypeError: the lists differ in length, or an entry does not match its
+            partner (index named in the message).
+
+    Example:
+        >>> total = [torch.zeros(2), torch.zeros(3)]
+        >>> accumulate_(total, [torch.ones(2), None], backend="torch")
+        >>> total[0]
+        tensor([1., 1.])
+    """
     total, values = list(total), list(values)
     if len(total) != len(values):
         raise ValueError(f"accumulate_: 'total' and 'values' must have the same length, got {len(total)} and "

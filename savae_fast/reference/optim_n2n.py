@@ -132,8 +132,38 @@ def optim_n2n(
     **options,
 ) -> tuple[Tensor, Tensor]:
     """The authors' refinement: same forward as :func:`savae_fast.refine`, their backward
-    (lambda-space finite differences with step ``eps``). ``options``: the inner
-    optimiser's, as :func:`savae_fast.reference.unrolled`."""
+    (lambda-space finite differences with step ``eps``).
+
+    The published algorithm (harvardnlp/sa-vae ``OptimN2N``), for comparison and for
+    reproducing the paper: one-sided differences in lambda = (mu, logvar) with the absolute
+    step ``eps``, and their clipping of the joint backward vector at ``max_grad_norm`` every
+    step (which makes its gradient wrong where that clip is active: docs/accuracy.md).
+
+    Args:
+        mu, logvar: ``[B, D]`` initial variational parameters.
+        nll_fn: ``z [B, D] -> [B]`` per-example negative log-likelihoods.
+        params: the decoder parameters that get gradients (their ``update_params``).
+        eps: the authors' absolute difference step (> 0; not refine's relative ``fd_eps``).
+        noise: ``[steps, B, D]`` standard-normal draws (drawn otherwise).
+        **options: the inner optimiser's, as :func:`savae_fast.reference.unrolled`.
+
+    Returns:
+        ``(mu_K, logvar_K)``, differentiable w.r.t. ``mu``, ``logvar`` and ``params``.
+
+    Raises:
+        TypeError, ValueError: bad tensors or hyper-parameters, ``eps`` <= 0 (named).
+
+    Example:
+        >>> import torch
+        >>> from savae_fast.reference import optim_n2n
+        >>> dec = torch.nn.Linear(2, 3)
+        >>> mu = torch.zeros(4, 2, requires_grad=True)
+        >>> mu_k, lv_k = optim_n2n(mu, torch.zeros_like(mu), lambda z: (dec(z) ** 2).sum(1), dec.parameters(),
+        ...                        steps=3)
+        >>> mu_k.sum().backward()
+        >>> dec.weight.grad.shape
+        torch.Size([3, 2])
+    """
     check_state(mu, logvar)
     params = collect_params(params)
     cfg = optimiser_config(mu, options, "optim_n2n")

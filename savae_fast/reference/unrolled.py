@@ -31,10 +31,36 @@ def unrolled(
 ) -> tuple[Tensor, Tensor]:
     """Same forward as :func:`savae_fast.refine`, differentiated by autograd through every step.
 
-    ``options``: the inner optimiser's (``steps``, ``lr``, ``momentum``,
-    ``max_grad_norm``, ``kl_weight``, ``reduction``; defaults as refine's).
-    ``params`` is accepted for signature compatibility; autograd reaches every
-    tensor ``nll_fn`` uses regardless.
+    The ground truth of the package's tests and benchmarks: the K inner steps are built as
+    one autograd graph (second order, ``create_graph=True``), so its gradients are exact to
+    rounding, at the memory and time cost of unrolling.
+
+    Args:
+        mu, logvar: ``[B, D]`` initial variational parameters.
+        nll_fn: ``z [B, D] -> [B]`` per-example negative log-likelihoods (twice differentiable).
+        params: accepted for signature compatibility; autograd reaches every tensor ``nll_fn``
+            uses regardless.
+        noise: ``[steps, B, D]`` standard-normal draws (drawn from mu's device's default
+            generator otherwise).
+        **options: the inner optimiser's (``steps``, ``lr``, ``momentum``, ``max_grad_norm``,
+            ``kl_weight``, ``reduction``; defaults as refine's).
+
+    Returns:
+        ``(mu_K, logvar_K)``, differentiable w.r.t. ``mu``, ``logvar`` and everything ``nll_fn``
+        uses.
+
+    Raises:
+        TypeError, ValueError: bad tensors or hyper-parameters, as for refine (named).
+
+    Example:
+        >>> import torch
+        >>> from savae_fast.reference import unrolled
+        >>> dec = torch.nn.Linear(2, 3).double()
+        >>> mu = torch.zeros(4, 2, dtype=torch.float64, requires_grad=True)
+        >>> mu_k, lv_k = unrolled(mu, torch.zeros_like(mu), lambda z: (dec(z) ** 2).sum(1), steps=3)
+        >>> mu_k.sum().backward()
+        >>> mu.grad.shape
+        torch.Size([4, 2])
     """
     check_state(mu, logvar)
     collect_params(params)

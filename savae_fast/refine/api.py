@@ -169,6 +169,19 @@ def refine(
         RuntimeError: a decoder refine cannot differentiate (see ``check_decoder``), a call inside
             a ``torch.func`` transform.
         FloatingPointError: non-finite values during the refinement (``on_nonfinite="raise"``).
+
+    Example:
+        >>> import torch, savae_fast as sf
+        >>> dec = torch.nn.Linear(4, 6)
+        >>> x = torch.randint(0, 2, (8, 6)).float()
+        >>> nll = lambda z: torch.nn.functional.binary_cross_entropy_with_logits(
+        ...     dec(z), x, reduction="none").sum(1)
+        >>> mu, logvar = torch.zeros(8, 4, requires_grad=True), torch.zeros(8, 4, requires_grad=True)
+        >>> mu_k, logvar_k = sf.refine(mu, logvar, nll, dec.parameters(), steps=5)
+        >>> loss = (nll(mu_k + (0.5 * logvar_k).exp() * torch.randn(8, 4))).mean()
+        >>> loss.backward()  # gradients reach mu, logvar and the decoder through the 5 steps
+        >>> mu.grad.shape, dec.weight.grad.shape
+        (torch.Size([8, 4]), torch.Size([6, 4]))
     """
     check_state(mu, logvar)
     if not callable(nll_fn):

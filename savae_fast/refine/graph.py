@@ -44,10 +44,38 @@ class _Captured:
 class RefineGraph:
     """Callable ``(mu, logvar, noise=None) -> (mu_K, logvar_K)``, no gradient through it.
 
-    Keyword arguments are those of :func:`savae_fast.refine` (``steps``, ``lr``,
-    ``momentum``, ``max_grad_norm``, ``kl_weight``, ``reduction``, ``backend``).
-    On CUDA tensors the loop is captured on first use of each shape; elsewhere
-    it runs eagerly (same results).
+    Forward-only refinement (evaluation, test-time SVI) captured in a CUDA graph: on CUDA
+    tensors the loop is captured on first use of each shape, dtype and device and replayed
+    afterwards; elsewhere it runs eagerly with the same results.
+
+    Args:
+        nll_fn: as for :func:`savae_fast.refine`; it must be capturable (no host
+            synchronisation, fixed shapes) on CUDA.
+        steps: inner steps K.
+        warmup: eager runs on a side stream before each capture (at least 1).
+        **refine_kwargs: those of :func:`savae_fast.refine` that apply to a forward-only
+            loop: ``lr``, ``momentum``, ``max_grad_norm``, ``kl_weight``, ``reduction``,
+            ``backend``, ``fp32_precision``.
+
+    Calling it takes ``mu`` and ``logvar`` (``[B, D]``) and optional ``noise``
+    (``[steps, B, D]``; drawn inside the graph otherwise) and returns new tensors
+    ``(mu_K, logvar_K)``.
+
+    Raises:
+        TypeError: a keyword that does not apply to forward-only refinement (``hvp``,
+            ``noise``, ...), or ``nll_fn`` not callable.
+        ValueError: ``warmup`` < 1; at call time, the checks of :func:`savae_fast.refine`
+            on ``mu``, ``logvar``, ``noise`` and the hyper-parameters.
+
+    Example:
+        >>> import torch, savae_fast as sf
+        >>> dec = torch.nn.Linear(4, 6)
+        >>> x = torch.randn(8, 6)
+        >>> evaluate = sf.RefineGraph(lambda z: ((dec(z) - x) ** 2).sum(1), steps=20)
+        >>> with torch.no_grad():
+        ...     mu_k, logvar_k = evaluate(torch.zeros(8, 4), torch.zeros(8, 4))
+        >>> mu_k.shape
+        torch.Size([8, 4])
     """
 
     def __init__(self, nll_fn: Callable[[Tensor], Tensor], *, steps: int = DEFAULTS.steps, warmup: int = 3, **refine_kwargs):
