@@ -46,6 +46,7 @@ def test_memory_benchmark_child_measures_a_training_step():
     assert out["params"] == make_problem(CONFIGS["small_lstm"], "cpu", steps=2).num_params()
 
 
+@pytest.mark.slow
 def test_graphed_step_benchmark_runs_eagerly_on_cpu():
     """The CUDA-graph section's code path (on CPU GraphedStep falls back to eager)."""
     import warnings
@@ -144,8 +145,18 @@ def test_training_benchmark_smoke_writes_results_and_plots(tmp_path):
     assert json.load(open(tmp_path / next(f for f in files if f.endswith(".json"))))["runs"] == data["runs"]
     other = _run([*args[:6], "3", *args[7:], "--variants", "vae"])
     assert "reusing" not in other.stderr
+    # the report of a results file: its table with machine, date, commit and command, and the plots
+    results = tmp_path / next(f for f in files if f.endswith(".json"))
+    for f in os.listdir(tmp_path):
+        if f.endswith((".png", ".md")):
+            os.remove(tmp_path / f)
+    _run(["-m", "benchmarks.training", "--report", str(results)])
+    md = open(str(results)[:-5] + ".md").read()
+    assert data["commit"] in md and "benchmarks.training" in md and md.count("| savae") == 4
+    assert sum(f.endswith(".png") for f in os.listdir(tmp_path)) == 4
 
 
+@pytest.mark.slow
 def test_startup_benchmark_reports_each_command_against_import_torch():
     from benchmarks.startup import COMMANDS, bench_startup, startup_table
 

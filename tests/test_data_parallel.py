@@ -50,6 +50,7 @@ def _worker(rank: int, store: str, seed: int, hvp: str, out: str, stack: bool) -
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")
 @pytest.mark.parametrize("hvp,stack", [("fd_adaptive", False), ("fd_central", False), ("fd_adaptive", True)])
 def test_two_processes_equal_one(hvp, stack, tmp_path, seed):

@@ -92,6 +92,7 @@ def test_refine_warns_once_naming_the_fix(cpu_tf32):
         refine_grads(p.to(torch.float64))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["tf32_mlp", "tf32_lstm"])
 @pytest.mark.parametrize("hvp,tf32_bound", [("fd_forward", 1.2e-1), ("fd_central", 1.5e-2), ("fd_richardson", 2e-2),
                                              ("fd_adaptive", 2e-2), ("exact", 2e-3)])

@@ -44,6 +44,7 @@ def _check_results(res: dict, mode: str):
         assert res["kl"] >= 0 and "mutual_info" in res and 0 <= res["active_units"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("dataset", ["synthetic", "text", "digits"])
 def test_every_mode_trains_and_evaluates(mode, dataset, tmp_path, text_dir):
@@ -139,6 +140,7 @@ def test_cli_train_eval_plot(tmp_path, capsys):
     assert os.path.getsize(os.path.join(out, "curves.png")) > 1000
 
 
+@pytest.mark.slow
 def test_quick_demo_runs(tmp_path):
     from savae_fast.app.demo import run_demo
 
@@ -196,6 +198,7 @@ def test_models_plug_into_refine():
     assert lm.nll(x).shape == (4,) and lm.encoder is None
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not torch.distributed.is_available() or shutil.which("torchrun") is None
                     and not os.path.exists(os.path.join(os.path.dirname(sys.executable), "torchrun")),
                     reason="torchrun not available")

@@ -79,6 +79,7 @@ def test_interpreted_kernels_are_launched_by_triton():
         assert not any(k.cacheable for k in kernels)
 
 
+@pytest.mark.slow
 @needs_supported_triton
 def test_real_kernels_launch_as_triton_does():
     """Every launch of every operator path (one program / two-stage / row groups, clip
