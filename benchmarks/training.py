@@ -281,6 +281,9 @@ def summary(result: dict) -> list[dict]:
         row = {"variant": name, "seeds": len(runs), "nats_per_word": statistics.mean(bounds),
                "nats_per_word_min": min(bounds), "nats_per_word_max": max(bounds),
                "ppl": statistics.mean(v["ppl"] for v in last), "kl": statistics.mean(v["kl"] for v in last),
+               # the bound's reconstruction part (NLL at the sample) per word: the bound less its KL
+               "rec_per_word": statistics.mean(v["nats_per_word"] * (v["bound"] - v["kl"]) / v["bound"] for v in last),
+               "beta_last": runs[0]["log"][-1]["beta"],
                "mutual_info": statistics.mean(v["mutual_info"] for v in last),
                "active_units": statistics.mean(v["active_units"] for v in last),
                "seconds_per_batch": per_batch, "seconds_per_batch_min": min(per_run),
@@ -295,14 +298,14 @@ def summary(result: dict) -> list[dict]:
 
 
 def table(result: dict) -> str:
-    lines = ["| variant | seeds | valid nats/word (mean; min-max) | PPL | KL | MI | AU | s / batch (seeds' medians: "
+    lines = ["| variant | seeds | valid nats/word (mean; min-max) | PPL | of it, NLL nats/word | KL | MI | AU | s / batch (seeds' medians: "
              "min-max) | x VAE (fastest seeds) | outer grad norm (last 20%) | grad error vs fp64 (last check) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in summary(result):
         err = f"{r['grad_error_last']:.1e}" if r["grad_error_last"] is not None else "-"
         ratio = f"{r['time_vs_vae']:.2f}" if r["time_vs_vae"] else "-"
         lines.append(f"| {r['variant']} | {r['seeds']} | {r['nats_per_word']:.3f}; {r['nats_per_word_min']:.3f}-"
-                     f"{r['nats_per_word_max']:.3f} | {r['ppl']:.0f} | {r['kl']:.2f} | {r['mutual_info']:.2f} | "
+                     f"{r['nats_per_word_max']:.3f} | {r['ppl']:.0f} | {r['rec_per_word']:.3f} | {r['kl']:.2f} | {r['mutual_info']:.2f} | "
                      f"{r['active_units']:.1f} | {r['seconds_per_batch_min']:.2f}-{r['seconds_per_batch_max']:.2f} | {ratio} | {r['grad_norm_tail']:.1f} | "
                      f"{err} |")
     return "\n".join(lines)
@@ -364,7 +367,10 @@ def write_report(result: dict, prefix: str) -> list[str]:
              "", f"date {result['date']}, commit {result['commit']}, torch {result['torch']}, "
              f"{m.get('cpu_count')} cores, one thread per run", "", f"command: `{result['command']}`", "",
              f"setting: {json.dumps(result['runs'][0]['setting'])}; {result['runs'][0]['train_sentences']} training "
-             f"sentences ({result['runs'][0]['batches_per_epoch']} batches per epoch)", "", table(result), ""]
+             f"sentences ({result['runs'][0]['batches_per_epoch']} batches per epoch); KL weight at the last batch "
+             f"{result['runs'][0]['log'][-1]['beta']:.3f} (the warm-up); validation: the bound after 20 refinement "
+             "steps (SA-VAE) or at the encoder's posterior (VAE), KL and MI in nats per sentence", "", table(result),
+             ""]
     with open(prefix + ".md", "w") as f:
         f.write("\n".join(lines))
     return [prefix + ".md", *plot(result, prefix)]
