@@ -104,8 +104,13 @@ def plot_accuracy_vs_cost(path: str) -> str:
         ax.grid(alpha=0.3)
     order = [n for n in SHORT.values() if n in handles]
     fig.legend([handles[n] for n in order], order, loc="upper center", ncol=6, fontsize=8, frameon=False)
-    fig.text(0.01, 0.005, "CPU, 2 cores. " + panels[0][2] + "\n" + panels[1][2], fontsize=6.5, alpha=0.8)
-    fig.tight_layout(rect=(0, 0.04, 1, 0.94))
+    return _save(plt, fig, path, "CPU, 2 cores. " + panels[0][2] + "\n" + panels[1][2], fontsize=6.5, top=0.94)
+
+
+def _save(plt, fig, path: str, caption: str, fontsize: float = 6, top: float = 1) -> str:
+    """The caption (machine, date, commit) under the axes, then the file."""
+    fig.text(0.01, 0.005, caption, fontsize=fontsize, alpha=0.8)
+    fig.tight_layout(rect=(0, 0.04, 1, top))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
@@ -122,11 +127,7 @@ def plot_step_vs_k(path: str) -> str:
            title=f"{scaling['config']} on {scaling['device']}")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    fig.text(0.01, 0.005, _caption(res), fontsize=6, alpha=0.8)
-    fig.tight_layout(rect=(0, 0.04, 1, 1))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path, _caption(res))
 
 
 def plot_gpu_graph(path: str) -> str:
@@ -140,11 +141,7 @@ def plot_gpu_graph(path: str) -> str:
         ax.set_xticks(range(len(names)), [n.replace(", ", "\n") for n in names], fontsize=7)
         ax.bar_label(bars, fmt="%.1f", fontsize=7)
         ax.set(ylabel="ms per training step", title=f"{g['config']} (K 20)")
-    fig.text(0.01, 0.005, _caption(res), fontsize=6, alpha=0.8)
-    fig.tight_layout(rect=(0, 0.04, 1, 1))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path, _caption(res))
 
 
 def main(argv=None) -> int:
