@@ -35,7 +35,8 @@ def test_sample(shape, dtype):
     assert_outputs_close(_triton().sample(*args), torch_impl.sample(*args), dtype)
 
 
-@pytest.fixture(params=["one_program", "several_programs", "two_programs"])
+# "two_programs" (a third of these grids' time under the interpreter) runs in the full suite.
+@pytest.fixture(params=["one_program", "several_programs", pytest.param("two_programs", marks=pytest.mark.slow)])
 def reduction_path(request, monkeypatch):
     """forward_step / reverse_direction on the same shapes as one program and as the two-stage
     launches; "two_programs" caps every launch at two programs, so that each program of the
