@@ -14,7 +14,9 @@ import functools
 import http.server
 import json
 import os
+import datetime
 import shutil
+import subprocess
 import sys
 import threading
 
@@ -38,6 +40,18 @@ def chromium_path() -> str | None:
     return None
 
 
+def source_commit() -> str:
+    """The checkout's commit (``-dirty`` with uncommitted changes), or ``unknown`` outside git."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return commit + ("-dirty" if dirty else "")
+
+
 def check(site: str, out: str) -> dict:
     from playwright.sync_api import sync_playwright
 
@@ -50,11 +64,14 @@ def check(site: str, out: str) -> dict:
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     base = f"http://127.0.0.1:{server.server_address[1]}/"
-    report = {"pages": {}, "failures": []}
+    report = {"checked": {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                          "commit": source_commit()},
+              "pages": {}, "failures": []}
     try:
         with sync_playwright() as p:
             path = chromium_path()
             browser = p.chromium.launch(executable_path=path) if path else p.chromium.launch()
+            report["checked"]["browser"] = f"Chromium {browser.version}"
             page = browser.new_page(viewport={"width": 1280, "height": 900})
             for name in pages(site):
                 problems = []
