@@ -10,15 +10,14 @@ documented objects. Writes OUT/report.json. Needs ``pip install playwright`` and
 
 from __future__ import annotations
 
-import functools
-import http.server
+import datetime
 import json
 import os
-import datetime
 import shutil
 import subprocess
 import sys
-import threading
+
+from check_links import serve  # scripts/ is sys.path[0] when run as a script
 
 MAIN_PAGES = ("index.html", "getting-started.html", "choosing-a-mode.html", "performance.html", "reliability.html")
 
@@ -56,53 +55,42 @@ def check(site: str, out: str) -> dict:
     from playwright.sync_api import sync_playwright
 
     os.makedirs(out, exist_ok=True)
-    class Quiet(http.server.SimpleHTTPRequestHandler):
-        def log_message(self, *args):
-            pass
-
-    handler = functools.partial(Quiet, directory=site)
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    base = f"http://127.0.0.1:{server.server_address[1]}/"
     report = {"checked": {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                           "commit": source_commit()},
               "pages": {}, "failures": []}
-    try:
-        with sync_playwright() as p:
-            path = chromium_path()
-            browser = p.chromium.launch(executable_path=path) if path else p.chromium.launch()
-            report["checked"]["browser"] = f"Chromium {browser.version}"
+    with serve(site) as base, sync_playwright() as p:
+        path = chromium_path()
+        browser = p.chromium.launch(executable_path=path) if path else p.chromium.launch()
+        report["checked"]["browser"] = f"Chromium {browser.version}"
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        for name in pages(site):
+            problems = []
+            page.on("console", lambda msg, probs=problems: probs.append(f"console {msg.type}: {msg.text}")
+                    if msg.type == "error" else None)
+            page.on("requestfailed", lambda req, probs=problems: probs.append(f"request failed: {req.url}"))
+            page.on("response", lambda resp, probs=problems: probs.append(f"HTTP {resp.status}: {resp.url}")
+                    if resp.status >= 400 else None)
+            page.goto(base + name, wait_until="load")
+            broken = page.evaluate("Array.from(document.images).filter(i => !i.complete || i.naturalWidth == 0)"
+                                   ".map(i => i.src)")
+            problems += [f"image did not load: {src}" for src in broken]
+            images = page.evaluate("document.images.length")
+            objects = page.evaluate("document.querySelectorAll('.doc-object, .doc').length")
+            if name.startswith("api/") and objects == 0:
+                problems.append("API page without documented objects")
+            text = page.evaluate("document.querySelector('article') ? document.querySelector('article')"
+                                 ".innerText.length : 0")
+            if text < 200:
+                problems.append(f"page almost empty ({text} characters)")
+            if name in MAIN_PAGES or name.startswith("api/"):
+                page.screenshot(path=os.path.join(out, name.replace("/", "_").replace(".html", ".png")),
+                                full_page=False)
+            report["pages"][name] = {"images": images, "documented_objects": objects, "characters": text,
+                                     "problems": problems}
+            report["failures"] += [f"{name}: {p}" for p in problems]
+            page.close()
             page = browser.new_page(viewport={"width": 1280, "height": 900})
-            for name in pages(site):
-                problems = []
-                page.on("console", lambda msg, probs=problems: probs.append(f"console {msg.type}: {msg.text}")
-                        if msg.type == "error" else None)
-                page.on("requestfailed", lambda req, probs=problems: probs.append(f"request failed: {req.url}"))
-                page.on("response", lambda resp, probs=problems: probs.append(f"HTTP {resp.status}: {resp.url}")
-                        if resp.status >= 400 else None)
-                page.goto(base + name, wait_until="load")
-                broken = page.evaluate("Array.from(document.images).filter(i => !i.complete || i.naturalWidth == 0)"
-                                       ".map(i => i.src)")
-                problems += [f"image did not load: {src}" for src in broken]
-                images = page.evaluate("document.images.length")
-                objects = page.evaluate("document.querySelectorAll('.doc-object, .doc').length")
-                if name.startswith("api/") and objects == 0:
-                    problems.append("API page without documented objects")
-                text = page.evaluate("document.querySelector('article') ? document.querySelector('article')"
-                                     ".innerText.length : 0")
-                if text < 200:
-                    problems.append(f"page almost empty ({text} characters)")
-                if name in MAIN_PAGES or name.startswith("api/"):
-                    page.screenshot(path=os.path.join(out, name.replace("/", "_").replace(".html", ".png")),
-                                    full_page=False)
-                report["pages"][name] = {"images": images, "documented_objects": objects, "characters": text,
-                                         "problems": problems}
-                report["failures"] += [f"{name}: {p}" for p in problems]
-                page.close()
-                page = browser.new_page(viewport={"width": 1280, "height": 900})
-            browser.close()
-    finally:
-        server.shutdown()
+        browser.close()
     with open(os.path.join(out, "report.json"), "w") as f:
         json.dump(report, f, indent=1)
     return report
