@@ -14,10 +14,11 @@ import datetime
 import json
 import os
 import shutil
-import subprocess
 import sys
 
 from check_links import serve  # scripts/ is sys.path[0] when run as a script
+
+sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository (benchmarks)
 
 MAIN_PAGES = ("index.html", "getting-started.html", "choosing-a-mode.html", "performance.html", "reliability.html")
 
@@ -39,24 +40,14 @@ def chromium_path() -> str | None:
     return None
 
 
-def source_commit() -> str:
-    """The checkout's commit (``-dirty`` with uncommitted changes), or ``unknown`` outside git."""
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return commit + ("-dirty" if dirty else "")
-
-
 def check(site: str, out: str) -> dict:
     from playwright.sync_api import sync_playwright
 
+    from benchmarks.harness import git_commit
+
     os.makedirs(out, exist_ok=True)
     report = {"checked": {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-                          "commit": source_commit()},
+                          "commit": git_commit()},
               "pages": {}, "failures": []}
     with serve(site) as base, sync_playwright() as p:
         path = chromium_path()

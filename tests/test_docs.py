@@ -4,9 +4,6 @@ with its figures, and the API reference documents every argument of refine."""
 import inspect
 import os
 import re
-import shutil
-import subprocess
-import sys
 
 import pytest
 
@@ -114,17 +111,20 @@ def test_docstring_examples_run(module):
     assert res.failed == 0 and res.attempted > 0, res
 
 
-def _check_links(site) -> int:
-    return subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "check_links.py"), str(site)],
-                          capture_output=True, text=True, timeout=120).returncode
+def _script(name: str):
+    """A module of scripts/ (not a package), loaded from its file."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "scripts", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-def _linkchecker_installed() -> bool:
-    return os.path.isfile(os.path.join(os.path.dirname(sys.executable), "linkchecker")) or bool(
-        shutil.which("linkchecker"))
+check_links = _script("check_links")
 
 
-@pytest.mark.skipif(not _linkchecker_installed(), reason='needs linkchecker (pip install -e ".[docs]")')
+@pytest.mark.skipif(check_links.linkchecker_command() is None, reason='needs linkchecker (pip install -e ".[docs]")')
 def test_link_check_finds_a_broken_link_and_image_and_passes_a_whole_site(tmp_path):
     """scripts/check_links.py, which CI runs on the built site: a missing page or image fails it, a
     complete site passes, also in a directory only its owner can read (linkchecker run as root
@@ -136,8 +136,8 @@ def test_link_check_finds_a_broken_link_and_image_and_passes_a_whole_site(tmp_pa
     (site / "figure.png").write_bytes(b"\x89PNG\r\n\x1a\n")
     good = '<html><body><a href="page.html">page</a><img src="figure.png"></body></html>'
     (site / "index.html").write_text(good)
-    assert _check_links(site) == 0
+    assert check_links.main([str(site)]) == 0
     (site / "index.html").write_text(good.replace("page.html", "missing.html"))
-    assert _check_links(site) != 0
+    assert check_links.main([str(site)]) != 0
     (site / "index.html").write_text(good.replace("figure.png", "missing.png"))
-    assert _check_links(site) != 0
+    assert check_links.main([str(site)]) != 0
