@@ -40,17 +40,37 @@ import sys
 import tempfile
 import time
 
-SETTING = dict(max_vocab=5000, min_words=5, max_words=20, embed_dim=128, hidden_dim=256, latent_dim=32,
-               batch_size=32, dropout=0.5, svi_steps=20, svi_lr=1.0, svi_momentum=0.5, svi_max_grad_norm=5.0,
-               lr=1.0, max_grad_norm=5.0, warmup_start=0.1, warmup_epochs=10)
+SETTINGS = {
+    # emb 128 / hidden 256, 5,000 words, KL warm-up over 10 epochs as the authors' schedule (first runs)
+    "ptb-256": dict(max_vocab=5000, min_words=5, max_words=20, embed_dim=128, hidden_dim=256, latent_dim=32,
+                    batch_size=32, dropout=0.5, svi_steps=20, svi_lr=1.0, svi_momentum=0.5, svi_max_grad_norm=5.0,
+                    lr=1.0, max_grad_norm=5.0, warmup_start=0.1, warmup_epochs=10),
+    # word dim 64 / hidden 128, 2,000 words, parameters uniform in +-0.1 (the authors' init), KL weight
+    # 0.1 -> 1 over 650 batches (about one epoch): the size at which the exact gradient through the
+    # inner loop was seen to explode mid-training; fits a full run (warm-up and after) on a CPU
+    "ptb-128": dict(max_vocab=2000, min_words=5, max_words=20, embed_dim=64, hidden_dim=128, latent_dim=32,
+                    batch_size=32, dropout=0.5, svi_steps=20, svi_lr=1.0, svi_momentum=0.5, svi_max_grad_norm=5.0,
+                    lr=1.0, max_grad_norm=5.0, warmup_start=0.1, warmup_batches=650, init=0.1),
+}
+SETTING = SETTINGS["ptb-256"]
 SMOKE = dict(max_vocab=200, embed_dim=8, hidden_dim=8, latent_dim=4, batch_size=8, svi_steps=3,
              train_sentences=400)
+# Each variant: its objective and the refine options (on top of refine's defaults).
+UNSTABILISED = dict(backward_clip=None)
 VARIANTS = {
     "vae": dict(mode="vae"),
     "savae optim_n2n": dict(mode="savae", hvp="optim_n2n"),
-    "savae fd_forward": dict(mode="savae", hvp="fd_forward"),
-    "savae fd_central": dict(mode="savae", hvp="fd_central"),
-    "savae fd_central stacked": dict(mode="savae", hvp="fd_central", stack_points=True),
+    "savae fd_forward": dict(mode="savae", options=dict(hvp="fd_forward")),
+    "savae fd_central": dict(mode="savae", options=dict(hvp="fd_central")),
+    "savae fd_central stacked": dict(mode="savae", options=dict(hvp="fd_central", stack_points=True)),
+    "savae default": dict(mode="savae", options=dict()),
+    "savae unstabilised": dict(mode="savae", options=dict(UNSTABILISED)),
+    "savae clip 1": dict(mode="savae", options=dict(backward_clip=1.0)),
+    "savae clip 3": dict(mode="savae", options=dict(backward_clip=3.0)),
+    "savae clip 10": dict(mode="savae", options=dict(backward_clip=10.0)),
+    "savae clip 1 batch": dict(mode="savae", options=dict(backward_clip=1.0, backward_clip_scope="batch")),
+    "savae truncate 5": dict(mode="savae", options=dict(UNSTABILISED, backward_steps=5)),
+    "savae truncate 1": dict(mode="savae", options=dict(UNSTABILISED, backward_steps=1)),
 }
 
 
@@ -71,8 +91,9 @@ def ptb(setting: dict) -> dict:
 
 
 # --------------------------------------------------------------------------- one run
-def _loss(model, x, beta, variant: dict, setting: dict, refine_method=None, noise=None, eps=None):
-    """The variant's training loss on x (refine_method / noise / eps: given, for the gradient checks)."""
+def _loss(model, x, beta, variant: dict, setting: dict, refine_method=None, noise=None, eps=None, stats=None):
+    """The variant's training loss on x (refine_method / noise / eps: given, for the gradient checks;
+    stats: a RefineStats for refine's backward to fill)."""
     import torch
 
     import savae_fast as sf
@@ -89,8 +110,8 @@ def _loss(model, x, beta, variant: dict, setting: dict, refine_method=None, nois
         elif variant.get("hvp") == "optim_n2n":
             mu, logvar = optim_n2n(mu0, logvar0, nll_fn, model.decoder.parameters(), **options)
         else:
-            mu, logvar = sf.refine(mu0, logvar0, nll_fn, model.decoder.parameters(), hvp=variant["hvp"],
-                                   stack_points=variant.get("stack_points", False), **options)
+            mu, logvar = sf.refine(mu0, logvar0, nll_fn, model.decoder.parameters(), stats=stats,
+                                   **variant["options"], **options)
     else:
         mu, logvar = mu0, logvar0
     eps = torch.randn_like(mu) if eps is None else eps
@@ -99,31 +120,49 @@ def _loss(model, x, beta, variant: dict, setting: dict, refine_method=None, nois
     return (nll + beta * kl).mean(), nll.detach(), kl.detach()
 
 
-def gradient_error(model, batches, variant: dict, setting: dict, seed: int) -> float | None:
-    """Relative error (all parameters together) of the variant's outer gradient in float32 against
-    float64 unrolled autograd, over a few batches, decoder in eval mode (no dropout), the same noise."""
+STABILISER_OPTIONS = ("backward_clip", "backward_clip_scope", "backward_steps")
+
+
+def gradient_error(model, batches, variant: dict, setting: dict, seed: int) -> dict | None:
+    """The variant's float32 outer gradient (all parameters together; decoder in eval mode, no
+    dropout, the same noise) over a few batches, medians over the batches of: its relative error
+    against float64 unrolled autograd with the same stabiliser (``error``; refine's stabilisers
+    written as hooks on the unrolled loop), against the exact float64 gradient (``error_vs_exact``:
+    what the stabiliser changes), float32 unrolled autograd's own error (``unrolled32_error``), and
+    the exact float64 gradient's norm."""
+    import functools
+
     import torch
 
     from savae_fast.reference import unrolled
+    from savae_fast.refine.validation import DEFAULTS
     from savae_fast.testing import relative_error
 
     if variant["mode"] != "savae":
         return None  # the VAE's gradient is plain autograd
-    errors = []
+    options = variant.get("options", {})
+    # refine's stabilisers with refine's defaults where the variant does not set them
+    stabiliser = {name: options.get(name, getattr(DEFAULTS, name, None)) for name in STABILISER_OPTIONS}
+    stabilised = functools.partial(unrolled, **{k: v for k, v in stabiliser.items() if v is not None})
+    rows = []
     for i, x in enumerate(batches):
         gen = torch.Generator().manual_seed(seed * 1000 + i)
         noise = torch.randn(setting["svi_steps"], x.shape[0], setting["latent_dim"], generator=gen)
         eps = torch.randn(x.shape[0], setting["latent_dim"], generator=gen)
         grads = {}
-        for name, m, dtype in (("method", None, torch.float32), ("exact", unrolled, torch.float64)):
+        for name, m, dtype in (("method", None, torch.float32), ("truth", stabilised, torch.float64),
+                               ("exact", unrolled, torch.float64), ("unrolled32", unrolled, torch.float32)):
             net = copy.deepcopy(model).to(dtype).eval()
             params = [p for p in net.parameters() if p.requires_grad]
             loss, _, _ = _loss(net, x, 1.0, variant, setting, refine_method=m, noise=noise.to(dtype),
                                eps=eps.to(dtype))
-            grads[name] = torch.autograd.grad(loss, params, allow_unused=True)
-        pairs = [(a, b) for a, b in zip(grads["method"], grads["exact"]) if b is not None]
-        errors.append(relative_error([a if a is not None else b * 0 for a, b in pairs], [b for _, b in pairs]))
-    return statistics.median(errors)
+            grads[name] = [g if g is not None else torch.zeros_like(p)
+                           for g, p in zip(torch.autograd.grad(loss, params, allow_unused=True), params)]
+        rows.append({"error": relative_error(grads["method"], grads["truth"]),
+                     "error_vs_exact": relative_error(grads["method"], grads["exact"]),
+                     "unrolled32_error": relative_error(grads["unrolled32"], grads["exact"]),
+                     "exact_norm": float(torch.cat([g.flatten() for g in grads["exact"]]).norm())})
+    return {key: statistics.median(r[key] for r in rows) for key in rows[0]}
 
 
 def evaluate(model, batches, setting: dict, mode: str) -> dict:
@@ -160,20 +199,29 @@ def run_one(variant_name: str, seed: int, args) -> dict:
     """One training run in this process (``--child``)."""
     import torch
 
+    import savae_fast as sf
     from savae_fast.app.data.text import bucket_batches
     from savae_fast.models import TextVAE
 
     torch.set_num_threads(1)
-    setting = dict(SETTING, **(SMOKE if args.smoke else {}))
+    setting = dict(SETTINGS[args.setting], **(SMOKE if args.smoke else {}))
     variant = VARIANTS[variant_name]
     data = ptb(setting)
     torch.manual_seed(seed)  # the same initial weights for every variant of a seed
     model = TextVAE(data["vocab_size"], setting["latent_dim"], setting["embed_dim"], setting["hidden_dim"],
                     setting["dropout"])
+    if setting.get("init"):  # the authors' initialisation
+        with torch.no_grad():
+            for p in model.parameters():
+                p.uniform_(-setting["init"], setting["init"])
     optimizer = torch.optim.SGD(model.parameters(), lr=setting["lr"])
     batches = bucket_batches(data["train"], setting["batch_size"], shuffle=True, seed=seed)
     per_epoch = len(batches)
-    batches = (batches * math.ceil(args.batches / per_epoch))[: args.batches]
+    warmup = setting.get("warmup_batches") or setting["warmup_epochs"] * per_epoch
+    epochs = math.ceil(args.batches / per_epoch)
+    batches = [b for e in range(epochs) for b in (batches if e == 0 else
+               bucket_batches(data["train"], setting["batch_size"], shuffle=True, seed=seed + 1000 * e))]
+    batches = batches[: args.batches]
     valid = bucket_batches(data["valid"][: args.eval_sentences], setting["batch_size"], shuffle=False)
     checks = bucket_batches(data["valid"][-args.grad_check_sentences:], 8, shuffle=False)[:2]
     check_at = sorted({min(args.batches, round(f * args.batches)) for f in args.grad_checks})
@@ -181,29 +229,31 @@ def run_one(variant_name: str, seed: int, args) -> dict:
               "train_sentences": len(data["train"]), "batches_per_epoch": per_epoch, "log": [], "valid": [],
               "grad_error": []}
     train_seconds = 0.0
+    stats = sf.RefineStats() if variant.get("options") is not None else None
     torch.manual_seed(seed + 1)  # the training draws (noise, dropout): the same stream for every variant
     for step in range(args.batches + 1):
         if step in check_at:
-            record["grad_error"].append({"batch": step, "error": gradient_error(model, checks, variant, setting,
-                                                                                seed)})
+            record["grad_error"].append({"batch": step, **(gradient_error(model, checks, variant, setting, seed)
+                                                           or {"error": None})})
         if step % args.eval_every == 0 or step == args.batches:
             record["valid"].append({"batch": step, "train_seconds": train_seconds,
                                     **evaluate(model, valid, setting, variant["mode"])})
+            print(f"[{variant_name} seed {seed}] batch {step}/{args.batches}: valid {record['valid'][-1]['nats_per_word']:.3f} "
+                  f"nats/word, {train_seconds:.0f} s", file=sys.stderr, flush=True)
         if step == args.batches:
             break
         x = batches[step]
-        beta = min(1.0, setting["warmup_start"] + (1 - setting["warmup_start"]) * step
-                   / (setting["warmup_epochs"] * per_epoch))
+        beta = min(1.0, setting["warmup_start"] + (1 - setting["warmup_start"]) * step / warmup)
         start = time.perf_counter()
-        loss, nll, kl = _loss(model, x, beta, variant, setting)
+        loss, nll, kl = _loss(model, x, beta, variant, setting, stats=stats)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), setting["max_grad_norm"]))
         optimizer.step()
         train_seconds += time.perf_counter() - start
-        record["log"].append({"batch": step + 1, "train_seconds": train_seconds, "loss": float(loss),
+        record["log"].append({"batch": step + 1, "train_seconds": train_seconds, "loss": float(loss.detach()),
                               "nll": float(nll.mean()), "kl": float(kl.mean()), "grad_norm": norm, "beta": beta,
-                              "tokens": int(x.shape[1])})
+                              "tokens": int(x.shape[1]), **(stats.summary() if stats is not None else {})})
     return record
 
 
@@ -215,7 +265,8 @@ def run_all(args) -> dict:
 
     jobs = [(v, s) for s in range(args.first_seed, args.first_seed + args.seeds) for v in args.variants]
     running, results = [], []
-    cmd = [sys.executable, "-m", "benchmarks.training", "--batches", str(args.batches), "--eval-every",
+    cmd = [sys.executable, "-m", "benchmarks.training", "--setting", args.setting, "--batches", str(args.batches),
+           "--eval-every",
            str(args.eval_every), "--eval-sentences", str(args.eval_sentences), "--grad-checks",
            ",".join(map(str, args.grad_checks)), *(["--smoke"] if args.smoke else [])]
     # The longest runs first, so that two jobs end together; each child writes its record and its
@@ -379,6 +430,7 @@ def write_report(result: dict, prefix: str) -> list[str]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--smoke", action="store_true", help="a tiny model on a few hundred sentences (a test of the harness)")
+    p.add_argument("--setting", default="ptb-256", choices=sorted(SETTINGS), help="model and data size")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--first-seed", type=int, default=0)
     p.add_argument("--batches", type=int, default=400, help="training batches per run")

@@ -5,10 +5,10 @@
 """
 
 from savae_fast import nn, ops, reference
-from savae_fast.refine import refine
+from savae_fast.refine import RefineStats, refine
 from savae_fast.refine.graph import RefineGraph
 from savae_fast.step_graph import GraphedStep
 
 __version__ = "0.2.0"
 
-__all__ = ["refine", "RefineGraph", "GraphedStep", "nn", "ops", "reference", "__version__"]
+__all__ = ["refine", "RefineStats", "RefineGraph", "GraphedStep", "nn", "ops", "reference", "__version__"]

@@ -38,6 +38,8 @@ def plot_panels(panels: list[dict], path: str, title: str | None = None) -> str:
             marker = panel.get("marker") or ("o" if len(xs) <= 30 else None)
             ax.plot(xs, ys, marker=marker, label=label)
         ax.set(xlabel=panel["xlabel"], ylabel=panel["ylabel"], title=panel.get("title", ""))
+        if panel.get("log"):
+            ax.set_yscale("log")
         ax.legend()
     if title:
         fig.suptitle(title)
@@ -58,5 +60,14 @@ def plot_run(run_dir: str, output: str | None = None) -> str:
         {"xlabel": "epoch", "ylabel": "KL (nats)",
          "lines": {"train KL": series("train_kl"), "valid KL": series("valid_kl")}},
     ]
+    # the outer gradient's norm and refine's amplification of its backpropagated vector (runs that record them):
+    # an exploding gradient through the inner steps shows here first
+    growth = {label: series(key) for key, label in (("train_grad_norm_median", "outer grad norm (median)"),
+                                                     ("train_grad_norm_max", "outer grad norm (max)"),
+                                                     ("refine_gain_median", "refine gain (median of batches)"),
+                                                     ("refine_gain_max", "refine gain (max)"))
+              if all(key in r for r in rows)}
+    if growth:
+        panels.append({"xlabel": "epoch", "ylabel": "before clipping (log scale)", "lines": growth, "log": True})
     return plot_panels(panels, output or os.path.join(run_dir, "curves.png"),
                        title=os.path.basename(os.path.abspath(run_dir)))

@@ -12,6 +12,7 @@ from savae_fast.ops import get_backend
 from savae_fast.refine.function import RefineFunction, run_forward
 from savae_fast.refine.precision import reduced_fp32_settings, warn_low_precision_differences, warn_reduced_precision
 from savae_fast.refine.config import NonFinite
+from savae_fast.refine.stabilize import RefineStats
 from savae_fast.refine.validation import (DEFAULTS, check_backend, check_capture, check_finite_inputs, check_noise,
                                           check_not_transformed, check_state, check_steps_fit, collect_params,
                                           make_config, noise_or_draw)
@@ -60,6 +61,10 @@ def refine(
     batch_coupled: bool | None = None,
     check_decoder: bool = True,
     stack_points: bool | int = False,
+    backward_clip: float | None = DEFAULTS.backward_clip,
+    backward_clip_scope: str = DEFAULTS.backward_clip_scope,
+    backward_steps: int | None = None,
+    stats: RefineStats | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Refine Gaussian variational parameters by K steps of SVI, differentiably.
 
@@ -158,6 +163,25 @@ def refine(
             ``"jvp"``'s first second-order terms against two difference quotients. ``False`` skips
             both (the caller vouches for the decoder; a decoder that draws random numbers is then
             found by its generator moving).
+        backward_clip: a stabiliser of the backward pass (docs/math.md, "When the gradient through the
+            steps explodes"): after every reverse step the backpropagated vector (the gradient w.r.t.
+            the inner optimiser's state, lambda_k and the momentum) is scaled down to at most
+            ``backward_clip`` times the RMS over the batch of the incoming gradients dF/dlambda_K, per
+            example (``backward_clip_scope="example"``) or for the whole batch (``"batch"``: at most
+            that times the incoming norm). Where the inner SGD is unstable for an example (inner lr
+            times the decoder's curvature above 2 (1 + momentum)) the exact gradient grows like
+            rho^K and training with it diverges; the clip bounds it. Where the vector stays below the
+            bound the gradient is bit-identical to the exact one. ``None``: no clip (the exact gradient).
+        backward_clip_scope: "example" (default) or "batch", see ``backward_clip``.
+        backward_steps: differentiate through the last ``backward_steps`` inner steps only
+            (truncated backpropagation): the earlier steps' Jacobian is taken as the identity, so
+            the encoder receives dF/dlambda at step K - backward_steps and the decoder no term from
+            the earlier steps. ``None`` (default): all K; 0: the encoder gets dF/dlambda_K.
+        stats: a :class:`savae_fast.RefineStats` that the backward pass fills with how much it
+            amplified the backpropagated vector (per example and for the batch, over all steps and
+            the largest single step): ``stats.summary()`` for a training log. Independently of it,
+            refine warns once where that amplification exceeds 1e3 and nothing bounds it (one host
+            read per backward unless ``on_nonfinite="ignore"``).
 
     Returns:
         ``(mu_K, logvar_K)``.
@@ -187,6 +211,8 @@ def refine(
     if not callable(nll_fn):
         raise TypeError(f"refine: argument 'nll_fn' must be callable, got {type(nll_fn).__name__}")
     params = collect_params(params)
+    if stats is not None and not isinstance(stats, RefineStats):
+        raise TypeError(f"refine: argument 'stats' must be a savae_fast.RefineStats or None, got {type(stats).__name__}")
     check_not_transformed(mu, logvar, *params)
     # read once: they pick the default difference step and say whether to warn
     reduced = (reduced_fp32_settings(mu.device.type) if mu.dtype == torch.float32 and fp32_precision != "ieee"
@@ -195,7 +221,9 @@ def refine(
                       kl_weight=kl_weight, reduction=reduction, hvp=hvp, fd_eps=fd_eps, fd_tol=fd_tol,
                       preserve_rng_state=preserve_rng_state, process_group=process_group,
                       on_nonfinite=on_nonfinite, fp32_precision=fp32_precision, reduced_fp32=reduced,
-                      check_decoder=check_decoder, batch_coupled=batch_coupled, stack_points=stack_points)
+                      check_decoder=check_decoder, batch_coupled=batch_coupled, stack_points=stack_points,
+                      backward_clip=backward_clip, backward_clip_scope=backward_clip_scope,
+                      backward_steps=backward_steps)
     check_capture(cfg, mu)
     if reduced:
         warn_reduced_precision(mu.device.type, reduced)
@@ -226,4 +254,4 @@ def refine(
         mu_k, logvar_k, _ = run_forward(cfg, be, nll_fn, mu.detach().contiguous(), logvar.detach().contiguous(),
                                         noise, (), record=False)
         return mu_k, logvar_k
-    return RefineFunction.apply(cfg, be, nll_fn, noise, mu.contiguous(), logvar.contiguous(), *params)
+    return RefineFunction.apply(cfg, be, nll_fn, noise, stats, mu.contiguous(), logvar.contiguous(), *params)

@@ -28,6 +28,7 @@ from savae_fast.refine.hvp import ReverseRun
 from savae_fast.refine.nonfinite import all_finite, nonfinite_error, zero_nonfinite
 from savae_fast.refine.probe import DecoderProbe, DecoderState, hooked, suspended_tensor_hooks
 from savae_fast.refine.rng import RngState
+from savae_fast.refine.stabilize import RefineStats, ReverseMonitor, warn_exploding
 from savae_fast.refine.tape import Tape
 
 
@@ -56,6 +57,7 @@ def _forward_steps(cfg: RefineConfig, be: Backend, nll_fn: Callable, mu: Tensor,
     state = None  # the tensors the decoder writes in place, saved before every step
     if record and cfg.hvp.points_per_step > 1:
         tape.stack_points = cfg.stack_points
+    first_reversed = steps - cfg.backward_steps  # truncation: the reverse pass starts no lower
     for k in range(steps):
         step_fn = nll_fn
         if save_rng:
@@ -78,7 +80,7 @@ def _forward_steps(cfg: RefineConfig, be: Backend, nll_fn: Callable, mu: Tensor,
         if policy is NonFinite.ZERO:
             grad_z = zero_nonfinite(grad_z)
             param_grads = [zero_nonfinite(g) for g in param_grads]
-        if sum_param_grads:
+        if sum_param_grads and k >= first_reversed:
             tape.accumulate_param_grads(param_grads)
         param_grads = None  # not alive during the next decoder pass
         mu_n, logvar_n, p_mu, p_logvar, z, norms = be.forward_step(
@@ -147,11 +149,18 @@ def _replay(tape: Tape, k: int, rng: bool) -> Callable[[], None]:
 
 
 def reverse_pass(cfg: RefineConfig, be: Backend, nll_fn: Callable, noise: Tensor, tape: Tape,
-                 params: Sequence[Tensor], lbar_mu: Tensor, lbar_logvar: Tensor):
-    """(dF/dmu_0, dF/dlogvar_0, refinement part of dF/dtheta) from dF/dlambda_K."""
+                 params: Sequence[Tensor], lbar_mu: Tensor, lbar_logvar: Tensor, stats: RefineStats | None = None):
+    """(dF/dmu_0, dF/dlogvar_0, refinement part of dF/dtheta) from dF/dlambda_K.
+
+    Truncated (cfg.backward_steps < K): the reverse steps of the last backward_steps inner steps,
+    and the adjoint at that point returned as dF/dlambda_0. The monitor (refine/stabilize.py)
+    measures the adjoint's growth after every reverse step and applies cfg.backward_clip."""
     method, policy = cfg.hvp, cfg.on_nonfinite
     run = ReverseRun(cfg, be, nll_fn, params, tape)
     lbar_mu, lbar_logvar = method.begin(run, lbar_mu, lbar_logvar)
+    # (relative to the incoming adjoint: fd_forward's normalisation above changes nothing)
+    monitor = ReverseMonitor.start(cfg, lbar_mu, lbar_logvar,
+                                   records=stats is not None or policy is not NonFinite.IGNORE)
     direction_scalars = (*cfg.scalars.for_reverse_direction(), int(method.direction_fd_mode(tape)), cfg.fd_eps)
     update_scalars = cfg.scalars.for_reverse_update()
     pbar_mu = torch.zeros_like(lbar_mu)
@@ -164,7 +173,7 @@ def reverse_pass(cfg: RefineConfig, be: Backend, nll_fn: Callable, noise: Tensor
     caller_rng = RngState(lbar_mu.device) if replays else None
     caller_state = tape.state.current() if tape.state is not None else None
     try:
-        for k in reversed(range(cfg.steps)):
+        for k in reversed(range(cfg.steps - cfg.backward_steps, cfg.steps)):
             logvar_k, eps_k, grad_z_k = tape.logvar[k], eps[k], tape.grad_z[k]
             pbar_mu, pbar_logvar, v_mu, v_logvar, u, z_eval, row_weight = be.reverse_direction(
                 lbar_mu, lbar_logvar, pbar_mu, pbar_logvar, tape.mu[k], logvar_k, eps_k, grad_z_k,
@@ -181,6 +190,9 @@ def reverse_pass(cfg: RefineConfig, be: Backend, nll_fn: Callable, noise: Tensor
             lbar_mu, lbar_logvar, pbar_mu, pbar_logvar = be.reverse_update(
                 lbar_mu, lbar_logvar, pbar_mu, pbar_logvar, v_mu, v_logvar, logvar_k, eps_k, grad_z_k, hvp_a, hvp_b,
                 hvp_scale, *update_scalars)
+            if monitor is not None:
+                lbar_mu, lbar_logvar, pbar_mu, pbar_logvar = monitor.after_step(lbar_mu, lbar_logvar, pbar_mu,
+                                                                                pbar_logvar)
     finally:
         if caller_rng is not None:
             caller_rng.restore()
@@ -200,6 +212,12 @@ def reverse_pass(cfg: RefineConfig, be: Backend, nll_fn: Callable, noise: Tensor
                                   "(in the backward pass)")
         raise nonfinite_error("the gradient of the refinement w.r.t. mu, logvar or the decoder parameters is "
                               "not finite (in the backward pass)")
+    if monitor is not None:
+        monitor.fill(stats)
+        if policy is not NonFinite.IGNORE:  # (no host read where a CUDA graph is captured)
+            exploding = monitor.exploding()
+            if exploding is not None:
+                warn_exploding(*exploding, monitor.steps)
     return lbar_mu, lbar_logvar, theta_bar
 
 
@@ -244,7 +262,7 @@ def _refuse_batched_grads(*grads) -> None:
 
 
 class RefineFunction(torch.autograd.Function):
-    """apply(cfg, backend, nll_fn, noise, mu0, logvar0, *params) -> (mu_K, logvar_K).
+    """apply(cfg, backend, nll_fn, noise, stats, mu0, logvar0, *params) -> (mu_K, logvar_K).
 
     Saves noise, mu0, logvar0 and the parameters for backward, so that changing any of them
     in place before the backward is autograd's usual error, not a wrong gradient. The hooks
@@ -253,12 +271,12 @@ class RefineFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, cfg: RefineConfig, be: Backend, nll_fn: Callable, noise: Tensor, mu0: Tensor,
-                logvar0: Tensor, *params: Tensor):
+    def forward(ctx, cfg: RefineConfig, be: Backend, nll_fn: Callable, noise: Tensor, stats: RefineStats | None,
+                mu0: Tensor, logvar0: Tensor, *params: Tensor):
         diff_params = [p for p in params if p.requires_grad]
         with suspended_tensor_hooks(hooked(diff_params)):
             mu_k, logvar_k, tape = run_forward(cfg, be, nll_fn, mu0, logvar0, noise, diff_params, record=True)
-        ctx.cfg, ctx.be, ctx.nll_fn = cfg, be, nll_fn
+        ctx.cfg, ctx.be, ctx.nll_fn, ctx.stats = cfg, be, nll_fn, stats
         ctx.tape = tape
         ctx.save_for_backward(noise, mu0, logvar0, *params)
         ctx.param_requires_grad = [p.requires_grad for p in params]
@@ -284,7 +302,7 @@ class RefineFunction(torch.autograd.Function):
         lbar_mu, lbar_logvar = lbar_mu.to(ref.dtype), lbar_logvar.to(ref.dtype)
         with decoder_precision_scope(cfg.full_fp32, ref.device), suspended_tensor_hooks(hooked(diff_params)):
             lbar_mu, lbar_logvar, theta_bar = reverse_pass(cfg, ctx.be, ctx.nll_fn, noise, tape, diff_params,
-                                                           lbar_mu, lbar_logvar)
+                                                           lbar_mu, lbar_logvar, ctx.stats)
         it = iter(theta_bar)
         out_params = [next(it) if needs else None for needs in ctx.param_requires_grad]
-        return (None, None, None, None, lbar_mu, lbar_logvar, *out_params)
+        return (None, None, None, None, None, lbar_mu, lbar_logvar, *out_params)

@@ -28,6 +28,8 @@ class RefineDefaults(NamedTuple):
     kl_weight: float = 1.0
     reduction: str = "mean"
     hvp: str = "fd_forward"
+    backward_clip: float | None = None
+    backward_clip_scope: str = "example"
 
 
 DEFAULTS = RefineDefaults()
@@ -216,7 +218,8 @@ def check_backend(backend) -> str:
 def make_config(mu: Tensor, *, steps, lr, momentum, max_grad_norm, kl_weight, reduction, hvp, fd_eps,
                 preserve_rng_state, fd_tol=None, process_group=None, on_nonfinite="raise",
                 fp32_precision="inherit", reduced_fp32: dict | None = None, check_decoder=True,
-                batch_coupled=None, stack_points=False) -> RefineConfig:
+                batch_coupled=None, stack_points=False, backward_clip=None, backward_clip_scope="example",
+                backward_steps=None) -> RefineConfig:
     """Validate the hyper-parameters of a refine call (errors name the argument).
     ``reduced_fp32``: precision.reduced_fp32_settings for mu's device if already read."""
     from savae_fast.refine.distributed import check_process_group, global_batch as total_batch, world_size
@@ -274,13 +277,37 @@ def make_config(mu: Tensor, *, steps, lr, momentum, max_grad_norm, kl_weight, re
         raise TypeError("refine: argument 'preserve_rng_state' must be a bool")
     if on_nonfinite not in NONFINITE_MODES:
         raise ValueError(f"refine: argument 'on_nonfinite' must be one of {NONFINITE_MODES}, got {on_nonfinite!r}")
+    backward_clip, backward_steps = check_stabilizers(steps, backward_clip, backward_clip_scope, backward_steps)
     return RefineConfig(
         steps=int(steps), lr_mu=lr_mu, lr_logvar=lr_logvar, momentum=momentum, max_grad_norm=max_grad_norm,
         kl_weight=kl_weight, scale=scale, hvp=method, fd_eps=fd_eps, preserve_rng_state=preserve_rng_state,
         process_group=process_group, global_batch=global_batch, on_nonfinite=NonFinite(on_nonfinite),
         full_fp32=fp32_precision == "ieee", fd_tol=fd_tol, check_decoder=check_decoder, batch_coupled=batch_coupled,
         check_fd_eps=HVP_METHODS["fd_central"].default_fd_eps.get(precision, 2e-3), precision=precision,
-        stack_points=stack_points)
+        stack_points=stack_points, backward_clip=backward_clip, backward_clip_scope=backward_clip_scope,
+        backward_steps=backward_steps)
+
+
+def check_stabilizers(steps: int, backward_clip, backward_clip_scope, backward_steps) -> tuple[float, int]:
+    """(backward_clip as a float, 0 = off; the reverse steps to take) from refine's arguments."""
+    from savae_fast.refine.stabilize import CLIP_SCOPES
+
+    if backward_clip is None:
+        clip = 0.0
+    else:
+        clip = real("backward_clip", backward_clip, low=0.0, low_open=True)
+    if backward_clip_scope not in CLIP_SCOPES:
+        raise ValueError(f"refine: argument 'backward_clip_scope' must be one of {CLIP_SCOPES}, "
+                         f"got {backward_clip_scope!r}")
+    if backward_steps is None:
+        return clip, int(steps)
+    if isinstance(backward_steps, bool) or not isinstance(backward_steps, numbers.Integral):
+        raise TypeError(f"refine: argument 'backward_steps' must be None or an int, got "
+                        f"{type(backward_steps).__name__}")
+    if backward_steps < 0:
+        raise ValueError(f"refine: argument 'backward_steps' must be >= 0 (the last inner steps to differentiate "
+                         f"through; None: all), got {backward_steps}")
+    return clip, min(int(backward_steps), int(steps))
 
 
 def check_capture(cfg: RefineConfig, mu: Tensor) -> None:

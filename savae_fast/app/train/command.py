@@ -15,6 +15,15 @@ from savae_fast.app.train.config import TrainConfig
 NO_LIMIT = object()  # an option given as 'none' (None itself means: not given)
 
 
+def _float_or_none(text: str):
+    if text.strip().lower() == "none":
+        return NO_LIMIT
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number or 'none', got {text!r}") from None
+
+
 def _int_or_none(text: str):
     if text.strip().lower() == "none":
         return NO_LIMIT
@@ -47,6 +56,12 @@ HELP = {
     "svi_steps": "inner refinement steps K", "svi_lr": "inner learning rate", "svi_momentum": "inner momentum, in [0, 1)",
     "svi_max_grad_norm": "clip of the inner gradients' norms (<= 0: none)",
     "backend": "kernels of refine's Gaussian math",
+    "backward_clip": "savae: refine's stabiliser: the gradient backpropagated through the inner steps is clipped after "
+                     "every step to this many times the RMS of the incoming per-example gradients: a number, or "
+                     "'none' (the exact gradient, which explodes where the inner SGD is unstable)",
+    "backward_clip_scope": "savae: clip each example's backpropagated vector (example) or the batch's (batch)",
+    "backward_steps": "savae: differentiate through the last this-many inner steps only (truncation): an integer, or "
+                      "'none' (all)",
     "eval_samples": "importance samples per example of the IW NLL estimate (test evaluation)",
     "eval_elbo_samples": "samples of the single-sample bound averaged per example",
     "seed": "random seed (data order, initialisation, draws)", "device": "auto, cpu, cuda or cuda:N",
@@ -55,7 +70,8 @@ HELP = {
     "max_eval_batches": "validation and test evaluation: batches at most (quick runs): an integer, or 'none'",
     "max_length": "text: sentences longer than this many words are left out: an integer, or 'none'",
 }
-CHOICES = {"dataset": "DATASETS", "mode": "MODES", "optimizer": ("sgd", "adam"), "backend": "BACKENDS"}
+CHOICES = {"dataset": "DATASETS", "mode": "MODES", "optimizer": ("sgd", "adam"), "backend": "BACKENDS",
+           "backward_clip_scope": ("example", "batch")}
 
 
 def _metavar(name: str):
@@ -106,7 +122,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
             p.add_argument(flag, type=int, default=None,
                            help="CPU threads of this process (torch.set_num_threads); default 0: one thread for "
                                 "small text models, else the cores idle at the start less one (see README, Threads)")
-        elif f.name in ("max_length", "max_batches_per_epoch", "max_eval_batches"):
+        elif f.name == "backward_clip":
+            p.add_argument(flag, type=_float_or_none, default=None, help=f"{HELP[f.name]} (default {default})")
+        elif f.name in ("max_length", "max_batches_per_epoch", "max_eval_batches", "backward_steps"):
             p.add_argument(flag, type=_int_or_none, default=None, help=f"{HELP[f.name]} (default {default})")
         else:
             p.add_argument(flag, type=type(default), default=None, metavar=_metavar(f.name),

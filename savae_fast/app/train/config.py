@@ -69,6 +69,9 @@ class TrainConfig:
     svi_max_grad_norm: float = DEFAULTS.max_grad_norm
     hvp: str = DEFAULTS.hvp
     stack_points: int = 0  # refine's stack_points: the most difference points per decoder call (0: one)
+    backward_clip: float | None = DEFAULTS.backward_clip  # refine's stabiliser of its backward (None: exact)
+    backward_clip_scope: str = DEFAULTS.backward_clip_scope
+    backward_steps: int | None = None  # refine's truncation: the last inner steps differentiated (None: all)
     backend: str = "auto"
     # evaluation
     eval_samples: int = 500  # importance samples per example for the IW NLL estimate
@@ -124,6 +127,13 @@ class TrainConfig:
         _real(self, "svi_lr", low=0.0, low_open=True)
         _real(self, "svi_momentum", low=0.0, high=1.0, high_open=True)
         _real(self, "svi_max_grad_norm")
+        if self.backward_clip is not None:
+            _real(self, "backward_clip", low=0.0, low_open=True)
+        if self.backward_clip_scope not in ("example", "batch"):
+            raise ConfigError(f"backward_clip_scope (--backward-clip-scope) must be 'example' or 'batch', got "
+                              f"{self.backward_clip_scope!r}")
+        if self.backward_steps is not None:
+            _integer(self, "backward_steps", low=0)
         if self.device != "auto":
             parse_device(self.device)
         if not isinstance(self.synthetic, dict):
@@ -144,7 +154,9 @@ class TrainConfig:
         # (--hvp optim_n2n trains with the authors' backward; evaluation refines with refine's forward,
         # which is the same optimiser)
         return dict(self.optimiser_options(beta), hvp=DEFAULTS.hvp if self.hvp == OPTIM_N2N else self.hvp,
-                    backend=self.backend, stack_points=self.stack_points)
+                    backend=self.backend, stack_points=self.stack_points, backward_clip=self.backward_clip,
+                    backward_clip_scope=self.backward_clip_scope, backward_steps=self.backward_steps)
+
     @property
     def uses_refinement(self) -> bool:
         return self.mode in ("svi", "vae+svi", "vae+svi+kl", "savae")

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import random
+import statistics
 import sys
 import time
 
@@ -230,6 +231,8 @@ class Trainer:
             group["lr"] = self.state["lr"]
         self.model.train()
         totals = [0.0, 0.0, 0.0, 0.0]  # loss * n, nll, kl, n
+        grad_norms, gains, engaged = [], [], []  # per batch: the outer gradient's norm, refine's amplification
+        stats = self.objective.refine_stats
         bar = Progress(self.progress, len(batches), f"{c.mode} epoch {epoch + 1}/{c.epochs}")
         for x in batches:
             if self.d.enabled and x.shape[0] % self.d.world:
@@ -237,20 +240,34 @@ class Trainer:
             local = self.d.shard(x)
             x_local = x[local].to(self.device)
             beta = self.beta()
+            filled = stats.backwards
             out = self.step_module(x_local, beta, x.shape[0], local)
             self.optimizer.zero_grad(set_to_none=True)
             out.loss.backward()
-            if c.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.max_grad_norm)
+            grad_norms.append(float(outer_grad_norm(self.model.parameters(), c.max_grad_norm)))
             self.optimizer.step()
             self.state["step"] += 1
             n = x_local.shape[0]
             totals = [t + v for t, v in zip(totals, (float(out.loss.detach()) * n, float(out.nll.sum()),
                                                      float(out.kl.sum()), n))]
-            bar.update(loss=f"{totals[0] / totals[3]:.2f}", kl=f"{totals[2] / totals[3]:.2f}", beta=f"{beta:.2f}")
+            postfix = dict(loss=f"{totals[0] / totals[3]:.2f}", kl=f"{totals[2] / totals[3]:.2f}", beta=f"{beta:.2f}",
+                           grad=f"{grad_norms[-1]:.3g}")
+            if stats.backwards > filled:  # refine's backward ran: how much it amplified its vector
+                summary = stats.summary()
+                gains.append(summary["gain_max"])
+                engaged.append(summary["backward_clip_engaged"])
+                postfix["gain"] = f"{summary['gain_max']:.3g}"
+            bar.update(**postfix)
         bar.close()
         loss, nll, kl, n = self.d.sum(totals, self.device)
-        return {"train_loss": loss / max(n, 1), "train_nll": nll / max(n, 1), "train_kl": kl / max(n, 1)}
+        record = {"train_loss": loss / max(n, 1), "train_nll": nll / max(n, 1), "train_kl": kl / max(n, 1),
+                  "train_grad_norm_median": statistics.median(grad_norms) if grad_norms else 0.0,
+                  "train_grad_norm_max": max(grad_norms, default=0.0)}
+        if c.mode == "savae" and c.hvp != OPTIM_N2N:  # (the same columns every epoch of a run)
+            record.update(refine_gain_median=statistics.median(gains) if gains else 0.0,
+                          refine_gain_max=max(gains, default=0.0),
+                          backward_clip_engaged=statistics.mean(engaged) if engaged else 0.0)
+        return record
 
     def eval_batches(self, split: str) -> list:
         return self.data.batches(split, self.cfg.batch_size, shuffle=False)[: self.cfg.max_eval_batches]
@@ -290,7 +307,10 @@ class Trainer:
             self._save_last()
             if self.progress:
                 print(f"[{c.mode}] epoch {epoch + 1}: train loss {train['train_loss']:.3f} kl "
-                      f"{train['train_kl']:.3f} | valid bound {val['nll_bound']:.3f} kl {val['kl']:.3f}"
+                      f"{train['train_kl']:.3f} grad norm {train['train_grad_norm_median']:.3g} (max "
+                      f"{train['train_grad_norm_max']:.3g})"
+                      + (f" refine gain {train['refine_gain_max']:.3g}" if "refine_gain_max" in train else "")
+                      + f" | valid bound {val['nll_bound']:.3f} kl {val['kl']:.3f}"
                       f" ({record['seconds']:.0f}s)", file=sys.stderr)
             if c.optimizer == "sgd" and self.state["lr"] < c.min_lr:
                 break
@@ -336,6 +356,14 @@ class Trainer:
         self.run_dir.release()
         if self.d.enabled and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def outer_grad_norm(params, max_grad_norm: float) -> torch.Tensor:
+    """The outer gradient's norm before clipping; clipped to ``max_grad_norm`` where that is > 0."""
+    params = [p for p in params if p.grad is not None]
+    if max_grad_norm > 0:
+        return torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    return torch.nn.utils.get_total_norm([p.grad for p in params])
 
 
 def check_refinement_fits(cfg: TrainConfig, device: torch.device) -> None:

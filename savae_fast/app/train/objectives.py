@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from savae_fast.gaussian import gaussian_kl, gaussian_kl_between, sample
-from savae_fast.refine import refine
+from savae_fast.refine import RefineStats, refine
 from savae_fast.app.train.config import OPTIM_N2N, TrainConfig
 from savae_fast.reference import optim_n2n
 
@@ -42,6 +42,8 @@ class Objective(nn.Module):
         self.model = model
         self.cfg = cfg
         self.process_group = process_group
+        # how much refine's backward amplified its vector, read after each backward (savae mode)
+        self.refine_stats = RefineStats()
 
     def draw_eps(self, mu: Tensor) -> Tensor:
         """Standard-normal draws of mu's shape for the ELBO's sample (a data-parallel
@@ -87,7 +89,8 @@ class Objective(nn.Module):
                 mu_k, logvar_k = optim_n2n(mu0, logvar0, nll_fn, model.decoder.parameters(), noise=self.refine_noise(),
                                            **self.cfg.optimiser_options(beta))
             else:
-                mu_k, logvar_k = refine(mu0, logvar0, nll_fn, model.decoder.parameters(), **self.refine_kwargs(beta))
+                mu_k, logvar_k = refine(mu0, logvar0, nll_fn, model.decoder.parameters(), stats=self.refine_stats,
+                                        **self.refine_kwargs(beta))
             nll, kl = self.elbo_terms(x, mu_k, logvar_k)
             return StepStats((nll + beta * kl).mean(), nll.detach(), kl.detach())
         with torch.no_grad():
