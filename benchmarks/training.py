@@ -71,6 +71,11 @@ VARIANTS = {
     "savae clip 1 batch": dict(mode="savae", options=dict(backward_clip=1.0, backward_clip_scope="batch")),
     "savae truncate 5": dict(mode="savae", options=dict(UNSTABILISED, backward_steps=5)),
     "savae truncate 1": dict(mode="savae", options=dict(UNSTABILISED, backward_steps=1)),
+    # an inner SGD that stays stable where the decoder sharpens: half the paper's inner lr
+    "savae inner lr 0.5": dict(mode="savae", options=dict(UNSTABILISED), inner=dict(lr=0.5)),
+    # ablations of the authors' heuristics (reference.optim_n2n): their reverse pass's clips alone,
+    # without the joint clip of the gradients at the perturbed point
+    "savae optim_n2n reverse clips only": dict(mode="savae", hvp="optim_n2n", n2n=dict(clip_perturbed=False)),
 }
 
 
@@ -104,11 +109,13 @@ def _loss(model, x, beta, variant: dict, setting: dict, refine_method=None, nois
     if variant["mode"] == "savae":
         options = dict(steps=setting["svi_steps"], lr=setting["svi_lr"], momentum=setting["svi_momentum"],
                        max_grad_norm=setting["svi_max_grad_norm"], kl_weight=beta, noise=noise)
+        options.update(variant.get("inner", {}))
         nll_fn = lambda z: model.nll(x, z)  # noqa: E731
         if refine_method is not None:
             mu, logvar = refine_method(mu0, logvar0, nll_fn, model.decoder.parameters(), **options)
         elif variant.get("hvp") == "optim_n2n":
-            mu, logvar = optim_n2n(mu0, logvar0, nll_fn, model.decoder.parameters(), **options)
+            mu, logvar = optim_n2n(mu0, logvar0, nll_fn, model.decoder.parameters(), **variant.get("n2n", {}),
+                                   **options)
         else:
             mu, logvar = sf.refine(mu0, logvar0, nll_fn, model.decoder.parameters(), stats=stats,
                                    **variant["options"], **options)
@@ -174,15 +181,23 @@ def evaluate(model, batches, setting: dict, mode: str) -> dict:
     from savae_fast.refine import refine
 
     model.eval()
-    n, words, bound, kl_sum, mus, logvars = 0, 0, 0.0, 0.0, [], []
+    n, words, bound, kl_sum, mus, logvars, encoder_bound = 0, 0, 0.0, 0.0, [], [], 0.0
+    # draws of their own: the same for every evaluation, and the training stream is left as it was
+    gen = torch.Generator().manual_seed(12345)
     with torch.no_grad():
         for x in batches:
             mu, logvar = model.encode(x)
+            draw = lambda *shape: torch.randn(*shape, generator=gen).to(mu)  # noqa: E731
+            # the encoder's own bound (no refinement): where the gradient through the refinement
+            # explodes, the encoder is what it ruins first
+            kl = gaussian_kl(mu, logvar)
+            encoder_bound += float((model.nll(x, mu + torch.exp(0.5 * logvar) * draw(*mu.shape)) + kl).sum())
             if mode == "savae":  # the paper's evaluation of SA-VAE: the refined posterior
                 mu, logvar = refine(mu, logvar, lambda z: model.nll(x, z), steps=20, lr=setting["svi_lr"],
-                                    momentum=setting["svi_momentum"], max_grad_norm=setting["svi_max_grad_norm"])
+                                    momentum=setting["svi_momentum"], max_grad_norm=setting["svi_max_grad_norm"],
+                                    noise=draw(20, *mu.shape))
             kl = gaussian_kl(mu, logvar)
-            z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
+            z = mu + torch.exp(0.5 * logvar) * draw(*mu.shape)
             bound += float((model.nll(x, z) + kl).sum())
             kl_sum += float(kl.sum())
             n += x.shape[0]
@@ -191,7 +206,8 @@ def evaluate(model, batches, setting: dict, mode: str) -> dict:
             logvars.append(logvar)
     model.train()
     mu, logvar = torch.cat(mus), torch.cat(logvars)
-    return {"bound": bound / n, "nats_per_word": bound / words, "ppl": math.exp(bound / words), "kl": kl_sum / n,
+    return {"bound": bound / n, "nats_per_word": bound / words, "encoder_nats_per_word": encoder_bound / words,
+            "ppl": math.exp(min(bound / words, 700)), "kl": kl_sum / n,
             "mutual_info": mutual_information(mu, logvar), "active_units": active_units(mu)}
 
 

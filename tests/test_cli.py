@@ -8,6 +8,7 @@ import os
 import stat
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -534,3 +535,107 @@ def test_help_does_not_import_the_heavy_modules():
             "print([m for m in ('torch._dynamo', 'triton', 'matplotlib', 'sklearn', 'scipy') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def _readme_command(prefix: str) -> list[str]:
+    """The arguments of README's first ``savae-fast <prefix>`` command (continuation lines joined)."""
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read().replace("\\\n", " ")
+    line = next(ln for ln in readme.splitlines() if ln.strip().startswith(f"savae-fast {prefix}"))
+    return line.split("#")[0].split()[1:]
+
+
+def test_readmes_quick_run_trains_the_small_model_on_a_cpu():
+    """The one-minute run of README trained the paper's 50M-parameter model on a CPU (2 min 42 s, two
+    200 MB checkpoints): without a GPU the default size is the small one."""
+    from savae_fast.app.cli import build_parser
+    from savae_fast.app.train.command import config_from_args
+    from savae_fast.app.train.config import SIZES
+
+    args = build_parser().parse_args(_readme_command("train --dataset ptb --mode savae --epochs 1"))
+    cfg = config_from_args(args)
+    assert args.max_batches_per_epoch and args.max_eval_batches  # (it is the quick run)
+    if not torch.cuda.is_available():
+        assert cfg.size == "small"
+        assert (cfg.embed_dim, cfg.hidden_dim) == (SIZES["small"]["embed_dim"], SIZES["small"]["hidden_dim"])
+    # the paper's size is one option away, and options given explicitly win over the size
+    paper = config_from_args(build_parser().parse_args(["train", "--size", "paper", "--hidden-dim", "256"]))
+    assert (paper.embed_dim, paper.hidden_dim, paper.kernels) == (512, 256, SIZES["paper"]["kernels"])
+
+
+def test_eval_to_a_file_states_its_plan_and_shows_progress_before_it_ends(tmp_path):
+    """eval with its output in a file printed nothing for 25 minutes: it now states what it will
+    evaluate, then a line after the first batch with the time the rest may take (and one at least
+    every 30 s), each flushed as it happens."""
+    out = tmp_path / "run"
+    assert cli_main(["train", "--mode", "savae", "--synthetic", json.dumps({"train": 16, "valid": 8, "test": 256}),
+                     *TINY, "--out-dir", str(out)]) == 0
+    log = tmp_path / "eval.log"
+    with open(log, "w") as f:
+        proc = subprocess.Popen([sys.executable, "-m", "savae_fast.app.cli", "eval", str(out / "best.pt"),
+                                 "--samples", "400", "--threads", "1"], stdout=f, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 300
+        while "took" not in log.read_text() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        seen, running = log.read_text(), proc.poll() is None
+    finally:
+        proc.wait(timeout=600)
+    assert "evaluating 256 test examples (32 batches) x 400 importance samples" in seen
+    assert "eval test: 1/32 took" in seen and "the rest may take about" in seen
+    assert running, "the progress line arrived only when eval ended"
+    text = log.read_text()
+    assert text.index("eval test: 32/32") < text.index('"mode"')  # the result comes after its progress
+    assert proc.returncode == 0
+
+
+def test_eval_max_batches_bounds_the_work(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli_main(["train", "--mode", "vae", "--synthetic", json.dumps({"train": 16, "valid": 8, "test": 64}),
+                     *TINY, "--out-dir", str(out)]) == 0
+    capsys.readouterr()
+    assert cli_main(["eval", str(out / "best.pt"), "--samples", "3", "--max-batches", "2"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["examples"] == 16
+    assert "16 test examples (2 batches, --max-batches) x 3 importance samples" in captured.err
+    for bad in ("0", "-1", "x"):
+        _one_line_error(capsys, cli_main(["eval", str(out / "best.pt"), "--max-batches", bad]), "--max-batches")
+
+
+def test_train_records_the_outer_gradient_and_refines_amplification(tmp_path, capsys):
+    """Per epoch: the outer gradient's norm before clipping and refine's amplification of its
+    backpropagated vector (savae), in metrics; --backward-clip and --backward-steps reach the run."""
+    out = tmp_path / "run"
+    assert cli_main(["train", "--mode", "savae", "--synthetic", TINY_SYNTHETIC, *TINY, "--out-dir", str(out),
+                     "--backward-clip", "2.5", "--backward-steps", "3"]) == 0
+    row = json.loads((out / "metrics.json").read_text())[0]
+    for key in ("train_grad_norm_median", "train_grad_norm_max", "refine_gain_median", "refine_gain_max",
+                "backward_clip_engaged"):
+        assert key in row and row[key] >= 0, key
+    assert row["refine_gain_max"] > 0 and row["train_grad_norm_max"] >= row["train_grad_norm_median"] > 0
+    capsys.readouterr()
+    cfg = json.loads((out / "config.json").read_text())
+    assert (cfg["backward_clip"], cfg["backward_steps"]) == (2.5, 3)
+    _one_line_error(capsys, cli_main(["train", "--synthetic", TINY_SYNTHETIC, *TINY, "--out-dir",
+                                      str(tmp_path / "b"), "--backward-clip", "-1"]), "backward_clip")
+    assert cli_main(["train", "--synthetic", TINY_SYNTHETIC, *TINY, "--out-dir", str(tmp_path / "c"),
+                     "--backward-clip", "none"]) == 0
+    assert json.loads((tmp_path / "c" / "config.json").read_text())["backward_clip"] is None
+
+
+def test_a_checkpoint_with_a_changed_byte_is_corrupted_and_a_cut_one_truncated(tmp_path):
+    from savae_fast.app.errors import CheckpointError
+    from savae_fast.app.train import checkpoint
+
+    path = str(tmp_path / "ck.pt")
+    checkpoint.save({"model": {"w": torch.randn(1000)}}, path)
+    data = bytearray(open(path, "rb").read())
+    flipped = tmp_path / "flipped.pt"
+    data[len(data) // 2] ^= 0x01  # one bit inside the stored tensor data
+    flipped.write_bytes(bytes(data))
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(bytes(data[: len(data) // 2]))
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint at all")
+    for p, needle in ((flipped, "corrupted"), (cut, "truncated"), (garbage, "not a checkpoint")):
+        with pytest.raises(CheckpointError, match=needle):
+            checkpoint.load(str(p))

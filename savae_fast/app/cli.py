@@ -23,6 +23,7 @@ def cmd_eval(args) -> int:
     from savae_fast.app.train.data import build_model, load_data
 
     from savae_fast.app.threads import apply_threads
+    from savae_fast.app.train.metrics import Progress
 
     ck = checkpoint.load(args.checkpoint)
     cfg = TrainConfig.from_dict(ck["config"])
@@ -49,8 +50,24 @@ def cmd_eval(args) -> int:
     except RuntimeError as exc:
         raise CheckpointError(f"checkpoint does not match its configuration's model: {args.checkpoint}") from exc
     torch.manual_seed(cfg.seed)
-    res = ev.evaluate(model, cfg, data.batches(args.split, cfg.batch_size, shuffle=False), device,
-                      data.num_tokens(args.split))
+    batches = data.batches(args.split, cfg.batch_size, shuffle=False)
+    if args.max_batches is not None:
+        batches = batches[: args.max_batches]
+    tokens = (data.num_tokens(args.split) if args.max_batches is None else
+              sum(int((x[:, 1:] != 0).sum()) for x in batches) if data.kind == "text" else 0)
+    examples = sum(x.shape[0] for x in batches)
+    # the plan first, then a line after the first batch with the time the rest may take, and one at
+    # least every 30 s: a run whose output goes to a file shows where it stands
+    notice(f"evaluating {examples} {args.split} examples ({len(batches)} batches"
+           f"{'' if args.max_batches is None else ', --max-batches'}) x {cfg.eval_samples} importance samples, "
+           f"the bound from {cfg.eval_elbo_samples} samples"
+           + (f" after {cfg.svi_steps} refinement steps" if cfg.uses_refinement else "")
+           + (" (--samples and --max-batches make it shorter)" if args.max_batches is None else ""))
+    bar = Progress(not args.no_progress, len(batches), f"eval {args.split}", first_estimate=True)
+    try:
+        res = ev.evaluate(model, cfg, batches, device, tokens, progress=bar)
+    finally:
+        bar.close()
     if data.true_test_nll is not None and args.split == "test":
         res["true_nll"] = data.true_test_nll
     print(json.dumps({"mode": cfg.mode, "dataset": cfg.dataset, "split": args.split, **res}, indent=1))
@@ -126,9 +143,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint")
     p.add_argument("--split", default="test", choices=("train", "valid", "test"))
     p.add_argument("--samples", type=positive_int, default=None, help="importance samples per example")
+    p.add_argument("--max-batches", type=positive_int, default=None,
+                   help="evaluate the first this-many batches of the split only (a bounded, quicker estimate)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar or lines (the plan line stays)")
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=non_negative_int, default=None,
-                   help="CPU threads (default: the checkpoint's setting; 0 chooses, see README, Threads)")
+                   help="CPU threads (default: the checkpoint's setting; 0 chooses, see docs/models-and-cli.md, "Threads")")
     p.add_argument("--other-data", action="store_true",
                    help="evaluate even where the data files differ from those the checkpoint was trained on")
     p.set_defaults(func=cmd_eval)
@@ -148,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="a much shorter run (smoke test)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--threads", type=non_negative_int, default=0,
-                   help="CPU threads of the training runs (default 0: chosen per model, see README, Threads)")
+                   help="CPU threads of the training runs (default 0: chosen per model, see docs/models-and-cli.md, "Threads")")
     p.set_defaults(func=cmd_demo)
     return parser
 

@@ -289,7 +289,8 @@ def forward_step(mu, logvar, p_mu, p_logvar, eps, grad_z, eps_next=None, *, scal
         >>> t = lambda: torch.randn(4, 2)
         >>> out = forward_step(t(), t(), t(), t(), t(), t(), t(), scale=0.25, kl_weight=1.0, lr_mu=1.0,
         ...                    lr_logvar=1.0, momentum=0.5, max_grad_norm=5.0, backend="torch")
-        >>> [tuple(o.shape) for o in out]
+        >>> shapes = [tuple(o.shape) for o in out]
+        >>> shapes
         [(4, 2), (4, 2), (4, 2), (4, 2), (4, 2), (2,)]
     """
     _check_matrices("forward_step", mu=mu, logvar=logvar, p_mu=p_mu, p_logvar=p_logvar, eps=eps,

@@ -42,7 +42,7 @@ def _clip_(tensors, max_norm: float) -> None:
 
 class _OptimN2N(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, cfg, nll_fn, eps, noise, mu, logvar, *params):
+    def forward(ctx, cfg, nll_fn, eps, noise, heuristics, mu, logvar, *params):
         diff_params = [p for p in params if p.requires_grad]
         steps = cfg.steps
         # K stored copies of every parameter gradient, as published.
@@ -71,7 +71,7 @@ class _OptimN2N(torch.autograd.Function):
                 grad_cache[i][k].copy_(g_lam[i])
                 mom[i] = cfg.momentum * mom[i] - g_lam[i] if k > 0 else -g_lam[i]
             lam = [lam[i] + lrs[i] * mom[i] for i in range(2)]
-        ctx.cfg, ctx.nll_fn, ctx.eps, ctx.noise = cfg, nll_fn, eps, noise
+        ctx.cfg, ctx.nll_fn, ctx.eps, ctx.noise, ctx.heuristics = cfg, nll_fn, eps, noise, heuristics
         ctx.state = (param_grads, lam_cache, grad_cache, rng, diff_params)
         ctx.param_requires_grad = [p.requires_grad for p in params]
         return lam[0], lam[1]
@@ -79,6 +79,7 @@ class _OptimN2N(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_mu, grad_logvar):
         cfg, nll_fn, r, noise = ctx.cfg, ctx.nll_fn, ctx.eps, ctx.noise
+        clip_perturbed, clip_reverse = ctx.heuristics
         param_grads, lam_cache, grad_cache, rng, params = ctx.state
         lbar = [grad_mu if grad_mu is not None else torch.zeros_like(lam_cache[0][0]),
                 grad_logvar if grad_logvar is not None else torch.zeros_like(lam_cache[1][0])]
@@ -96,23 +97,23 @@ class _OptimN2N(torch.autograd.Function):
                     grads = torch.autograd.grad(loss, (*x, *params), allow_unused=True)
                 grads = [g.detach() if g is not None else torch.zeros_like(t)
                          for g, t in zip(grads, (*x, *params))]
-                if cfg.max_grad_norm > 0:
+                if cfg.max_grad_norm > 0 and clip_perturbed:
                     _clip_(grads, cfg.max_grad_norm)
                 h_theta = [(g - store[k]) / r for g, store in zip(grads[2:], param_grads)]
-                if cfg.max_grad_norm > 0 and h_theta:
+                if cfg.max_grad_norm > 0 and clip_reverse and h_theta:
                     _clip_(h_theta, cfg.max_grad_norm)
                 for tb, h in zip(theta_bar, h_theta):
                     tb.sub_(h)
                 h_lam = [(grads[i] - grad_cache[i][k]) / r for i in range(2)]
                 lbar = [lbar[i] - h_lam[i] for i in range(2)]
-                if cfg.max_grad_norm > 0:
+                if cfg.max_grad_norm > 0 and clip_reverse:
                     _clip_(lbar, cfg.max_grad_norm)
                 pbar = [p * cfg.momentum for p in pbar]
         finally:
             caller.restore()
         it = iter(theta_bar)
         out = [next(it) if needs else None for needs in ctx.param_requires_grad]
-        return (None, None, None, None, lbar[0], lbar[1], *out)
+        return (None, None, None, None, None, lbar[0], lbar[1], *out)
 
 
 def _inner_loss(cfg, nll_fn, lam, eps):
@@ -129,6 +130,8 @@ def optim_n2n(
     *,
     eps: float = 1e-5,
     noise: Tensor | None = None,
+    clip_perturbed: bool = True,
+    clip_reverse: bool = True,
     **options,
 ) -> tuple[Tensor, Tensor]:
     """The authors' refinement: same forward as :func:`savae_fast.refine`, their backward
@@ -145,6 +148,13 @@ def optim_n2n(
         params: the decoder parameters that get gradients (their ``update_params``).
         eps: the authors' absolute difference step (> 0; not refine's relative ``fd_eps``).
         noise: ``[steps, B, D]`` standard-normal draws (drawn otherwise).
+        clip_perturbed: the published joint clip (to ``max_grad_norm``) of the gradients w.r.t. lambda
+            and theta at the perturbed point, before the difference is taken (the stored base gradients
+            are not clipped jointly). Where it is active the quotient is replaced by a large term along
+            the inner gradient, which the clips below cut to norm ``max_grad_norm``. False: off (an
+            ablation, not the published algorithm).
+        clip_reverse: the published clips of the parameter term and of the lambda adjoint to
+            ``max_grad_norm`` in every reverse step. False: off (an ablation).
         **options: the inner optimiser's, as :func:`savae_fast.reference.unrolled`.
 
     Returns:
@@ -172,4 +182,5 @@ def optim_n2n(
     if cfg.steps == 0:
         return mu, logvar
     noise = noise_or_draw(noise, cfg.steps, mu)
-    return _OptimN2N.apply(cfg, nll_fn, float(eps), noise, mu, logvar, *params)
+    heuristics = (bool(clip_perturbed), bool(clip_reverse))
+    return _OptimN2N.apply(cfg, nll_fn, float(eps), noise, heuristics, mu, logvar, *params)

@@ -48,13 +48,30 @@ def save(obj: dict, path: str) -> None:
         raise
 
 
+def _unreadable(path: str) -> str:
+    """Why a checkpoint file does not load: a zip archive (torch.save's format) whose end record is
+    there was written whole, so a read error is corruption; without it, the file was cut short."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+            f.seek(max(0, os.path.getsize(path) - 1024))
+            tail = f.read()
+    except OSError:
+        return "cannot be read"
+    if head != b"PK\x03\x04":
+        return "is not a checkpoint (not a torch.save archive)"
+    if b"PK\x05\x06" in tail:
+        return "is corrupted (complete, but its contents fail the archive's checksums)"
+    return "is truncated (the archive's end is missing)"
+
+
 def load(path: str, map_location="cpu") -> dict:
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
         blob = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # truncated zip, wrong file, unpickling error
-        raise CheckpointError(f"checkpoint is truncated or not a checkpoint: {path} ({type(exc).__name__})") from exc
+    except Exception as exc:  # truncated zip, wrong file, unpickling error, a changed byte (the zip's CRC)
+        raise CheckpointError(f"checkpoint {_unreadable(path)}: {path} ({type(exc).__name__})") from exc
     if not isinstance(blob, dict) or blob.get("format") != FORMAT:
         raise CheckpointError(f"not a savae_fast checkpoint: {path}")
     payload = blob.get("payload")

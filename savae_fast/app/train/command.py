@@ -9,7 +9,7 @@ import json
 import sys
 
 from savae_fast.app.errors import ConfigError, UserError, report_user_error
-from savae_fast.app.train.config import TrainConfig
+from savae_fast.app.train.config import SIZES, TrainConfig
 
 
 NO_LIMIT = object()  # an option given as 'none' (None itself means: not given)
@@ -45,6 +45,8 @@ HELP = {
     "synthetic": "synthetic: a JSON object of SyntheticSpec fields, e.g. '{\"train\": 2000}'",
     "mode": "the model: autoreg (decoder only), vae, svi (refinement from zeros, no encoder), vae+svi, vae+svi+kl, "
             "savae (gradients through the refinement)",
+    "size": "the model's size: small (trains in minutes on a CPU), paper (the SA-VAE paper's, for a GPU) or auto "
+            "(paper where a GPU is found, else small); sets the size options below that are not given",
     "latent_dim": "latent dimensions", "embed_dim": "text: word embedding size", "hidden_dim": "text: LSTM hidden size",
     "dropout": "text: decoder dropout probability, in [0, 1)", "enc_channels": "images: encoder channels",
     "dec_channels": "images: PixelCNN channels", "epochs": "training epochs", "batch_size": "examples per batch",
@@ -70,7 +72,7 @@ HELP = {
     "max_eval_batches": "validation and test evaluation: batches at most (quick runs): an integer, or 'none'",
     "max_length": "text: sentences longer than this many words are left out: an integer, or 'none'",
 }
-CHOICES = {"dataset": "DATASETS", "mode": "MODES", "optimizer": ("sgd", "adam"), "backend": "BACKENDS",
+CHOICES = {"dataset": "DATASETS", "mode": "MODES", "size": ("auto", "small", "paper"), "optimizer": ("sgd", "adam"), "backend": "BACKENDS",
            "backward_clip_scope": ("example", "batch")}
 
 
@@ -98,9 +100,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         flag = "--" + f.name.replace("_", "-")
         if isinstance(default, bool):
             p.add_argument(flag, type=lambda s: s.lower() in ("1", "true", "yes"), default=None)
-        elif isinstance(default, tuple):
+        elif f.name == "kernels":
             p.add_argument(flag, type=lambda s: tuple(int(v) for v in s.split(",")), default=None,
-                           help=f"comma-separated (default {','.join(map(str, default))})")
+                           help="images: the PixelCNN's kernel sizes, comma-separated (default by --size: small "
+                                f"{','.join(map(str, SIZES['small']['kernels']))}, paper "
+                                f"{','.join(map(str, SIZES['paper']['kernels']))})")
+        elif f.name in SIZES["small"]:
+            p.add_argument(flag, type=int, default=None,
+                           help=f"{HELP[f.name]} (default by --size: small {SIZES['small'][f.name]}, paper "
+                                f"{SIZES['paper'][f.name]})")
         elif isinstance(default, dict):
             p.add_argument(flag, type=json.loads, default=None, help=HELP.get(f.name, "a JSON object"))
         elif f.name == "data_path":
@@ -121,7 +129,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         elif f.name == "threads":
             p.add_argument(flag, type=int, default=None,
                            help="CPU threads of this process (torch.set_num_threads); default 0: one thread for "
-                                "small text models, else the cores idle at the start less one (see README, Threads)")
+                                "small text models, else the cores idle at the start less one (see docs/models-and-cli.md, "Threads")")
         elif f.name == "backward_clip":
             p.add_argument(flag, type=_float_or_none, default=None, help=f"{HELP[f.name]} (default {default})")
         elif f.name in ("max_length", "max_batches_per_epoch", "max_eval_batches", "backward_steps"):

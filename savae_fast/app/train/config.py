@@ -33,6 +33,14 @@ MODES = ("autoreg", "vae", "svi", "vae+svi", "vae+svi+kl", "savae")
 # lambda-space one-sided difference with eps 1e-5 and their clipping), for comparison only
 OPTIM_N2N = "optim_n2n"
 DATASETS = ("synthetic", "text", "ptb", "digits", "omniglot", "mnist")
+# Model sizes (--size): "paper" is the SA-VAE paper's (text: word 512, hidden 1024; images: 64-channel
+# encoder, 12-layer 32-channel PixelCNN), a GPU's size; "small" trains in minutes on a few CPU cores.
+# "auto": paper where a GPU is found, else small. A size option given explicitly wins.
+SIZES = {
+    "small": dict(embed_dim=64, hidden_dim=128, enc_channels=32, dec_channels=16, kernels=(7, 7, 5, 5, 3, 3)),
+    "paper": dict(embed_dim=512, hidden_dim=1024, enc_channels=64, dec_channels=32,
+                  kernels=(9, 9, 9, 7, 7, 7, 5, 5, 5, 3, 3, 3)),
+}
 
 
 @dataclass
@@ -45,13 +53,14 @@ class TrainConfig:
     synthetic: dict = field(default_factory=dict)  # overrides of savae_fast.app.data.synthetic.SyntheticSpec
     # model (text: latent/embed/hidden/dropout; images: latent/enc_channels/dec_channels/kernels)
     mode: str = "savae"
+    size: str = "auto"  # the sizes below left None: "small", "paper" or "auto" (paper with a GPU) (SIZES)
     latent_dim: int = 32
-    embed_dim: int = 512
-    hidden_dim: int = 1024
+    embed_dim: int | None = None
+    hidden_dim: int | None = None
     dropout: float = 0.5
-    enc_channels: int = 64
-    dec_channels: int = 32
-    kernels: tuple = (9, 9, 9, 7, 7, 7, 5, 5, 5, 3, 3, 3)
+    enc_channels: int | None = None
+    dec_channels: int | None = None
+    kernels: tuple | None = None
     # outer optimisation
     epochs: int = 30
     batch_size: int = 32
@@ -85,6 +94,16 @@ class TrainConfig:
     max_batches_per_epoch: int | None = None  # for quick runs
     max_eval_batches: int | None = None  # validation and test evaluation: at most this many batches (quick runs)
 
+    def __post_init__(self) -> None:
+        if self.size == "auto":
+            import torch
+
+            self.size = "paper" if torch.cuda.is_available() else "small"
+        if self.size in SIZES:  # (another value is refused by validate)
+            for name, value in SIZES[self.size].items():
+                if getattr(self, name) is None:
+                    setattr(self, name, value)
+
     def validate(self) -> "TrainConfig":
         """Every field checked before anything runs; errors name the field and its option."""
         from savae_fast.app.data.synthetic import check_overrides
@@ -94,6 +113,8 @@ class TrainConfig:
 
         if self.mode not in MODES:
             raise ConfigError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.size not in SIZES:
+            raise ConfigError(f"size (--size) must be one of {('auto', *SIZES)}, got {self.size!r}")
         if self.dataset not in DATASETS:
             raise ConfigError(f"dataset must be one of {DATASETS}, got {self.dataset!r}")
         if self.dataset in ("text", "omniglot", "mnist") and not self.data_path:

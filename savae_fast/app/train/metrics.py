@@ -48,9 +48,10 @@ class Progress:
     """
 
     def __init__(self, enabled: bool, total: int, desc: str, interval: float = 30.0, estimate: bool = False,
-                 estimate_above: float = 0.0):
+                 estimate_above: float = 0.0, first_estimate: bool = False):
         self.total, self.desc, self.interval = total, desc, interval
         self.done, self.postfix = 0, {}
+        self.first_estimate = first_estimate  # lines mode: also a line after the first item, with the time left
         self.estimate_above = estimate_above  # estimate mode: no line where the rest takes less (seconds)
         self.start = self.last_line = time.monotonic()
         self.bar = None
@@ -77,9 +78,15 @@ class Progress:
                 self.bar.set_postfix(**postfix)
             return
         now = time.monotonic()
-        if self.mode == "lines" and (now - self.last_line >= self.interval or self.done == self.total):
+        if self.mode == "lines" and self.done == 1 and self.first_estimate and self.total > 1:
             self.last_line = now
-            self._line(f"{self.done}/{self.total}")
+            self._line(f"1/{self.total} took {now - self.start:.1f} s; the rest may take about "
+                       f"{_duration((now - self.start) * (self.total - 1))}")
+        elif self.mode == "lines" and (now - self.last_line >= self.interval or self.done == self.total):
+            self.last_line = now
+            rate = self.done / max(now - self.start, 1e-9)
+            self._line(f"{self.done}/{self.total}, {rate:.3g}/s, about {_duration((self.total - self.done) / rate)} "
+                       "left" if self.done < self.total else f"{self.done}/{self.total}")
         elif self.mode == "estimate" and self.done == 1:
             left = (now - self.start) * (self.total - 1)
             if left < self.estimate_above:
