@@ -66,7 +66,8 @@ VARIANTS = {
     "savae default": dict(mode="savae", options=dict()),
     "savae unstabilised": dict(mode="savae", options=dict(UNSTABILISED)),
     "savae clip 1": dict(mode="savae", options=dict(backward_clip=1.0)),
-    "savae clip 3": dict(mode="savae", options=dict(backward_clip=3.0)),
+    "savae clip 2": dict(mode="savae", options=dict(backward_clip=2.0)),
+    "savae clip 4": dict(mode="savae", options=dict(backward_clip=4.0)),
     "savae clip 10": dict(mode="savae", options=dict(backward_clip=10.0)),
     "savae clip 1 batch": dict(mode="savae", options=dict(backward_clip=1.0, backward_clip_scope="batch")),
     "savae truncate 5": dict(mode="savae", options=dict(UNSTABILISED, backward_steps=5)),
@@ -247,6 +248,7 @@ def run_one(variant_name: str, seed: int, args) -> dict:
     train_seconds = 0.0
     stats = sf.RefineStats() if variant.get("options") is not None else None
     torch.manual_seed(seed + 1)  # the training draws (noise, dropout): the same stream for every variant
+    started = last_line = time.monotonic()
     for step in range(args.batches + 1):
         if step in check_at:
             record["grad_error"].append({"batch": step, **(gradient_error(model, checks, variant, setting, seed)
@@ -270,6 +272,13 @@ def run_one(variant_name: str, seed: int, args) -> dict:
         record["log"].append({"batch": step + 1, "train_seconds": train_seconds, "loss": float(loss.detach()),
                               "nll": float(nll.mean()), "kl": float(kl.mean()), "grad_norm": norm, "beta": beta,
                               "tokens": int(x.shape[1]), **(stats.summary() if stats is not None else {})})
+        if time.monotonic() - last_line >= 30:  # a line at least every 30 s
+            last_line = time.monotonic()
+            rate = (step + 1) / max(last_line - started, 1e-9)
+            gain = f", refine gain {record['log'][-1]['gain_max']:.3g}" if "gain_max" in record["log"][-1] else ""
+            print(f"[{variant_name} seed {seed}] batch {step + 1}/{args.batches}, {rate:.2f} batches/s, about "
+                  f"{(args.batches - step - 1) / rate / 60:.0f} min left; outer grad norm {norm:.3g}{gain}",
+                  file=sys.stderr, flush=True)
     return record
 
 
@@ -302,6 +311,7 @@ def run_all(args) -> dict:
                 pending.remove((variant, seed))
                 results.append(record)
                 print(f"[training] {variant} seed {seed}: reusing {base}.json", file=sys.stderr, flush=True)
+    last_status = time.monotonic()
     while pending or running:
         while pending and len(running) < args.jobs:
             variant, seed = pending.pop(0)
@@ -311,6 +321,11 @@ def run_all(args) -> dict:
                                         stdout=log, stderr=subprocess.STDOUT)
             running.append((variant, seed, proc, base))
         time.sleep(0.5)
+        if time.monotonic() - last_status >= 30:  # where each run stands, at least every 30 s
+            last_status = time.monotonic()
+            for variant, seed, _, base in running:
+                print(f"[training] {_last_line(base + '.log') or f'{variant} seed {seed}: starting'} "
+                      f"({len(results)} of {len(jobs)} runs done)", file=sys.stderr, flush=True)
         for item in list(running):
             variant, seed, proc, base = item
             if proc.poll() is None:
@@ -326,6 +341,16 @@ def run_all(args) -> dict:
     return {"machine": harness.machine("cpu"), "commit": harness.git_commit(), "date": dt.date.today().isoformat(),
             "command": "python -m benchmarks.training " + " ".join(args.argv), "torch": torch.__version__,
             "runs": sorted(results, key=lambda r: (list(VARIANTS).index(r["variant"]), r["seed"]))}
+
+
+def _last_line(path: str) -> str:
+    """The last progress line a run wrote to its log ("" before its first)."""
+    try:
+        with open(path, errors="replace") as f:
+            lines = [ln.strip() for ln in f if ln.startswith("[")]
+    except OSError:
+        return ""
+    return lines[-1] if lines else ""
 
 
 def summary(result: dict) -> list[dict]:

@@ -65,6 +65,18 @@ def test_stabilised_gradient_equals_hooked_unrolled_autograd(name, backend, hvp)
     assert stats.steps == ref_stats.steps == options.get("backward_steps", STEPS)
 
 
+@pytest.mark.skipif(not sf.ops.triton_available(), reason="Triton cannot run here (no GPU, no interpreter)")
+@pytest.mark.parametrize("hvp", ["exact", "fd_central"])
+def test_stabilisers_on_the_triton_backend(hvp):
+    p = _problem(batch=6, latent=3)
+    options = dict(UNSTABLE, backward_clip=0.5, backward_steps=6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        got = _step(p, sf.refine, hvp=hvp, backend="triton", **options)
+    want = _step(p, sf.reference.unrolled, **options)
+    assert relative_error(got, want) <= TOLERANCE[hvp]
+
+
 @pytest.mark.parametrize("options", [dict(), dict(backward_clip=0.5), dict(backward_clip=0.5,
                                                                            backward_clip_scope="batch")])
 def test_amplification_statistics_equal_unrolled_autograds(options):
@@ -129,7 +141,7 @@ def test_exploding_warning_not_given_where_the_clip_bounds_the_gradient(monkeypa
                             kl_weight=0.0, reduction="sum", backward_clip=10.0)
         mu_k.sum().backward()
     assert not [w for w in seen if "grew by" in str(w.message)]
-    # and the gradient to mu is bounded: at most the clip times the incoming RMS per example (the
+    # and the gradient to mu is bounded: at most the clip times its incoming norm per example (the
     # incoming dF/dmu_K is all ones: norm sqrt(D) for every example)
     assert float(mu.grad.norm(dim=1).max()) <= 10.0 * mu.shape[1] ** 0.5 * (1 + 1e-12)
 

@@ -150,16 +150,16 @@ class _StateHooks:
         rows = grad.double().norm(dim=1)
         self.norms.append(rows)
         if len(self.norms) == 1:  # dF/dS_K: the incoming gradient (the momentum part is 0)
-            self.incoming_rms = rows.square().mean().sqrt()
+            self.incoming = rows
             self.after.append(rows)
             self._fill()
             return grad
         if self.clip > 0:
             if self.per_example:
-                limit = self.clip * self.incoming_rms
+                limit = self.clip * self.incoming
                 factor = torch.where(rows > limit, limit / rows, torch.ones_like(rows))
             else:
-                limit = self.clip * self.incoming_rms * rows.numel() ** 0.5
+                limit = self.clip * self.incoming.square().sum().sqrt()
                 total = rows.square().sum().sqrt()
                 factor = (limit / total if total > limit else torch.ones((), dtype=rows.dtype)).expand_as(rows)
             grad = grad * factor.to(grad.dtype).unsqueeze(1)

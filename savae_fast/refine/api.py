@@ -166,9 +166,9 @@ def refine(
         backward_clip: a stabiliser of the backward pass (docs/math.md, "When the gradient through the
             steps explodes"): after every reverse step the backpropagated vector (the gradient w.r.t.
             the inner optimiser's state, lambda_k and the momentum) is scaled down to at most
-            ``backward_clip`` times the RMS over the batch of the incoming gradients dF/dlambda_K, per
-            example (``backward_clip_scope="example"``) or for the whole batch (``"batch"``: at most
-            that times the incoming norm). Where the inner SGD is unstable for an example (inner lr
+            ``backward_clip`` times its incoming norm |dF/dlambda_K|, per example
+            (``backward_clip_scope="example"``: no example's vector grows by more than that) or for
+            the whole batch (``"batch"``). Where the inner SGD is unstable for an example (inner lr
             times the decoder's curvature above 2 (1 + momentum)) the exact gradient grows like
             rho^K and training with it diverges; the clip bounds it. Where the vector stays below the
             bound the gradient is bit-identical to the exact one. ``None``: no clip (the exact gradient).

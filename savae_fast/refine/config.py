@@ -44,7 +44,7 @@ class RefineConfig:
     check_fd_eps: float = 0.0  # the central step of the cross-check of exact second-order terms
     precision: object = None  # what the decoder computes in: a dtype or "tf32" (precision.decoder_precision)
     stack_points: int = 0  # the most difference points per decoder call (0: one per call, unstacked)
-    backward_clip: float = 0.0  # the backpropagated vector's largest gain over the incoming RMS (0: off)
+    backward_clip: float = 0.0  # the largest growth of the backpropagated vector over its incoming norm (0: off)
     backward_clip_scope: str = "example"  # clip each example's vector ("example") or the batch's ("batch")
     backward_steps: int = 0  # reverse steps taken: the last ones of the K inner steps (truncation; = steps: all)
 

@@ -10,10 +10,10 @@ directions. :class:`ReverseMonitor` measures that growth at the cost of a few re
 [B, D] tensors per reverse step, and clips it:
 
 * ``backward_clip`` = A, ``backward_clip_scope="example"``: after every reverse step each
-  example's state adjoint is scaled to norm at most A times the RMS over the batch of the
-  incoming |dF/dlambda_K,b| (a bound relative to the gradient that arrives, so it does not
-  depend on the loss's scale; an example whose adjoint stays below it is not touched, and the
-  gradient is then bit-identical to the exact one);
+  example's state adjoint is scaled to norm at most A times its incoming norm |dF/dlambda_K,b|:
+  no example's backpropagated vector grows by more than A (a bound relative to the gradient
+  that arrives, so it does not depend on the loss's scale; an example whose vector stays below
+  it is not touched, and where none reaches it the gradient is bit-identical to the exact one);
 * ``backward_clip_scope="batch"``: the whole batch's adjoint to A times the incoming norm.
 
 The reverse pass is linear in the adjoint, so clipping it rescales what the remaining
@@ -102,7 +102,7 @@ class ReverseMonitor:
     process_group: object = None
     global_batch: int = 0
     ref_sq: Tensor | None = None  # the incoming per-example squared norms [B] (float64)
-    limit_sq: Tensor | None = None  # the clip's squared limit: [] (per example: of each row; batch: of the sum)
+    limit_sq: Tensor | None = None  # the clip's squared limit: [B] per example, [] for the batch's sum
     prev_sq: Tensor | None = None
     prev_batch_sq: Tensor | None = None
     log_gain: Tensor | None = None
@@ -127,9 +127,8 @@ class ReverseMonitor:
         mon.ref_sq = mon.prev_sq = sq
         mon.prev_batch_sq = mon._incoming_batch_sq = batch_sq
         if mon.clip > 0:
-            rows = mon.global_batch or sq.shape[0]
-            # per example: A times the RMS over the (global) batch of the incoming norms
-            mon.limit_sq = (mon.clip ** 2) * (batch_sq / rows if mon.per_example else batch_sq)
+            # per example: A times the example's own incoming norm; batch: A times the batch's
+            mon.limit_sq = (mon.clip ** 2) * (sq if mon.per_example else batch_sq)
             mon.log_clip = torch.zeros_like(sq)
         if records:
             mon.log_gain = torch.zeros_like(sq)
@@ -230,6 +229,6 @@ def warn_exploding(gain: float, batch_gain: float, steps: int) -> None:
         f"refine: the gradient backpropagated through the {steps} inner steps grew by up to {gain:.3g}x for one "
         f"example ({batch_gain:.3g}x for the batch): the inner SGD is unstable for some examples (inner lr times "
         "the decoder's curvature above 2 (1 + momentum)), and the exact gradient through it is dominated by "
-        "those directions; training with it diverges. Bound it with backward_clip= (e.g. 10: each example's "
-        "backpropagated vector at most 10x the incoming RMS), backward_steps= (truncation), or a smaller inner "
+        "those directions; training with it diverges. Bound it with backward_clip= (e.g. 1: no example's "
+        "backpropagated vector grows beyond its incoming norm), backward_steps= (truncation), or a smaller inner "
         "lr; refine(stats=savae_fast.RefineStats()) measures it every step", RuntimeWarning, stacklevel=2)

@@ -59,7 +59,7 @@ HELP = {
     "svi_max_grad_norm": "clip of the inner gradients' norms (<= 0: none)",
     "backend": "kernels of refine's Gaussian math",
     "backward_clip": "savae: refine's stabiliser: the gradient backpropagated through the inner steps is clipped after "
-                     "every step to this many times the RMS of the incoming per-example gradients: a number, or "
+                     "every step to this many times its incoming norm (per example, or the batch's): a number, or "
                      "'none' (the exact gradient, which explodes where the inner SGD is unstable)",
     "backward_clip_scope": "savae: clip each example's backpropagated vector (example) or the batch's (batch)",
     "backward_steps": "savae: differentiate through the last this-many inner steps only (truncation): an integer, or "
