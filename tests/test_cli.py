@@ -639,3 +639,21 @@ def test_a_checkpoint_with_a_changed_byte_is_corrupted_and_a_cut_one_truncated(t
     for p, needle in ((flipped, "corrupted"), (cut, "truncated"), (garbage, "not a checkpoint")):
         with pytest.raises(CheckpointError, match=needle):
             checkpoint.load(str(p))
+
+
+@pytest.mark.parametrize("again", [[], ["--resume"]], ids=["fresh", "resume"])
+def test_a_run_killed_before_its_first_checkpoint_is_started_again(tmp_path, capsys, again):
+    """kill -9 before the first checkpoint left config.json alone: a fresh run refused ("pass
+    --resume") and --resume failed ("last.pt not found"). Such a run holds nothing to keep: either
+    starts it, with one line saying so."""
+    out = tmp_path / "run"
+    out.mkdir()
+    args = ["train", "--mode", "vae", "--synthetic", TINY_SYNTHETIC, *TINY, "--out-dir", str(out)]
+    (out / "config.json").write_text("{}")  # what a run killed during its first epoch leaves
+    (out / ".savae-fast.lock").write_text("12345\n")  # and its lock file (the lock itself died with it)
+    assert cli_main([*args, *again]) == 0
+    err = capsys.readouterr().err
+    assert err.count("stopped before its first checkpoint") == 1
+    assert (out / "last.pt").exists() and json.loads((out / "config.json").read_text())["mode"] == "vae"
+    # a run with a checkpoint is still protected
+    _one_line_error(capsys, cli_main(args), "holds a run already", "--resume")

@@ -148,7 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar or lines (the plan line stays)")
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=non_negative_int, default=None,
-                   help="CPU threads (default: the checkpoint's setting; 0 chooses, see docs/models-and-cli.md, "Threads")")
+                   help="CPU threads (default: the checkpoint's setting; 0 chooses, see docs/models-and-cli.md, "
+                        "'Threads')")
     p.add_argument("--other-data", action="store_true",
                    help="evaluate even where the data files differ from those the checkpoint was trained on")
     p.set_defaults(func=cmd_eval)
@@ -168,7 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="a much shorter run (smoke test)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--threads", type=non_negative_int, default=0,
-                   help="CPU threads of the training runs (default 0: chosen per model, see docs/models-and-cli.md, "Threads")")
+                   help="CPU threads of the training runs (default 0: chosen per model, see "
+                        "docs/models-and-cli.md, 'Threads')")
     p.set_defaults(func=cmd_demo)
     return parser
 

@@ -129,7 +129,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         elif f.name == "threads":
             p.add_argument(flag, type=int, default=None,
                            help="CPU threads of this process (torch.set_num_threads); default 0: one thread for "
-                                "small text models, else the cores idle at the start less one (see docs/models-and-cli.md, "Threads")")
+                                "small text models, else the cores idle at the start less one (see "
+                                "docs/models-and-cli.md, 'Threads')")
         elif f.name == "backward_clip":
             p.add_argument(flag, type=_float_or_none, default=None, help=f"{HELP[f.name]} (default {default})")
         elif f.name in ("max_length", "max_batches_per_epoch", "max_eval_batches", "backward_steps"):

@@ -46,10 +46,21 @@ def run_files(path: str) -> list[str]:
     return [name for name in RUN_FILES if os.path.exists(os.path.join(path, name))]
 
 
-def refuse_existing_run(path: str, resume: bool, overwrite: bool) -> None:
-    """A fresh run (no --resume) does not write over another run's files unless told to."""
+CHECKPOINTS = ("last.pt", "best.pt")
+
+
+def never_started(path: str) -> bool:
+    """A run directory with run files but no checkpoint: a run killed before its first epoch was
+    saved (its config.json, maybe a metrics row), which holds nothing to resume or to keep."""
     found = run_files(path)
-    if found and not resume and not overwrite:
+    return bool(found) and not any(name in found for name in CHECKPOINTS)
+
+
+def refuse_existing_run(path: str, resume: bool, overwrite: bool) -> None:
+    """A fresh run (no --resume) does not write over another run's files unless told to (a run
+    that never saved a checkpoint is taken over)."""
+    found = run_files(path)
+    if found and not resume and not overwrite and not never_started(path):
         raise ConfigError(f"out_dir (--out-dir) {path} holds a run already ({', '.join(found)}): pass --resume to "
                           "continue it, --overwrite to replace it, or another --out-dir")
 
@@ -111,7 +122,15 @@ class Trainer:
         self.state = {"epoch": 0}
         self._saved_state = {"epoch": 0}  # what last.pt holds (for the message of a failed write)
         if resume and not os.path.isfile(self._path("last.pt")):
-            raise CheckpointError(f"cannot resume: {self._path('last.pt')} not found")
+            if not never_started(self.out_dir):
+                raise CheckpointError(f"cannot resume: {self._path('last.pt')} not found")
+            resume = False  # a run stopped before its first checkpoint: it starts (below, with a notice)
+            overwrite = True
+        elif not resume and not overwrite and never_started(self.out_dir):
+            overwrite = True
+        if overwrite and never_started(self.out_dir) and os.path.isdir(self.out_dir):
+            notice(f"{self.out_dir} holds a run that stopped before its first checkpoint "
+                   f"({', '.join(run_files(self.out_dir))}, no last.pt): starting it from the beginning")
         self.d = Distributed()
         self.device = resolve_device(cfg.device, self.d.local_rank)
         self.d.init(self.device)
