@@ -94,14 +94,63 @@ def test_batchnorm_in_training_mode_matches_unrolled(hvp):
         assert torch.allclose(getattr(dec.middle, name), getattr(ref_dec.middle, name), rtol=1e-12, atol=0), name
 
 
+@pytest.mark.parametrize("check_decoder", [True, False], ids=["probed", "unprobed"])
 @pytest.mark.parametrize("hvp", ["fd_central", "fd_richardson", "fd_adaptive"])
-def test_coupling_no_operator_shows_is_declared_with_batch_coupled(hvp):
-    """A mean over the batch written out: no operator shows it, batch_coupled=True declares it."""
+def test_coupling_no_operator_shows_is_declared_with_batch_coupled(hvp, check_decoder):
+    """A mean over the batch written out: no operator shows it, batch_coupled=True declares it,
+    with or without the probe (the declaration was read inside the probe only: with
+    check_decoder=False fd_central was off by 0.67)."""
     dec, *rest = _problem(middle=lambda h: h - 0.7 * h.mean(0, keepdim=True))
-    got, ref, _ = _compare(dec, *rest, hvp=hvp, batch_coupled=True)
+    got, ref, _ = _compare(dec, *rest, hvp=hvp, batch_coupled=True, check_decoder=check_decoder)
     assert max_rel_err(got, ref)[0] <= BOUND[hvp]
     undeclared = _grads(sf.refine, dec, *rest, hvp=hvp)
     assert max_rel_err(undeclared, ref)[0] > 1e3 * BOUND[hvp]  # per-example steps: wrong, as documented
+
+
+class _ImageBatchNorm(nn.Module):
+    """z -> 4 x 2 x 2 feature maps -> BatchNorm2d -> tokens; takes stacked z (x repeated per point)."""
+
+    def __init__(self, latent, vocab=5, length=3):
+        super().__init__()
+        self.vocab, self.length = vocab, length
+        self.l1, self.bn = nn.Linear(latent, 16), nn.BatchNorm2d(4)
+        self.l2 = nn.Linear(16, vocab * length)
+
+    def nll(self, x, z):
+        x = sf.nn.repeat_rows(x, z)
+        h = self.bn(self.l1(z).view(-1, 4, 2, 2)).view(-1, 16)
+        logits = self.l2(torch.tanh(h)).view(-1, self.vocab)
+        return F.cross_entropy(logits, x.reshape(-1), reduction="none").view(-1, self.length).sum(1)
+
+
+@pytest.mark.parametrize("hvp", ["fd_central", "fd_adaptive"])
+def test_batchnorm2d_in_training_mode_over_one_example_is_not_stacked(hvp):
+    """BatchNorm2d in training mode normalises one example over its feature map: the probe saw no
+    coupling (one row), and stacking normalised the n points of the example together (1.5-5
+    relative error): stacking is refused for it (one warning) and the gradient is right."""
+    from savae_fast.refine import function
+
+    dec = _ImageBatchNorm(3).double().train()
+    x = torch.randint(0, 5, (1, 3))
+    mu0, lv0 = 0.5 * torch.randn(1, 3, dtype=torch.float64), 0.3 * torch.randn(1, 3, dtype=torch.float64)
+    noise, w = torch.randn(4, 1, 3, dtype=torch.float64), torch.randn(2, 1, 3, dtype=torch.float64)
+    function._warned_unstacked = False
+    with pytest.warns(UserWarning, match="stack_points ignored.*batch statistics"):
+        got, ref, _ = _compare(dec, x, mu0, lv0, noise, w, hvp=hvp, stack_points=True)
+    assert max_rel_err(got, ref)[0] <= BOUND[hvp]
+
+
+def test_noise_drawn_under_inference_mode_is_accepted():
+    """Noise drawn under torch.inference_mode raised PyTorch's "Inference tensors cannot be saved for
+    backward", naming neither refine nor the argument: its values are what refine needs."""
+    dec, x, mu0, lv0, noise, w = _problem()
+    with torch.inference_mode():
+        frozen = noise.clone()
+    assert frozen.is_inference()
+    got = _grads(sf.refine, dec, x, mu0, lv0, frozen, w, hvp="fd_central")
+    want = _grads(sf.refine, dec, x, mu0, lv0, noise, w, hvp="fd_central")
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
 
 
 def test_batch_coupled_false_overrides_the_probe():

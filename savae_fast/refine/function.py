@@ -57,6 +57,11 @@ def _forward_steps(cfg: RefineConfig, be: Backend, nll_fn: Callable, mu: Tensor,
     state = None  # the tensors the decoder writes in place, saved before every step
     if record and cfg.hvp.points_per_step > 1:
         tape.stack_points = cfg.stack_points
+    if record and cfg.batch_coupled:  # declared: honoured whether or not the probe runs
+        tape.coupled = True
+        if tape.stack_points:
+            warn_unstacked("batch_coupled=True")
+            tape.stack_points = 0
     first_reversed = steps - cfg.backward_steps  # truncation: the reverse pass starts no lower
     for k in range(steps):
         step_fn = nll_fn
@@ -72,8 +77,9 @@ def _forward_steps(cfg: RefineConfig, be: Backend, nll_fn: Callable, mu: Tensor,
             tape.coupled = cfg.batch_coupled if cfg.batch_coupled is not None else probe.coupling is not None
             if probe.written:
                 state = tape.state = DecoderState(probe.written)
-            if tape.stack_points and tape.coupled:
-                warn_unstacked(probe.coupling or "batch_coupled=True")
+            # batch norm in training mode over one example couples the n points of a stacked call
+            if tape.stack_points and (tape.coupled or probe.batch_statistics):
+                warn_unstacked(probe.coupling or probe.batch_statistics or "batch_coupled=True")
                 tape.stack_points = 0
             if tape.stack_points:
                 probe.check_stackable()

@@ -100,6 +100,7 @@ class DecoderProbe(TorchDispatchMode):
         self.own_generator: str | None = None  # an operator drawing from a generator of the decoder's own
         self.unstackable_draw: str | None = None  # a draw outside savae_fast.nn.Dropout (stacked calls)
         self.coupling: str | None = None  # an operator that couples the examples
+        self.batch_statistics: str | None = None  # batch norm in training mode (even over one example)
         self.written: dict = {}  # storage -> (base tensor, its values before the call)
         self.refused: str | None = None  # why refine cannot differentiate this decoder
 
@@ -147,6 +148,7 @@ class DecoderProbe(TorchDispatchMode):
             training = _argument(names, args, kwargs, "training", op.startswith("_batch_norm_with_update"))
             x = args[0] if args and isinstance(args[0], Tensor) else None
             if training:
+                self.batch_statistics = self.batch_statistics or f"aten.{op} in training mode (batch statistics)"
                 if x is not None and x.dim() > 0 and x.shape[0] > 1 and self.coupling is None:
                     self.coupling = f"aten.{op} in training mode (batch statistics)"
                 for name in ("running_mean", "running_var"):

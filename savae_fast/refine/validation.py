@@ -189,6 +189,10 @@ def check_noise(noise, steps: int, mu: Tensor) -> Tensor:
         raise TypeError(f"refine: argument 'noise' has dtype {noise.dtype} but 'mu' has {mu.dtype}")
     if noise.device != mu.device:
         raise ValueError(f"refine: argument 'noise' is on {noise.device} but 'mu' is on {mu.device}")
+    if noise.is_inference() and not torch.is_inference_mode_enabled():
+        # drawn under torch.inference_mode: an inference tensor cannot be saved for the backward;
+        # its values are what refine needs
+        return noise.clone()
     return noise.detach().contiguous()
 
 
