@@ -414,3 +414,17 @@ def test_fd_forward_under_bfloat16_autocast_warns_once(monkeypatch):
             sf.refine(mu, lv0, lambda z: dec.nll(x, z), steps=2, noise=noise[:2], hvp=hvp)
     texts = [str(m.message) for m in seen if "autocast" in str(m.message)]
     assert len(texts) == 1 and "hvp='fd_forward'" in texts[0] and "'fd_richardson'" in texts[0]
+
+
+@pytest.mark.parametrize("hvp", ["fd_forward", "fd_central", "exact"])
+def test_data_changed_in_place_before_the_backward_raises(hvp):
+    """The next batch loaded into the buffer nll_fn closes over, between forward and backward: refine
+    replayed the decoder on the new data (fd_central 3.5, fd_forward 3.5e7 relative error, silently);
+    it now raises autograd's kind of error, naming the tensor."""
+    dec, x, mu0, lv0, noise, w = _problem()
+    mu = mu0.clone().requires_grad_(True)
+    mk, lk = sf.refine(mu, lv0, lambda z: dec.nll(x, z), list(dec.parameters()), steps=noise.shape[0], noise=noise,
+                       hvp=hvp)
+    x.copy_(torch.randint(0, 7, x.shape))
+    with pytest.raises(RuntimeError, match=r"nll_fn reads \(shape \[8, 5\], torch.int64\) was modified in place"):
+        ((w[0] * mk).sum() + (w[1] * lk).sum()).backward()

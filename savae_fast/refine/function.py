@@ -26,7 +26,8 @@ from savae_fast.refine.config import NonFinite, RefineConfig
 from savae_fast.refine.decoder import decoder_grads, decoder_precision_scope
 from savae_fast.refine.hvp import ReverseRun
 from savae_fast.refine.nonfinite import all_finite, nonfinite_error, zero_nonfinite
-from savae_fast.refine.probe import DecoderProbe, DecoderState, hooked, suspended_tensor_hooks
+from savae_fast.refine.probe import (DecoderProbe, DecoderState, check_read_unchanged, hooked,
+                                    suspended_tensor_hooks)
 from savae_fast.refine.rng import RngState
 from savae_fast.refine.stabilize import RefineStats, ReverseMonitor, warn_exploding
 from savae_fast.refine.tape import Tape
@@ -74,6 +75,7 @@ def _forward_steps(cfg: RefineConfig, be: Backend, nll_fn: Callable, mu: Tensor,
         grad_z, param_grads = decoder_grads(step_fn, z, decoder_params)
         if step_fn is not nll_fn:
             probe.check()
+            tape.read = probe.read_versions()
             tape.coupled = cfg.batch_coupled if cfg.batch_coupled is not None else probe.coupling is not None
             if probe.written:
                 state = tape.state = DecoderState(probe.written)
@@ -299,6 +301,7 @@ class RefineFunction(torch.autograd.Function):
                 "was freed after the first backward (call refine again instead of retain_graph=True)"
             )
         noise, _, _, *params = ctx.saved_tensors  # (autograd's version check of what backward reads)
+        check_read_unchanged(tape.read)  # (the same for the tensors nll_fn reads)
         ctx.tape = None
         diff_params = [p for p, needs in zip(params, ctx.param_requires_grad) if needs]
         cfg = ctx.cfg

@@ -26,6 +26,7 @@ out): refine's ``batch_coupled=True`` says so. Other threads' operators are not 
 from __future__ import annotations
 
 import contextlib
+import weakref
 from typing import Callable, Sequence
 
 import torch
@@ -103,6 +104,7 @@ class DecoderProbe(TorchDispatchMode):
         self.batch_statistics: str | None = None  # batch norm in training mode (even over one example)
         self.written: dict = {}  # storage -> (base tensor, its values before the call)
         self.refused: str | None = None  # why refine cannot differentiate this decoder
+        self.read: dict = {}  # storage -> (weak reference, version, description): tensors the call read
 
     def run(self, nll_fn: Callable, z: Tensor):
         self.created.add(_storage_key(z))
@@ -155,6 +157,9 @@ class DecoderProbe(TorchDispatchMode):
                     stat = _argument(names, args, kwargs, name)
                     if isinstance(stat, Tensor):
                         self._note_write(stat, f"aten.{op}")
+        for value in (*args, *kwargs.values()):
+            for t in _tensors(value):
+                self._note_read(t)
         out = func(*args, **kwargs)
         if fresh:
             for t in _tensors(out):
@@ -162,6 +167,22 @@ class DecoderProbe(TorchDispatchMode):
                 if key:
                     self.created.add(key)
         return out
+
+    def _note_read(self, t: Tensor) -> None:
+        """A tensor that existed before the call (data the decoder closes over, buffers): its version
+        now, so that a change in place before refine's backward replays the decoder is found."""
+        key = _storage_key(t)
+        if not key or key in self.created or key in self.params or key in self.read:
+            return
+        try:
+            ref = weakref.ref(t)
+        except TypeError:
+            return
+        self.read[key] = (ref, t._version, f"shape {list(t.shape)}, {t.dtype}")
+
+    def read_versions(self) -> list:
+        """(weak reference, version, description) of each tensor read and not written by the decoder."""
+        return [entry for key, entry in self.read.items() if key not in self.written]
 
     def check_stackable(self) -> None:
         """Raise where the decoder's random draws would differ between the points of a stacked call."""
@@ -231,6 +252,20 @@ def suspended_tensor_hooks(tensors: Sequence[Tensor]):
     finally:
         for hooks, items in saved:
             hooks.update(items)
+
+
+def check_read_unchanged(read: list) -> None:
+    """Raise where a tensor the decoder read in the forward was changed in place since: the
+    backward evaluates the decoder again and would see other values."""
+    for ref, version, what in read:
+        t = ref()
+        if t is not None and t._version != version:
+            raise RuntimeError(
+                f"refine: a tensor that nll_fn reads ({what}) was modified in place after refine's forward "
+                f"(its version {version} -> {t._version}; e.g. the next batch loaded into the same buffer): "
+                "refine's backward evaluates nll_fn again and would see the new values. Autograd refuses the "
+                "same ('one of the variables needed for gradient computation has been modified by an inplace "
+                "operation'): keep it unchanged until the backward, or write the new values into another tensor")
 
 
 def hooked(tensors: Sequence[Tensor]) -> list:

@@ -39,6 +39,7 @@ class Tape:
     coupled: bool = False  # the decoder couples the examples: difference steps shared by the batch
     state: DecoderState | None = None  # tensors the decoder writes in place, per step (refine/probe.py)
     stack_points: int = 0  # the most difference points per decoder call in the backward (0 / 1: one)
+    read: list = field(default_factory=list)  # tensors the decoder read and their versions (refine/probe.py)
 
     @classmethod
     def for_params(cls, params, sum_param_grads: bool) -> "Tape":
