@@ -65,11 +65,14 @@ VARIANTS = {
     "savae fd_central stacked": dict(mode="savae", options=dict(hvp="fd_central", stack_points=True)),
     "savae default": dict(mode="savae", options=dict()),
     "savae unstabilised": dict(mode="savae", options=dict(UNSTABILISED)),
-    "savae clip 1": dict(mode="savae", options=dict(backward_clip=1.0)),
-    "savae clip 2": dict(mode="savae", options=dict(backward_clip=2.0)),
-    "savae clip 4": dict(mode="savae", options=dict(backward_clip=4.0)),
-    "savae clip 10": dict(mode="savae", options=dict(backward_clip=10.0)),
-    "savae clip 1 batch": dict(mode="savae", options=dict(backward_clip=1.0, backward_clip_scope="batch")),
+    # backward_clip: "stop" (refine's default mode) and "scale", at growth bounds A
+    "savae stop 1": dict(mode="savae", options=dict(backward_clip=1.0, backward_clip_mode="stop")),
+    "savae stop 2": dict(mode="savae", options=dict(backward_clip=2.0, backward_clip_mode="stop")),
+    "savae stop 4": dict(mode="savae", options=dict(backward_clip=4.0, backward_clip_mode="stop")),
+    "savae clip 1": dict(mode="savae", options=dict(backward_clip=1.0, backward_clip_mode="scale")),
+    "savae clip 2": dict(mode="savae", options=dict(backward_clip=2.0, backward_clip_mode="scale")),
+    "savae clip 1 batch": dict(mode="savae", options=dict(backward_clip=1.0, backward_clip_scope="batch",
+                                                          backward_clip_mode="scale")),
     "savae truncate 5": dict(mode="savae", options=dict(UNSTABILISED, backward_steps=5)),
     "savae truncate 1": dict(mode="savae", options=dict(UNSTABILISED, backward_steps=1)),
     # an inner SGD that stays stable where the decoder sharpens: half the paper's inner lr
@@ -78,6 +81,11 @@ VARIANTS = {
     # without the joint clip of the gradients at the perturbed point
     "savae optim_n2n reverse clips only": dict(mode="savae", hvp="optim_n2n", n2n=dict(clip_perturbed=False)),
 }
+
+
+# What a plain run compares: a VAE, the authors' algorithm, refine as a drop-in (its defaults) and
+# without its stabiliser (the explosion), and truncation
+DEFAULT_VARIANTS = ("vae", "savae optim_n2n", "savae default", "savae unstabilised", "savae truncate 5")
 
 
 # --------------------------------------------------------------------------- data
@@ -128,7 +136,7 @@ def _loss(model, x, beta, variant: dict, setting: dict, refine_method=None, nois
     return (nll + beta * kl).mean(), nll.detach(), kl.detach()
 
 
-STABILISER_OPTIONS = ("backward_clip", "backward_clip_scope", "backward_steps")
+STABILISER_OPTIONS = ("backward_clip", "backward_clip_scope", "backward_clip_mode", "backward_steps")
 
 
 def gradient_error(model, batches, variant: dict, setting: dict, seed: int) -> dict | None:
@@ -294,12 +302,12 @@ def run_all(args) -> dict:
            "--eval-every",
            str(args.eval_every), "--eval-sentences", str(args.eval_sentences), "--grad-checks",
            ",".join(map(str, args.grad_checks)), *(["--smoke"] if args.smoke else [])]
-    # The longest runs first, so that two jobs end together; each child writes its record and its
+    # Each child writes its record and its
     # messages to files in runs_dir (a pipe left unread until the child ends would fill and stall
     # it), and a record already there from the same command is reused: an interrupted benchmark
     # resumes where it stopped.
-    cost = {"savae fd_central": 0, "savae fd_central stacked": 1, "savae optim_n2n": 2, "savae fd_forward": 3}
-    pending = sorted(jobs, key=lambda j: (cost.get(j[0], 9), j[1]))
+    # seed by seed, in the order of --variants: runs that finish together are comparable
+    pending = list(jobs)
     scratch = args.runs_dir or tempfile.mkdtemp(prefix="savae-training-")
     os.makedirs(scratch, exist_ok=True)
     for variant, seed in list(pending):
@@ -368,6 +376,7 @@ def summary(result: dict) -> list[dict]:
                                                              [e["train_seconds"] for e in r["log"]])]) for r in runs]
         per_batch = statistics.median(per_run)
         tail = [statistics.median([e["grad_norm"] for e in r["log"][int(0.8 * len(r["log"])):]]) for r in runs]
+        norms = [[e["grad_norm"] for e in r["log"]] for r in runs]
         errors = [r["grad_error"][-1]["error"] for r in runs if r["grad_error"] and r["grad_error"][-1]["error"]]
         bounds = [v["nats_per_word"] for v in last]
         row = {"variant": name, "seeds": len(runs), "nats_per_word": statistics.mean(bounds),
@@ -380,7 +389,11 @@ def summary(result: dict) -> list[dict]:
                "active_units": statistics.mean(v["active_units"] for v in last),
                "seconds_per_batch": per_batch, "seconds_per_batch_min": min(per_run),
                "seconds_per_batch_max": max(per_run), "grad_norm_tail": statistics.median(tail),
-               "grad_error_last": statistics.median(errors) if errors else None}
+               "grad_error_last": statistics.median(errors) if errors else None,
+               "grad_norm_max": max(max(n) for n in norms), "grad_norm_median": statistics.median(
+                   statistics.median(n) for n in norms),
+               "encoder_nats_per_word": statistics.mean(v.get("encoder_nats_per_word", math.nan) for v in last),
+               "worst_valid": max(max(v["nats_per_word"] for v in r["valid"][1:]) for r in runs)}
         if name == "vae":
             vae_time = min(per_run)
         rows.append(row)
@@ -390,16 +403,18 @@ def summary(result: dict) -> list[dict]:
 
 
 def table(result: dict) -> str:
-    lines = ["| variant | seeds | valid nats/word (mean; min-max) | PPL | of it, NLL nats/word | KL | MI | AU | s / batch (seeds' medians: "
-             "min-max) | x VAE (fastest seeds) | outer grad norm (last 20%) | grad error vs fp64 (last check) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| variant | seeds | valid nats/word (mean; min-max) | PPL | of it, NLL nats/word | KL | MI | AU | "
+             "encoder alone, nats/word | s / batch (seeds' medians: min-max) | x VAE (fastest seeds) | outer grad "
+             "norm before clipping: max / median / median of last 20% | grad error vs fp64 (last check) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in summary(result):
         err = f"{r['grad_error_last']:.1e}" if r["grad_error_last"] is not None else "-"
         ratio = f"{r['time_vs_vae']:.2f}" if r["time_vs_vae"] else "-"
         lines.append(f"| {r['variant']} | {r['seeds']} | {r['nats_per_word']:.3f}; {r['nats_per_word_min']:.3f}-"
                      f"{r['nats_per_word_max']:.3f} | {r['ppl']:.0f} | {r['rec_per_word']:.3f} | {r['kl']:.2f} | {r['mutual_info']:.2f} | "
-                     f"{r['active_units']:.1f} | {r['seconds_per_batch_min']:.2f}-{r['seconds_per_batch_max']:.2f} | {ratio} | {r['grad_norm_tail']:.1f} | "
-                     f"{err} |")
+                     f"{r['active_units']:.1f} | {r['encoder_nats_per_word']:.3g} | "
+                     f"{r['seconds_per_batch_min']:.2f}-{r['seconds_per_batch_max']:.2f} | {ratio} | "
+                     f"{r['grad_norm_max']:.3g} / {r['grad_norm_median']:.3g} / {r['grad_norm_tail']:.3g} | {err} |")
     return "\n".join(lines)
 
 
@@ -423,6 +438,8 @@ def plot(result: dict, prefix: str) -> list[str]:
         ("valid", "batch", "nats_per_word", "training batches", "validation bound (nats / word)", "bound_vs_batches"),
         ("log", "batch", "grad_norm", "training batches", "outer gradient norm before clipping", "grad_norm"),
         ("grad_error", "batch", "error", "training batches", "outer gradient rel. error vs float64", "grad_error"),
+        ("log", "batch", "gain_max", "training batches",
+         "refine: largest growth of an example's backpropagated gradient", "refine_gain"),
     ]
     paths = []
     for series, xkey, ykey, xlabel, ylabel, name in panels:
@@ -441,6 +458,9 @@ def plot(result: dict, prefix: str) -> list[str]:
                 ax.fill_between(xs, ys.min(0), ys.max(0), alpha=0.15, color=line.get_color())
         if series in ("grad_error", "log"):
             ax.set_yscale("log")
+        if not ax.lines:  # (no variant recorded this series)
+            plt.close(fig)
+            continue
         ax.set(xlabel=xlabel, ylabel=ylabel)
         ax.legend(fontsize=8)
         fig.text(0.01, 0.005, caption, fontsize=6.5, alpha=0.8)
@@ -450,6 +470,25 @@ def plot(result: dict, prefix: str) -> list[str]:
         plt.close(fig)
         paths.append(path)
     return paths
+
+
+def dropin_check(result: dict, variant: str = "savae default", against: str = "savae optim_n2n") -> list[dict]:
+    """Per seed with both runs: the variant's largest and median outer gradient norm before clipping
+    over the authors' algorithm's, and its validation bound less theirs at every evaluation (the
+    largest difference): what a user swapping the authors' optimiser for refine's defaults sees."""
+    runs = {(r["variant"], r["seed"]): r for r in result["runs"]}
+    rows = []
+    for (name, seed), run in sorted(runs.items(), key=lambda kv: kv[0][1]):
+        base = runs.get((against, seed))
+        if name != variant or base is None:
+            continue
+        mine, theirs = [e["grad_norm"] for e in run["log"]], [e["grad_norm"] for e in base["log"]]
+        diffs = [a["nats_per_word"] - b["nats_per_word"] for a, b in zip(run["valid"], base["valid"])]
+        rows.append({"seed": seed, "max_ratio": max(mine) / max(theirs),
+                     "median_ratio": statistics.median(mine) / statistics.median(theirs),
+                     "worst_bound_diff": max(diffs[1:]) if len(diffs) > 1 else math.nan,
+                     "last_bound_diff": diffs[-1], "evaluations": len(diffs)})
+    return rows
 
 
 def write_report(result: dict, prefix: str) -> list[str]:
@@ -463,6 +502,16 @@ def write_report(result: dict, prefix: str) -> list[str]:
              f"{result['runs'][0]['log'][-1]['beta']:.3f} (the warm-up); validation: the bound after 20 refinement "
              "steps (SA-VAE) or at the encoder's posterior (VAE), KL and MI in nats per sentence", "", table(result),
              ""]
+    checks = dropin_check(result)
+    if checks:
+        lines += ["refine's defaults as a drop-in for the authors' algorithm, per seed (goals: largest outer "
+                  "gradient norm within 100x theirs, median within 5x, validation bound at most 0.05 nats/word "
+                  "above theirs at every evaluation):", "",
+                  "| seed | max norm / theirs | median norm / theirs | worst bound difference (nats/word) | "
+                  "last bound difference | evaluations |", "|---|---|---|---|---|---|"]
+        lines += [f"| {c['seed']} | {c['max_ratio']:.3g} | {c['median_ratio']:.3g} | {c['worst_bound_diff']:+.3f} | "
+                  f"{c['last_bound_diff']:+.3f} | {c['evaluations']} |" for c in checks]
+        lines.append("")
     with open(prefix + ".md", "w") as f:
         f.write("\n".join(lines))
     return [prefix + ".md", *plot(result, prefix)]
@@ -479,7 +528,8 @@ def main(argv=None) -> int:
     p.add_argument("--eval-sentences", type=int, default=512, help="validation sentences of the evaluations")
     p.add_argument("--grad-check-sentences", type=int, default=16, help=argparse.SUPPRESS)
     p.add_argument("--grad-checks", default="0,0.5,1", help="fractions of the budget where gradients are checked")
-    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
+                   help=f"comma-separated, of: {', '.join(VARIANTS)}")
     p.add_argument("--jobs", type=int, default=2, help="runs at a time (one thread each)")
     p.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
     p.add_argument("--child", nargs=2, metavar=("VARIANT", "SEED"), help=argparse.SUPPRESS)
@@ -499,6 +549,9 @@ def main(argv=None) -> int:
     if args.child:
         record = run_one(args.child[0], int(args.child[1]), args)
         record["command"] = args.argv[: args.argv.index("--child")]  # its settings (reuse checks them)
+        from benchmarks import harness
+
+        record["commit"] = harness.git_commit()  # the code this run ran (a resumed benchmark mixes runs)
         if args.record:
             with open(args.record, "w") as f:
                 json.dump(record, f)

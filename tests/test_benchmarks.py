@@ -132,15 +132,23 @@ def test_training_benchmark_smoke_writes_results_and_plots(tmp_path):
     _run(args)
     files = sorted(f for f in os.listdir(tmp_path) if f != "runs")
     data = json.load(open(tmp_path / next(f for f in files if f.endswith(".json"))))
-    assert {r["variant"] for r in data["runs"]} == {"vae", "savae optim_n2n", "savae fd_forward", "savae fd_central",
-                                                    "savae fd_central stacked"}
+    from benchmarks.training import DEFAULT_VARIANTS, dropin_check
+
+    assert {r["variant"] for r in data["runs"]} == set(DEFAULT_VARIANTS)
     run = data["runs"][0]
     assert len(run["log"]) == 4 and [v["batch"] for v in run["valid"]] == [0, 2, 4]
     assert all(e["grad_norm"] > 0 and e["train_seconds"] > 0 for e in run["log"])
-    assert sum(f.endswith(".png") for f in files) == 4
+    refined = next(r for r in data["runs"] if r["variant"] == "savae default")
+    assert all(e["gain_max"] > 0 and 0 <= e["backward_clip_engaged"] <= 1 for e in refined["log"])
+    assert all(v["encoder_nats_per_word"] > 0 for v in refined["valid"])
+    # the drop-in comparison (the authors' loop with refine's defaults) is in the report
+    (check,) = dropin_check(data)
+    assert check["max_ratio"] > 0 and check["evaluations"] == 3
+    assert "as a drop-in for the authors' algorithm" in open(tmp_path / next(f for f in files if f.endswith(".md"))).read()
+    assert sum(f.endswith(".png") for f in files) == 5
     # run again over the same records: every run is reused (an interrupted benchmark resumes)
     again = _run(args)
-    assert again.stderr.count("reusing") == 5
+    assert again.stderr.count("reusing") == len(DEFAULT_VARIANTS)
     assert json.load(open(tmp_path / next(f for f in files if f.endswith(".json"))))["runs"] == data["runs"]
     # the report of a results file: its table with machine, date, commit and command, and the plots
     results = tmp_path / next(f for f in files if f.endswith(".json"))
@@ -150,7 +158,7 @@ def test_training_benchmark_smoke_writes_results_and_plots(tmp_path):
     _run(["-m", "benchmarks.training", "--report", str(results)])
     md = open(str(results)[:-5] + ".md").read()
     assert data["commit"] in md and "benchmarks.training" in md and md.count("| savae") == 4
-    assert sum(f.endswith(".png") for f in os.listdir(tmp_path)) == 4
+    assert sum(f.endswith(".png") for f in os.listdir(tmp_path)) == 5
     # a record of other settings is not reused
     other = _run([*args[:6], "3", *args[7:], "--variants", "vae"])
     assert "reusing" not in other.stderr

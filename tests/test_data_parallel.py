@@ -22,8 +22,11 @@ def _grads(p, hvp: str, group=None, global_batch: int | None = None, stack: bool
     with a group, this process's share of the global batch's mean."""
     mu0 = p.mu0.clone().requires_grad_(True)
     logvar0 = p.logvar0.clone().requires_grad_(True)
+    # (without options: the exact gradient; the stabilisers' cases name theirs)
+    options = dict(options or {})
+    options.setdefault("backward_clip", None)
     mu_k, logvar_k = sf.refine(mu0, logvar0, p.nll_fn, p.params, steps=p.noise.shape[0], noise=p.noise, hvp=hvp,
-                               max_grad_norm=1.0, process_group=group, stack_points=stack, **(options or {}))
+                               max_grad_norm=1.0, process_group=group, stack_points=stack, **options)
     share = p.mu0.shape[0] / (global_batch or p.mu0.shape[0])
     return torch.autograd.grad(p.elbo_loss(mu_k, logvar_k) * share, [mu0, logvar0, *p.params])
 

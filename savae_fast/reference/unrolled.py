@@ -31,6 +31,7 @@ def unrolled(
     noise: Tensor | None = None,
     backward_clip: float | None = None,
     backward_clip_scope: str = "example",
+    backward_clip_mode: str = "stop",
     backward_steps: int | None = None,
     stats: RefineStats | None = None,
     **options,
@@ -54,7 +55,8 @@ def unrolled(
             uses regardless.
         noise: ``[steps, B, D]`` standard-normal draws (drawn from mu's device's default
             generator otherwise).
-        backward_clip, backward_clip_scope, backward_steps, stats: as for :func:`savae_fast.refine`.
+        backward_clip, backward_clip_scope, backward_clip_mode, backward_steps, stats: as for
+            :func:`savae_fast.refine`.
         **options: the inner optimiser's (``steps``, ``lr``, ``momentum``, ``max_grad_norm``,
             ``kl_weight``, ``reduction``; defaults as refine's).
 
@@ -78,14 +80,16 @@ def unrolled(
     check_state(mu, logvar)
     collect_params(params)
     cfg = optimiser_config(mu, options, "unrolled")
-    clip, reversed_steps = check_stabilizers(cfg.steps, backward_clip, backward_clip_scope, backward_steps)
+    clip, reversed_steps = check_stabilizers(cfg.steps, backward_clip, backward_clip_scope, backward_steps,
+                                             backward_clip_mode)
     if cfg.steps == 0:
         return mu, logvar
     noise = noise_or_draw(noise, cfg.steps, mu)
     evaluations = TwiceDifferentiable(mu.device)  # cuDNN RNNs have no double backward
     first = cfg.steps - reversed_steps  # the first step differentiated through
     watch = clip > 0 or stats is not None
-    hooks = _StateHooks(clip, backward_clip_scope == "example", cfg.steps - first, stats) if watch else None
+    hooks = (_StateHooks(clip, backward_clip_scope == "example", backward_clip_mode == "stop", cfg.steps - first,
+                         stats) if watch else None)
     with torch.enable_grad():
         # The inner gradients are taken w.r.t. lambda_0 = (mu, logvar) as tensors of their own
         # (copies in the graph), not the caller's: mu and logvar may be one tensor, nll_fn may
@@ -131,11 +135,13 @@ def unrolled(
 class _StateHooks:
     """Gradient hooks on the packed optimiser state S_k = [mu_k, logvar_k, p_mu_{k-1}, p_logvar_{k-1}]:
     autograd calls the hook of S_k with dF/dS_k (every use of the step's tensors goes through
-    S_k's slices), from S_K down; the hook records its norms and returns it clipped."""
+    S_k's slices), from S_K down; the hook records the norms of its lambda part and returns the
+    whole of it scaled by the clip's factor."""
 
-    def __init__(self, clip: float, per_example: bool, reversed_steps: int, stats: RefineStats | None):
-        self.clip, self.per_example, self.stats = clip, per_example, stats
-        self.norms = []  # [B] row norms of dF/dS_k as autograd gives it (before the clip), k = K, K-1, ...
+    def __init__(self, clip: float, per_example: bool, stop: bool, reversed_steps: int, stats: RefineStats | None):
+        self.clip, self.per_example, self.stop, self.stats = clip, per_example, stop, stats
+        self.aside = None  # stop: the lambda part of the rows stopped, added to dF/dS_first
+        self.norms = []  # [B] row norms of dF/dlambda_k as autograd gives it (before the clip), k = K, K-1, ...
         self.after = []  # the same after the clip
         self.factors = []
         self.reversed_steps = reversed_steps
@@ -147,7 +153,7 @@ class _StateHooks:
         return packed[:, :d], packed[:, d:2 * d], packed[:, 2 * d:3 * d], packed[:, 3 * d:]
 
     def hook(self, grad: Tensor) -> Tensor:
-        rows = grad.double().norm(dim=1)
+        rows = grad[:, : grad.shape[1] // 2].double().norm(dim=1)  # |dF/dlambda_k| per example
         self.norms.append(rows)
         if len(self.norms) == 1:  # dF/dS_K: the incoming gradient (the momentum part is 0)
             self.incoming = rows
@@ -162,18 +168,29 @@ class _StateHooks:
                 limit = self.clip * self.incoming.square().sum().sqrt()
                 total = rows.square().sum().sqrt()
                 factor = (limit / total if total > limit else torch.ones((), dtype=rows.dtype)).expand_as(rows)
-            grad = grad * factor.to(grad.dtype).unsqueeze(1)
             self.factors.append(factor)
-        self.after.append(rows * (self.factors[-1] if self.clip > 0 else 1))
+            if self.stop:  # the clipped lambda part of a row past the bound is set aside, the row stops
+                over = (factor < 1).to(grad.dtype).unsqueeze(1)
+                half = grad.shape[1] // 2
+                aside = grad[:, :half] * factor.to(grad.dtype).unsqueeze(1) * over
+                self.aside = aside if self.aside is None else self.aside + aside
+                factor = torch.where(factor < 1, torch.zeros_like(factor), factor)
+            grad = grad * factor.to(grad.dtype).unsqueeze(1)
+        self.after.append(rows * (factor if self.clip > 0 else 1))
         self._fill()
+        if self.aside is not None and len(self.norms) == self.reversed_steps + 1:  # the first state's gradient
+            grad = torch.cat([grad[:, : self.aside.shape[1]] + self.aside, grad[:, self.aside.shape[1]:]], dim=1)
         return grad
 
     def _fill(self) -> None:
         """The statistics of the steps seen so far (the last call leaves those of the whole pass)."""
         if self.stats is None:
             return
-        steps = [self.norms[i] / self.after[i - 1] for i in range(1, len(self.norms))]
-        batch = [self.norms[i].square().sum().sqrt() / self.after[i - 1].square().sum().sqrt()
+        def ratio(new, old):  # 1 where a row had no gradient (a stopped row)
+            return torch.where(old > 0, new / old, torch.ones_like(new))
+
+        steps = [ratio(self.norms[i], self.after[i - 1]) for i in range(1, len(self.norms))]
+        batch = [ratio(self.norms[i].square().sum().sqrt(), self.after[i - 1].square().sum().sqrt())
                  for i in range(1, len(self.norms))]
         one = torch.ones_like(self.norms[0])
         self.stats.gain = torch.stack(steps).prod(0) if steps else one

@@ -63,6 +63,7 @@ def refine(
     stack_points: bool | int = False,
     backward_clip: float | None = DEFAULTS.backward_clip,
     backward_clip_scope: str = DEFAULTS.backward_clip_scope,
+    backward_clip_mode: str = DEFAULTS.backward_clip_mode,
     backward_steps: int | None = None,
     stats: RefineStats | None = None,
 ) -> tuple[Tensor, Tensor]:
@@ -164,15 +165,20 @@ def refine(
             both (the caller vouches for the decoder; a decoder that draws random numbers is then
             found by its generator moving).
         backward_clip: a stabiliser of the backward pass (docs/math.md, "When the gradient through the
-            steps explodes"): after every reverse step the backpropagated vector (the gradient w.r.t.
-            the inner optimiser's state, lambda_k and the momentum) is scaled down to at most
-            ``backward_clip`` times its incoming norm |dF/dlambda_K|, per example
-            (``backward_clip_scope="example"``: no example's vector grows by more than that) or for
-            the whole batch (``"batch"``). Where the inner SGD is unstable for an example (inner lr
+            steps explodes"): after every reverse step the backpropagated gradient dF/dlambda_k (and
+            the momentum's adjoint with it) is scaled down to at most ``backward_clip`` times its
+            incoming norm |dF/dlambda_K|, per example (``backward_clip_scope="example"``: no
+            example's gradient grows by more than that) or for the whole batch (``"batch"``). Where the inner SGD is unstable for an example (inner lr
             times the decoder's curvature above 2 (1 + momentum)) the exact gradient grows like
             rho^K and training with it diverges; the clip bounds it. Where the vector stays below the
             bound the gradient is bit-identical to the exact one. ``None``: no clip (the exact gradient).
         backward_clip_scope: "example" (default) or "batch", see ``backward_clip``.
+        backward_clip_mode: what ``backward_clip`` does to an example (or, with scope "batch", the
+            batch) whose gradient passes its bound: "stop" (default) clips it to the bound and
+            propagates it no further (that gradient goes to dF/dlambda_0 as it is, the earlier steps
+            taken as the identity, as ``backward_steps`` does for all: a truncation, for that
+            example, at the step where it started to explode, which adds no more of the unstable
+            directions to dF/dtheta); "scale" scales it down to the bound and propagates it on.
         backward_steps: differentiate through the last ``backward_steps`` inner steps only
             (truncated backpropagation): the earlier steps' Jacobian is taken as the identity, so
             the encoder receives dF/dlambda at step K - backward_steps and the decoder no term from
@@ -223,7 +229,7 @@ def refine(
                       on_nonfinite=on_nonfinite, fp32_precision=fp32_precision, reduced_fp32=reduced,
                       check_decoder=check_decoder, batch_coupled=batch_coupled, stack_points=stack_points,
                       backward_clip=backward_clip, backward_clip_scope=backward_clip_scope,
-                      backward_steps=backward_steps)
+                      backward_clip_mode=backward_clip_mode, backward_steps=backward_steps)
     check_capture(cfg, mu)
     if reduced:
         warn_reduced_precision(mu.device.type, reduced)

@@ -46,6 +46,7 @@ class RefineConfig:
     stack_points: int = 0  # the most difference points per decoder call (0: one per call, unstacked)
     backward_clip: float = 0.0  # the largest growth of the backpropagated vector over its incoming norm (0: off)
     backward_clip_scope: str = "example"  # clip each example's vector ("example") or the batch's ("batch")
+    backward_clip_mode: str = "stop"  # past the bound: "stop" propagating (truncation there) or "scale" down
     backward_steps: int = 0  # reverse steps taken: the last ones of the K inner steps (truncation; = steps: all)
 
     @property

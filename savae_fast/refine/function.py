@@ -207,6 +207,8 @@ def reverse_pass(cfg: RefineConfig, be: Backend, nll_fn: Callable, noise: Tensor
         if caller_state is not None:
             tape.state.restore(caller_state)
 
+    if monitor is not None:
+        lbar_mu, lbar_logvar = monitor.finish(lbar_mu, lbar_logvar)
     lbar_mu, lbar_logvar, theta_bar = method.finish(run, lbar_mu, lbar_logvar)
     # float32 buffers of float16/bfloat16 parameters back to the parameters' dtype
     theta_bar = [t if t.dtype == p.dtype else t.to(p.dtype) for t, p in zip(theta_bar, params)]

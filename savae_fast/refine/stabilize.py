@@ -6,15 +6,23 @@ The reverse pass carries the adjoint of the inner optimiser's state S_k = (lambd
 to S_0. Each reverse step multiplies it by the transposed Jacobian of one inner step, which
 grows without bound where the inner SGD is unstable (inner lr times curvature above
 2 (1 + momentum)): the exact gradient then grows like rho^K and is dominated by the unstable
-directions. :class:`ReverseMonitor` measures that growth at the cost of a few reductions of
-[B, D] tensors per reverse step, and clips it:
+directions. :class:`ReverseMonitor` measures that growth on the backpropagated gradient
+dF/dlambda_k (the momentum's adjoint follows it: it is a decaying sum of past lbar; where the
+decoder is flat it settles at (m alpha / (1 - m)) |lbar| without any growth of lbar, so it is
+left out of the measure) at the cost of a few reductions of [B, D] tensors per reverse step,
+and clips it:
 
 * ``backward_clip`` = A, ``backward_clip_scope="example"``: after every reverse step each
-  example's state adjoint is scaled to norm at most A times its incoming norm |dF/dlambda_K,b|:
-  no example's backpropagated vector grows by more than A (a bound relative to the gradient
-  that arrives, so it does not depend on the loss's scale; an example whose vector stays below
-  it is not touched, and where none reaches it the gradient is bit-identical to the exact one);
-* ``backward_clip_scope="batch"``: the whole batch's adjoint to A times the incoming norm.
+  example's adjoint (lbar and pbar alike) is scaled so that |dF/dlambda_k,b| is at most A times
+  its incoming norm |dF/dlambda_K,b|: no example's backpropagated gradient grows by more than
+  A (a bound relative to the gradient that arrives, so it does not depend on the loss's scale;
+  an example whose gradient stays below it is not touched, and where none reaches it the
+  gradient is bit-identical to the exact one);
+* ``backward_clip_scope="batch"``: the same for the whole batch's norm;
+* ``backward_clip_mode="stop"`` (refine's default) instead of ``"scale"``: an example whose
+  gradient passes the bound is clipped to it and propagated no further: that gradient is what
+  it gives dF/dlambda_0, the earlier steps taken as the identity (truncation, for that example,
+  at the step where it started to explode), and it adds nothing more to dF/dtheta.
 
 The reverse pass is linear in the adjoint, so clipping it rescales what the remaining
 (earlier) steps contribute to dF/dtheta and dF/dlambda_0, never a difference quotient: the
@@ -24,13 +32,13 @@ sized for it. Truncation (``backward_steps``) is in :func:`savae_fast.refine.fun
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
 CLIP_SCOPES = ("example", "batch")
+CLIP_MODES = ("stop", "scale")
 # A backpropagated vector that grows by more than this over the reverse pass (while refine
 # does not clip it below) is reported once: a stable inner loop shrinks it or grows it a few
 # times at most (heavy-ball transients); measured on PTB training in docs/math.md.
@@ -42,20 +50,21 @@ class RefineStats:
     """Amplification of the gradient backpropagated through refine's inner steps, filled by the
     backward pass of a refine call that was given this object (``refine(..., stats=stats)``).
 
-    The backpropagated vector of reverse step k is the gradient w.r.t. the inner optimiser's state
-    (lambda_k, p_{k-1}); its norm per example (over mu, logvar and both momenta) and over the
-    batch is measured after every reverse step. All tensors stay on the device until read
-    (:meth:`summary` reads them in one transfer).
+    The backpropagated gradient of reverse step k is dF/dlambda_k = (dF/dmu_k, dF/dlogvar_k);
+    its norm per example and over the batch is measured after every reverse step. All tensors
+    stay on the device until read (:meth:`summary` reads them in one transfer). Construct it empty;
+    each field below is an attribute the backward sets.
 
-    Attributes:
-        gain: ``[B]`` float64, per example: the norm of the vector at lambda_0 over its norm at
-            lambda_K, as the exact reverse pass would make it (the product of every step's
-            growth, measured before any ``backward_clip``; exact for examples the inner clip does
-            not couple).
+    Args:
+        gain: ``[B]`` float64, per example: |dF/dlambda_0| over |dF/dlambda_K| (what the encoder
+            receives over what arrives), as the exact reverse pass would make it (the product of
+            every step's growth, measured before any ``backward_clip``; exact for examples the
+            inner clip does not couple).
         max_step_gain: ``[B]``: the largest growth of one reverse step, per example.
         batch_gain, batch_max_step_gain: ``[]``: the same over the whole batch.
-        clip_factor: ``[B]``: what ``backward_clip`` multiplied each example's vector by, in all
-            (1 where it never engaged); None without ``backward_clip``.
+        clip_factor: ``[B]``: what ``backward_clip`` multiplied each example's gradient by, in all
+            (1 where it never engaged; with ``backward_clip_mode="stop"`` the factor of the gradient
+            set aside where the example stopped); None without ``backward_clip``.
         steps: the reverse steps taken (``backward_steps`` or K).
         backwards: how many backward passes have filled this object (the last one's values are kept).
 
@@ -99,6 +108,8 @@ class ReverseMonitor:
 
     clip: float  # A (0: no clip)
     per_example: bool
+    stop: bool = False  # backward_clip_mode="stop": a row past A is clipped, set aside and propagated no further
+    frozen: list | None = None  # stop: the gradients set aside, [dF/dmu, dF/dlogvar] of the stopped rows
     process_group: object = None
     global_batch: int = 0
     ref_sq: Tensor | None = None  # the incoming per-example squared norms [B] (float64)
@@ -121,7 +132,8 @@ class ReverseMonitor:
         if not records and not cfg.backward_clip > 0:
             return None
         mon = cls(clip=cfg.backward_clip, per_example=cfg.backward_clip_scope == "example",
-                  process_group=cfg.process_group, global_batch=cfg.global_batch, records=records)
+                  stop=cfg.backward_clip_mode == "stop", process_group=cfg.process_group,
+                  global_batch=cfg.global_batch, records=records)
         sq = _row_sq(lbar_mu, lbar_logvar)
         batch_sq = mon._batch_sum(sq)
         mon.ref_sq = mon.prev_sq = sq
@@ -149,7 +161,7 @@ class ReverseMonitor:
         """After a reverse step: record its growth, then clip; returns the four adjoints (the
         same tensors where the clip is off, scaled copies where it is on)."""
         self.steps += 1
-        sq = _row_sq(lbar_mu, lbar_logvar, pbar_mu, pbar_logvar)
+        sq = _row_sq(lbar_mu, lbar_logvar)
         batch_sq = self._batch_sum(sq) if (self.records or not self.per_example) else None
         if self.records:
             step = _ratio(sq, self.prev_sq)
@@ -165,6 +177,17 @@ class ReverseMonitor:
                 factor = torch.where(batch_sq > self.limit_sq, torch.sqrt(self.limit_sq / batch_sq.clamp_min(_TINY)),
                                      1.0).expand_as(sq)
             self.log_clip += torch.log(factor)
+            if self.stop:
+                # rows past the bound: their clipped gradient is set aside as dF/dlambda_0 (the earlier
+                # steps taken as the identity, as truncation does) and their adjoint is zero from here
+                over = factor < 1
+                aside = torch.where(over, factor, 0.0).to(lbar_mu.dtype).unsqueeze(1)
+                if self.frozen is None:
+                    self.frozen = [lbar_mu * aside, lbar_logvar * aside]
+                else:
+                    self.frozen[0] += lbar_mu * aside
+                    self.frozen[1] += lbar_logvar * aside
+                factor = torch.where(over, 0.0, 1.0)
             # x * 1.0 is x exactly: where the clip does not engage the gradient is the exact one
             row = factor.to(lbar_mu.dtype).unsqueeze(1)
             lbar_mu, lbar_logvar, pbar_mu, pbar_logvar = (lbar_mu * row, lbar_logvar * row, pbar_mu * row,
@@ -174,6 +197,12 @@ class ReverseMonitor:
                 batch_sq = self._batch_sum(sq) if self.per_example else batch_sq * factor[0].square()
         self.prev_sq, self.prev_batch_sq = sq, batch_sq
         return lbar_mu, lbar_logvar, pbar_mu, pbar_logvar
+
+    def finish(self, lbar_mu: Tensor, lbar_logvar: Tensor) -> tuple[Tensor, Tensor]:
+        """dF/dlambda at the end of the reverse pass, with the stopped rows' gradients put back."""
+        if self.frozen is None:
+            return lbar_mu, lbar_logvar
+        return lbar_mu + self.frozen[0], lbar_logvar + self.frozen[1]
 
     def fill(self, stats: RefineStats | None) -> None:
         if stats is None or not self.records:
@@ -210,8 +239,10 @@ def _row_sq(*tensors: Tensor) -> Tensor:
 
 
 def _ratio(sq: Tensor, prev_sq: Tensor) -> Tensor:
-    """|new| / |old| from squared norms; 1 where both are 0 (a row with no gradient)."""
-    return torch.where(prev_sq > 0, torch.sqrt(sq / prev_sq.clamp_min(_TINY)), torch.where(sq > 0, math.inf, 1.0))
+    """|new| / |old| from squared norms; 1 where the row had no gradient (nothing of its own to
+    grow: a stopped row, or one the outer loss does not reach, that the inner clip's coupling
+    gives a gradient)."""
+    return torch.where(prev_sq > 0, torch.sqrt(sq / prev_sq.clamp_min(_TINY)), 1.0)
 
 
 _warned_exploding = False
@@ -230,5 +261,5 @@ def warn_exploding(gain: float, batch_gain: float, steps: int) -> None:
         f"example ({batch_gain:.3g}x for the batch): the inner SGD is unstable for some examples (inner lr times "
         "the decoder's curvature above 2 (1 + momentum)), and the exact gradient through it is dominated by "
         "those directions; training with it diverges. Bound it with backward_clip= (e.g. 1: no example's "
-        "backpropagated vector grows beyond its incoming norm), backward_steps= (truncation), or a smaller inner "
+        "backpropagated gradient grows beyond its incoming norm), backward_steps= (truncation), or a smaller inner "
         "lr; refine(stats=savae_fast.RefineStats()) measures it every step", RuntimeWarning, stacklevel=2)

@@ -28,8 +28,9 @@ class RefineDefaults(NamedTuple):
     kl_weight: float = 1.0
     reduction: str = "mean"
     hvp: str = "fd_forward"
-    backward_clip: float | None = None
+    backward_clip: float | None = 1.0
     backward_clip_scope: str = "example"
+    backward_clip_mode: str = "stop"
 
 
 DEFAULTS = RefineDefaults()
@@ -223,7 +224,7 @@ def make_config(mu: Tensor, *, steps, lr, momentum, max_grad_norm, kl_weight, re
                 preserve_rng_state, fd_tol=None, process_group=None, on_nonfinite="raise",
                 fp32_precision="inherit", reduced_fp32: dict | None = None, check_decoder=True,
                 batch_coupled=None, stack_points=False, backward_clip=None, backward_clip_scope="example",
-                backward_steps=None) -> RefineConfig:
+                backward_clip_mode="stop", backward_steps=None) -> RefineConfig:
     """Validate the hyper-parameters of a refine call (errors name the argument).
     ``reduced_fp32``: precision.reduced_fp32_settings for mu's device if already read."""
     from savae_fast.refine.distributed import check_process_group, global_batch as total_batch, world_size
@@ -281,7 +282,8 @@ def make_config(mu: Tensor, *, steps, lr, momentum, max_grad_norm, kl_weight, re
         raise TypeError("refine: argument 'preserve_rng_state' must be a bool")
     if on_nonfinite not in NONFINITE_MODES:
         raise ValueError(f"refine: argument 'on_nonfinite' must be one of {NONFINITE_MODES}, got {on_nonfinite!r}")
-    backward_clip, backward_steps = check_stabilizers(steps, backward_clip, backward_clip_scope, backward_steps)
+    backward_clip, backward_steps = check_stabilizers(steps, backward_clip, backward_clip_scope, backward_steps,
+                                                      backward_clip_mode)
     return RefineConfig(
         steps=int(steps), lr_mu=lr_mu, lr_logvar=lr_logvar, momentum=momentum, max_grad_norm=max_grad_norm,
         kl_weight=kl_weight, scale=scale, hvp=method, fd_eps=fd_eps, preserve_rng_state=preserve_rng_state,
@@ -289,13 +291,17 @@ def make_config(mu: Tensor, *, steps, lr, momentum, max_grad_norm, kl_weight, re
         full_fp32=fp32_precision == "ieee", fd_tol=fd_tol, check_decoder=check_decoder, batch_coupled=batch_coupled,
         check_fd_eps=HVP_METHODS["fd_central"].default_fd_eps.get(precision, 2e-3), precision=precision,
         stack_points=stack_points, backward_clip=backward_clip, backward_clip_scope=backward_clip_scope,
-        backward_steps=backward_steps)
+        backward_clip_mode=backward_clip_mode, backward_steps=backward_steps)
 
 
-def check_stabilizers(steps: int, backward_clip, backward_clip_scope, backward_steps) -> tuple[float, int]:
+def check_stabilizers(steps: int, backward_clip, backward_clip_scope, backward_steps,
+                      backward_clip_mode="stop") -> tuple[float, int]:
     """(backward_clip as a float, 0 = off; the reverse steps to take) from refine's arguments."""
-    from savae_fast.refine.stabilize import CLIP_SCOPES
+    from savae_fast.refine.stabilize import CLIP_MODES, CLIP_SCOPES
 
+    if backward_clip_mode not in CLIP_MODES:
+        raise ValueError(f"refine: argument 'backward_clip_mode' must be one of {CLIP_MODES}, "
+                         f"got {backward_clip_mode!r}")
     if backward_clip is None:
         clip = 0.0
     else:

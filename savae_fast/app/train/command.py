@@ -62,6 +62,8 @@ HELP = {
                      "every step to this many times its incoming norm (per example, or the batch's): a number, or "
                      "'none' (the exact gradient, which explodes where the inner SGD is unstable)",
     "backward_clip_scope": "savae: clip each example's backpropagated vector (example) or the batch's (batch)",
+    "backward_clip_mode": "savae: past the bound, stop backpropagating the example (stop: a truncation where it "
+                          "explodes) or scale it down and go on (scale)",
     "backward_steps": "savae: differentiate through the last this-many inner steps only (truncation): an integer, or "
                       "'none' (all)",
     "eval_samples": "importance samples per example of the IW NLL estimate (test evaluation)",
@@ -73,7 +75,7 @@ HELP = {
     "max_length": "text: sentences longer than this many words are left out: an integer, or 'none'",
 }
 CHOICES = {"dataset": "DATASETS", "mode": "MODES", "size": ("auto", "small", "paper"), "optimizer": ("sgd", "adam"), "backend": "BACKENDS",
-           "backward_clip_scope": ("example", "batch")}
+           "backward_clip_scope": ("example", "batch"), "backward_clip_mode": ("stop", "scale")}
 
 
 def _metavar(name: str):

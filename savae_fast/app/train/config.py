@@ -80,6 +80,7 @@ class TrainConfig:
     stack_points: int = 0  # refine's stack_points: the most difference points per decoder call (0: one)
     backward_clip: float | None = DEFAULTS.backward_clip  # refine's stabiliser of its backward (None: exact)
     backward_clip_scope: str = DEFAULTS.backward_clip_scope
+    backward_clip_mode: str = DEFAULTS.backward_clip_mode
     backward_steps: int | None = None  # refine's truncation: the last inner steps differentiated (None: all)
     backend: str = "auto"
     # evaluation
@@ -153,6 +154,9 @@ class TrainConfig:
         if self.backward_clip_scope not in ("example", "batch"):
             raise ConfigError(f"backward_clip_scope (--backward-clip-scope) must be 'example' or 'batch', got "
                               f"{self.backward_clip_scope!r}")
+        if self.backward_clip_mode not in ("stop", "scale"):
+            raise ConfigError(f"backward_clip_mode (--backward-clip-mode) must be 'stop' or 'scale', got "
+                              f"{self.backward_clip_mode!r}")
         if self.backward_steps is not None:
             _integer(self, "backward_steps", low=0)
         if self.device != "auto":
@@ -176,7 +180,8 @@ class TrainConfig:
         # which is the same optimiser)
         return dict(self.optimiser_options(beta), hvp=DEFAULTS.hvp if self.hvp == OPTIM_N2N else self.hvp,
                     backend=self.backend, stack_points=self.stack_points, backward_clip=self.backward_clip,
-                    backward_clip_scope=self.backward_clip_scope, backward_steps=self.backward_steps)
+                    backward_clip_scope=self.backward_clip_scope, backward_clip_mode=self.backward_clip_mode,
+                    backward_steps=self.backward_steps)
 
     @property
     def uses_refinement(self) -> bool:
