@@ -291,6 +291,13 @@ def run_one(variant_name: str, seed: int, args) -> dict:
 
 
 # --------------------------------------------------------------------------- the runs
+def _child_command(args) -> list[str]:
+    """A run's command line less its variant and seed (a record of the same settings is reused)."""
+    return [sys.executable, "-m", "benchmarks.training", "--setting", args.setting, "--batches", str(args.batches),
+            "--eval-every", str(args.eval_every), "--eval-sentences", str(args.eval_sentences), "--grad-checks",
+            ",".join(map(str, args.grad_checks)), *(["--smoke"] if args.smoke else [])]
+
+
 def run_all(args) -> dict:
     import torch
 
@@ -298,10 +305,7 @@ def run_all(args) -> dict:
 
     jobs = [(v, s) for s in range(args.first_seed, args.first_seed + args.seeds) for v in args.variants]
     running, results = [], []
-    cmd = [sys.executable, "-m", "benchmarks.training", "--setting", args.setting, "--batches", str(args.batches),
-           "--eval-every",
-           str(args.eval_every), "--eval-sentences", str(args.eval_sentences), "--grad-checks",
-           ",".join(map(str, args.grad_checks)), *(["--smoke"] if args.smoke else [])]
+    cmd = _child_command(args)
     # Each child writes its record and its
     # messages to files in runs_dir (a pipe left unread until the child ends would fill and stall
     # it), and a record already there from the same command is reused: an interrupted benchmark
@@ -411,8 +415,9 @@ def table(result: dict) -> str:
         err = f"{r['grad_error_last']:.1e}" if r["grad_error_last"] is not None else "-"
         ratio = f"{r['time_vs_vae']:.2f}" if r["time_vs_vae"] else "-"
         lines.append(f"| {r['variant']} | {r['seeds']} | {r['nats_per_word']:.3f}; {r['nats_per_word_min']:.3f}-"
-                     f"{r['nats_per_word_max']:.3f} | {r['ppl']:.0f} | {r['rec_per_word']:.3f} | {r['kl']:.2f} | {r['mutual_info']:.2f} | "
-                     f"{r['active_units']:.1f} | {r['encoder_nats_per_word']:.3g} | "
+                     f"{r['nats_per_word_max']:.3f} | {r['ppl']:.3g} | {r['rec_per_word']:.3f} | {r['kl']:.2f} | {r['mutual_info']:.2f} | "
+                     f"{r['active_units']:.1f} | "
+                     f"{'-' if math.isnan(r['encoder_nats_per_word']) else format(r['encoder_nats_per_word'], '.3g')} | "
                      f"{r['seconds_per_batch_min']:.2f}-{r['seconds_per_batch_max']:.2f} | {ratio} | "
                      f"{r['grad_norm_max']:.3g} / {r['grad_norm_median']:.3g} / {r['grad_norm_tail']:.3g} | {err} |")
     return "\n".join(lines)
@@ -536,6 +541,9 @@ def main(argv=None) -> int:
     p.add_argument("--record", default=None, help=argparse.SUPPRESS)  # the child's result file
     p.add_argument("--report", metavar="JSON", default=None,
                    help="only write the table (.md) and the plots of an existing results file")
+    p.add_argument("--collect", action="store_true",
+                   help="write the results and report of the records already in --runs-dir with these settings "
+                        "(every variant and seed there), running nothing")
     p.add_argument("--runs-dir", default=None,
                    help="folder for each run's record (default: a temporary one); records of the same "
                         "settings already there are reused, so an interrupted benchmark resumes")
@@ -546,6 +554,8 @@ def main(argv=None) -> int:
     unknown = [v for v in args.variants if v not in VARIANTS]
     if unknown:
         p.error(f"--variants: unknown {unknown}; known: {list(VARIANTS)}")
+    if args.collect and not args.runs_dir:
+        p.error("--collect needs --runs-dir")
     if args.child:
         record = run_one(args.child[0], int(args.child[1]), args)
         record["command"] = args.argv[: args.argv.index("--child")]  # its settings (reuse checks them)
@@ -558,6 +568,21 @@ def main(argv=None) -> int:
         else:
             print(json.dumps(record))
         return 0
+    if args.collect:  # the records already in --runs-dir of these settings, whatever their variants and seeds
+        from benchmarks import harness
+
+        records = []
+        for name in sorted(os.listdir(args.runs_dir)):
+            if name.endswith(".json"):
+                with open(os.path.join(args.runs_dir, name)) as f:
+                    record = json.load(f)
+                if isinstance(record, dict) and record.get("command") == _child_command(args)[3:]:
+                    records.append(record)
+        result = {"machine": harness.machine("cpu"), "commit": harness.git_commit(),
+                  "date": dt.date.today().isoformat(), "command": "python -m benchmarks.training " + " ".join(
+                      args.argv), "torch": __import__("torch").__version__,
+                  "runs": sorted(records, key=lambda r: (list(VARIANTS).index(r["variant"]), r["seed"]))}
+        return _write(result, args)
     if args.report:
         with open(args.report) as f:
             result = json.load(f)
@@ -565,9 +590,12 @@ def main(argv=None) -> int:
         print(table(result))
         print("wrote " + ", ".join(os.path.basename(q) for q in paths))
         return 0
+    return _write(run_all(args), args)
+
+
+def _write(result: dict, args) -> int:
     from benchmarks import harness
 
-    result = run_all(args)
     out = args.out or harness.RESULTS_DIR
     os.makedirs(out, exist_ok=True)
     prefix = os.path.join(out, f"{harness.machine_tag(result['machine'])}_{result['date']}_training"
