@@ -15,22 +15,22 @@ from savae_fast.app.train.config import SIZES, TrainConfig
 NO_LIMIT = object()  # an option given as 'none' (None itself means: not given)
 
 
-def _float_or_none(text: str):
-    if text.strip().lower() == "none":
-        return NO_LIMIT
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number or 'none', got {text!r}") from None
+def _or_none(convert, what: str):
+    """An argparse type: ``convert(text)``, or NO_LIMIT for 'none'."""
+
+    def parse(text: str):
+        if text.strip().lower() == "none":
+            return NO_LIMIT
+        try:
+            return convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {what} or 'none', got {text!r}") from None
+
+    return parse
 
 
-def _int_or_none(text: str):
-    if text.strip().lower() == "none":
-        return NO_LIMIT
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer or 'none', got {text!r}") from None
+_float_or_none = _or_none(float, "a number")
+_int_or_none = _or_none(int, "an integer")
 
 
 # What each option takes (the defaults are added from TrainConfig).
