@@ -29,7 +29,7 @@ from savae_fast.refine.nonfinite import all_finite, nonfinite_error, zero_nonfin
 from savae_fast.refine.probe import (DecoderProbe, DecoderState, check_read_unchanged, hooked,
                                     suspended_tensor_hooks)
 from savae_fast.refine.rng import RngState
-from savae_fast.refine.stabilize import RefineStats, ReverseMonitor, warn_exploding
+from savae_fast.refine.stabilize import EXPLODING_GAIN, RefineStats, ReverseMonitor, warn_exploding
 from savae_fast.refine.tape import Tape
 
 
@@ -167,8 +167,9 @@ def reverse_pass(cfg: RefineConfig, be: Backend, nll_fn: Callable, noise: Tensor
     run = ReverseRun(cfg, be, nll_fn, params, tape)
     lbar_mu, lbar_logvar = method.begin(run, lbar_mu, lbar_logvar)
     # (relative to the incoming adjoint: fd_forward's normalisation above changes nothing)
-    monitor = ReverseMonitor.start(cfg, lbar_mu, lbar_logvar,
-                                   records=stats is not None or policy is not NonFinite.IGNORE)
+    # statistics where asked for, or for the warning (its host read) where nothing bounds the growth
+    warns = policy is not NonFinite.IGNORE and not 0 < cfg.backward_clip <= EXPLODING_GAIN
+    monitor = ReverseMonitor.start(cfg, lbar_mu, lbar_logvar, records=stats is not None or warns)
     direction_scalars = (*cfg.scalars.for_reverse_direction(), int(method.direction_fd_mode(tape)), cfg.fd_eps)
     update_scalars = cfg.scalars.for_reverse_update()
     pbar_mu = torch.zeros_like(lbar_mu)

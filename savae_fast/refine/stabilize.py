@@ -220,10 +220,10 @@ class ReverseMonitor:
         EXPLODING_GAIN and the clip (if any) let more than that through; one host read."""
         if not self.records or self.steps == 0:
             return None
-        gain = float(torch.exp(self.log_gain.max()))
-        if not gain > EXPLODING_GAIN or (0 < self.clip <= EXPLODING_GAIN):
+        if 0 < self.clip <= EXPLODING_GAIN:
             return None
-        return gain, float(torch.exp(self.log_batch_gain))
+        gain, batch_gain = torch.exp(torch.stack([self.log_gain.max(), self.log_batch_gain])).tolist()
+        return (gain, batch_gain) if gain > EXPLODING_GAIN else None
 
 
 _TINY = torch.finfo(torch.float64).tiny
