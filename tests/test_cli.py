@@ -657,3 +657,18 @@ def test_a_run_killed_before_its_first_checkpoint_is_started_again(tmp_path, cap
     assert (out / "last.pt").exists() and json.loads((out / "config.json").read_text())["mode"] == "vae"
     # a run with a checkpoint is still protected
     _one_line_error(capsys, cli_main(args), "holds a run already", "--resume")
+
+
+def test_progress_beats_within_a_long_item(capsys, monkeypatch):
+    """A paper-sized model's first evaluation batch (500 importance samples) can take minutes: the
+    progress lines come from within it, at least every interval."""
+    from savae_fast.app.train import metrics
+
+    clock = iter(range(0, 10**6, 20))  # every reading 20 s later
+    monkeypatch.setattr(metrics.time, "monotonic", lambda: next(clock))
+    bar = Progress(True, 4, "eval test", interval=30.0)
+    bar.mode = "lines"  # (what a file gets)
+    bar.beat(0.1)  # 20 s after the start: nothing yet
+    assert capsys.readouterr().err == ""
+    bar.beat(0.4)
+    assert "eval test: 0/4, item 1 40% done" in capsys.readouterr().err

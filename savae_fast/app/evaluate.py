@@ -56,7 +56,8 @@ def evaluate(model, cfg, batches: list[Tensor], device, num_tokens: int = 0, iw_
             nll_sum += float((rec + kl).sum())
             kl_sum += float(kl.sum())
             if full:
-                iw_sum += float(importance_weighted_nll(model, x, mu, logvar, iw_samples).sum())
+                iw_sum += float(importance_weighted_nll(model, x, mu, logvar, iw_samples,
+                                                        heartbeat=getattr(progress, "beat", None)).sum())
                 mus.append(mu.cpu())
                 logvars.append(logvar.cpu())
         n += x.shape[0]
@@ -79,8 +80,9 @@ def evaluate(model, cfg, batches: list[Tensor], device, num_tokens: int = 0, iw_
 
 @torch.no_grad()
 def importance_weighted_nll(model, x: Tensor, mu: Tensor, logvar: Tensor, samples: int,
-                            chunk: int = 50) -> Tensor:
-    """-log (1/S sum_s p(x|z_s) p(z_s) / q(z_s)), z_s ~ q = N(mu, exp(logvar)); per example."""
+                            chunk: int = 50, heartbeat=None) -> Tensor:
+    """-log (1/S sum_s p(x|z_s) p(z_s) / q(z_s)), z_s ~ q = N(mu, exp(logvar)); per example.
+    ``heartbeat(fraction)``: called after each chunk of samples (progress within a long batch)."""
     log_ws = []
     batch, latent = mu.shape
     for start in range(0, samples, chunk):
@@ -91,6 +93,8 @@ def importance_weighted_nll(model, x: Tensor, mu: Tensor, logvar: Tensor, sample
         log_pz = standard_normal_log_density(z)
         log_qz = gaussian_log_density(z, mu.unsqueeze(0), logvar.unsqueeze(0))
         log_ws.append(log_px_z + log_pz - log_qz)
+        if heartbeat is not None:
+            heartbeat((start + s) / samples)
     log_w = torch.cat(log_ws)
     return -(torch.logsumexp(log_w, dim=0) - math.log(samples))
 

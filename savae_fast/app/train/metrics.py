@@ -93,6 +93,14 @@ class Progress:
                 return
             self._line(f"1/{self.total} took {now - self.start:.1f} s; the rest may take about {_duration(left)}")
 
+    def beat(self, fraction: float) -> None:
+        """Within a long item: in lines mode, a line where the interval has passed since the last
+        (an item of a paper-sized model's evaluation can take minutes)."""
+        now = time.monotonic()
+        if self.mode == "lines" and now - self.last_line >= self.interval:
+            self.last_line = now
+            self._line(f"{self.done}/{self.total}, item {self.done + 1} {100 * fraction:.0f}% done")
+
     def _line(self, what: str) -> None:
         extra = " ".join(f"{k} {v}" for k, v in self.postfix.items())
         print(f"{self.desc}: {what}{' | ' + extra if extra else ''} ({_duration(time.monotonic() - self.start)})",
