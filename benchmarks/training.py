@@ -220,6 +220,18 @@ def evaluate(model, batches, setting: dict, mode: str) -> dict:
             "mutual_info": mutual_information(mu, logvar), "active_units": active_units(mu)}
 
 
+def evaluate_or_nan(model, batches, setting: dict, mode: str) -> dict:
+    """evaluate(), or NaN metrics where the model's values are no longer finite (a diverged run)."""
+    try:
+        return evaluate(model, batches, setting, mode)
+    except (ValueError, FloatingPointError) as exc:
+        if "non-finite" not in str(exc) and "not finite" not in str(exc):
+            raise
+        model.train()
+        return {key: math.nan for key in ("bound", "nats_per_word", "encoder_nats_per_word", "ppl", "kl",
+                                          "mutual_info", "active_units")}
+
+
 def run_one(variant_name: str, seed: int, args) -> dict:
     """One training run in this process (``--child``)."""
     import torch
@@ -263,7 +275,7 @@ def run_one(variant_name: str, seed: int, args) -> dict:
                                                            or {"error": None})})
         if step % args.eval_every == 0 or step == args.batches:
             record["valid"].append({"batch": step, "train_seconds": train_seconds,
-                                    **evaluate(model, valid, setting, variant["mode"])})
+                                    **evaluate_or_nan(model, valid, setting, variant["mode"])})
             print(f"[{variant_name} seed {seed}] batch {step}/{args.batches}: valid {record['valid'][-1]['nats_per_word']:.3f} "
                   f"nats/word, {train_seconds:.0f} s", file=sys.stderr, flush=True)
         if step == args.batches:
@@ -275,6 +287,11 @@ def run_one(variant_name: str, seed: int, args) -> dict:
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), setting["max_grad_norm"]))
+        if not math.isfinite(norm):  # the run diverged (a NaN / Inf gradient): recorded, not trained on
+            record["diverged_at_batch"] = step + 1
+            print(f"[{variant_name} seed {seed}] diverged at batch {step + 1} (outer gradient {norm})",
+                  file=sys.stderr, flush=True)
+            break
         optimizer.step()
         train_seconds += time.perf_counter() - start
         record["log"].append({"batch": step + 1, "train_seconds": train_seconds, "loss": float(loss.detach()),
