@@ -452,8 +452,9 @@ def plot(result: dict, prefix: str) -> list[str]:
     by_variant = {}
     for run in result["runs"]:
         by_variant.setdefault(run["variant"], []).append(run)
+    seeds = sorted({r["seed"] for r in result["runs"]})
     caption = (f"{result['machine'].get('cpu', 'CPU')}, {result['date']}, commit {result['commit']}; "
-               f"PTB, {len(next(iter(by_variant.values())))} seeds")
+               f"PTB, seeds {', '.join(map(str, seeds))}")
     panels = [
         ("valid", "train_seconds", "nats_per_word", "training time (s, one thread)",
          "validation bound (nats / word)", "bound_vs_time"),
@@ -480,6 +481,11 @@ def plot(result: dict, prefix: str) -> list[str]:
                 ax.fill_between(xs, ys.min(0), ys.max(0), alpha=0.15, color=line.get_color())
         if series in ("grad_error", "log"):
             ax.set_yscale("log")
+        elif ykey == "nats_per_word":  # a diverged run would flatten the others: it leaves the plot at the top
+            finals = sorted(v for r in result["runs"] for v in [r["valid"][-1]["nats_per_word"]] if math.isfinite(v))
+            values = [v["nats_per_word"] for r in result["runs"] for v in r["valid"] if math.isfinite(v["nats_per_word"])]
+            if finals:
+                ax.set_ylim(min(values) - 0.2, min(max(values), 1.5 * finals[len(finals) // 2] + 1.0) + 0.2)
         if not ax.lines:  # (no variant recorded this series)
             plt.close(fig)
             continue
