@@ -32,7 +32,7 @@ sized for it. Truncation (``backward_steps``) is in :func:`savae_fast.refine.fun
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -112,7 +112,6 @@ class ReverseMonitor:
     frozen: list | None = None  # stop: the gradients set aside, [dF/dmu, dF/dlogvar] of the stopped rows
     process_group: object = None
     global_batch: int = 0
-    ref_sq: Tensor | None = None  # the incoming per-example squared norms [B] (float64)
     limit_sq: Tensor | None = None  # the clip's squared limit: [B] per example, [] for the batch's sum
     prev_sq: Tensor | None = None
     prev_batch_sq: Tensor | None = None
@@ -123,7 +122,6 @@ class ReverseMonitor:
     log_clip: Tensor | None = None
     steps: int = 0
     records: bool = True
-    _incoming_batch_sq: Tensor | None = field(default=None, repr=False)
 
     @classmethod
     def start(cls, cfg, lbar_mu: Tensor, lbar_logvar: Tensor, records: bool) -> "ReverseMonitor | None":
@@ -136,8 +134,7 @@ class ReverseMonitor:
                   global_batch=cfg.global_batch, records=records)
         sq = _row_sq(lbar_mu, lbar_logvar)
         batch_sq = mon._batch_sum(sq)
-        mon.ref_sq = mon.prev_sq = sq
-        mon.prev_batch_sq = mon._incoming_batch_sq = batch_sq
+        mon.prev_sq, mon.prev_batch_sq = sq, batch_sq
         if mon.clip > 0:
             # per example: A times the example's own incoming norm; batch: A times the batch's
             mon.limit_sq = (mon.clip ** 2) * (sq if mon.per_example else batch_sq)
