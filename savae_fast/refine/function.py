@@ -225,10 +225,9 @@ def reverse_pass(cfg: RefineConfig, be: Backend, nll_fn: Callable, noise: Tensor
                               "not finite (in the backward pass)")
     if monitor is not None:
         monitor.fill(stats)
-        if policy is not NonFinite.IGNORE:  # (no host read where a CUDA graph is captured)
-            exploding = monitor.exploding()
-            if exploding is not None:
-                warn_exploding(*exploding, monitor.steps)
+        exploding = monitor.exploding() if warns else None  # (no host read where a graph is captured)
+        if exploding is not None:
+            warn_exploding(*exploding, monitor.steps)
     return lbar_mu, lbar_logvar, theta_bar
 
 

@@ -214,10 +214,8 @@ class ReverseMonitor:
 
     def exploding(self) -> tuple[float, float] | None:
         """(largest example gain, batch gain) of the exact reverse pass where it grew beyond
-        EXPLODING_GAIN and the clip (if any) let more than that through; one host read."""
+        EXPLODING_GAIN; one host read (reverse_pass asks only where no clip bounds it below that)."""
         if not self.records or self.steps == 0:
-            return None
-        if 0 < self.clip <= EXPLODING_GAIN:
             return None
         gain, batch_gain = torch.exp(torch.stack([self.log_gain.max(), self.log_batch_gain])).tolist()
         return (gain, batch_gain) if gain > EXPLODING_GAIN else None

@@ -57,10 +57,9 @@ def never_started(path: str) -> bool:
 
 
 def refuse_existing_run(path: str, resume: bool, overwrite: bool) -> None:
-    """A fresh run (no --resume) does not write over another run's files unless told to (a run
-    that never saved a checkpoint is taken over)."""
+    """A fresh run (no --resume) does not write over another run's files unless told to."""
     found = run_files(path)
-    if found and not resume and not overwrite and not never_started(path):
+    if found and not resume and not overwrite:
         raise ConfigError(f"out_dir (--out-dir) {path} holds a run already ({', '.join(found)}): pass --resume to "
                           "continue it, --overwrite to replace it, or another --out-dir")
 
@@ -121,14 +120,14 @@ class Trainer:
         self.run_dir = RunDirectory(self.out_dir)
         self.state = {"epoch": 0}
         self._saved_state = {"epoch": 0}  # what last.pt holds (for the message of a failed write)
+        # a run stopped before its first checkpoint holds nothing to keep: resumed or not, it starts again
+        takeover = never_started(self.out_dir)
         if resume and not os.path.isfile(self._path("last.pt")):
-            if not never_started(self.out_dir):
+            if not takeover:
                 raise CheckpointError(f"cannot resume: {self._path('last.pt')} not found")
-            resume = False  # a run stopped before its first checkpoint: it starts (below, with a notice)
+            resume = False
+        if takeover and not resume:
             overwrite = True
-        elif not resume and not overwrite and never_started(self.out_dir):
-            overwrite = True
-        if overwrite and never_started(self.out_dir) and os.path.isdir(self.out_dir):
             notice(f"{self.out_dir} holds a run that stopped before its first checkpoint "
                    f"({', '.join(run_files(self.out_dir))}, no last.pt): starting it from the beginning")
         self.d = Distributed()
